@@ -1,0 +1,36 @@
+"""Build the Cython kernels.
+
+All of them share one set of compiler directives. ``DBMPI_CYTHON_DEBUG=1`` turns bounds,
+wraparound and initialisation checks back on (and drops -O3) for debugging a kernel.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("DBMPI_CYTHON_DEBUG", "0") == "1"
+
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "nonecheck": DEBUG,
+}
+CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+extensions = [
+    Extension(
+        f"cython_kernels.{pyx.stem}",
+        [str(pyx)],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=CFLAGS,
+    )
+    for pyx in sorted(Path("cython_kernels").glob("*.pyx"))
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, quiet=True))
