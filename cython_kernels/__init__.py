@@ -1,0 +1,30 @@
+"""dbmpi's compiled kernels (Cython, float32 and float64).
+
+Every function takes preallocated C-contiguous numpy arrays and writes its outputs in place;
+:mod:`cython_kernels.reference` holds a plain numpy twin of each (same name and signature).
+Build with ``make build`` (or ``pip install -e .``, or
+``python setup.py build_ext --inplace``) in the project root.
+"""
+try:
+    from cython_kernels._dense import (
+        dense_backward,
+        dense_forward,
+        multiclass_hinge,
+        softmax_xent,
+    )
+    from cython_kernels._optim import adagrad_dense, adagrad_rows, sgd_dense
+except ImportError as e:  # pragma: no cover - exercised by a test that hides the module
+    raise ImportError(
+        "dbmpi's Cython kernels are not built: run `make build` (or `pip install -e .`) "
+        f"in the project root (original error: {e})"
+    ) from e
+
+__all__ = [
+    "adagrad_dense",
+    "adagrad_rows",
+    "dense_backward",
+    "dense_forward",
+    "multiclass_hinge",
+    "sgd_dense",
+    "softmax_xent",
+]

@@ -1,0 +1,209 @@
+"""Dense layer, softmax cross-entropy and multi-class hinge kernels.
+
+Row-major GEMMs go to scipy's BLAS (sgemm/dgemm); bias, activation and their gradients are
+fused into one vectorised pass over the output (see _vecmath.h).
+"""
+import numpy as np
+
+from cython_kernels import reference as _reference
+from cython_kernels._checks import floats, indices
+
+from cython_kernels._common cimport (
+    real, dbm_idx, gemm_rm, DBM_LINEAR, DBM_RELU, DBM_SIGMOID, DBM_TANH,
+    dbm_bias_act_f32, dbm_bias_act_f64, dbm_act_grad_f32, dbm_act_grad_f64,
+    dbm_exp_shift_sum_f32, dbm_exp_shift_sum_f64, dbm_row_max_f32, dbm_row_max_f64,
+    dbm_scale_f32, dbm_scale_f64,
+)
+from libc.math cimport log
+from libc.stdint cimport int64_t
+
+ACTIVATIONS = {"linear": DBM_LINEAR, "relu": DBM_RELU, "sigmoid": DBM_SIGMOID, "tanh": DBM_TANH}
+
+
+cdef int _activation(object name) except -1:
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
+
+
+# ------------------------------------------------------------------------------ dense layer
+
+cdef void _dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] y,
+                         int act) noexcept:
+    """y = act(x @ W + b)."""
+    cdef int B = x.shape[0], n_in = x.shape[1], n_out = W.shape[1]
+    with nogil:
+        gemm_rm(False, False, B, n_out, n_in, <real>1, &x[0, 0], n_in, &W[0, 0], n_out,
+                <real>0, &y[0, 0], n_out)
+        if real is float:
+            dbm_bias_act_f32(&y[0, 0], &b[0], B, n_out, act)
+        else:
+            dbm_bias_act_f64(&y[0, 0], &b[0], B, n_out, act)
+
+
+cdef void _dense_backward(real[:, ::1] x, real[:, ::1] W, real[:, ::1] y, real[:, ::1] dy,
+                          int act, real[:, ::1] dW, real[::1] db, real[:, ::1] dx,
+                          bint want_dx) noexcept:
+    """dz = dy * act'(y) (into dy); dW = x.T @ dz; db = dz.sum(0); dx = dz @ W.T."""
+    cdef int B = x.shape[0], n_in = x.shape[1], n_out = W.shape[1]
+    with nogil:
+        if real is float:
+            dbm_act_grad_f32(&y[0, 0], &dy[0, 0], &db[0], B, n_out, act)
+        else:
+            dbm_act_grad_f64(&y[0, 0], &dy[0, 0], &db[0], B, n_out, act)
+        gemm_rm(True, False, n_in, n_out, B, <real>1, &x[0, 0], n_in, &dy[0, 0], n_out,
+                <real>0, &dW[0, 0], n_out)
+        if want_dx:
+            gemm_rm(False, True, B, n_in, n_out, <real>1, &dy[0, 0], n_out, &W[0, 0], n_out,
+                    <real>0, &dx[0, 0], n_in)
+
+
+def dense_forward(x, W, b, y, activation):
+    """y = act(x @ W + b); x (B, n_in), W (n_in, n_out), b (n_out,), y (B, n_out) written."""
+    dt = floats("x", x, (None, None))
+    B, n_in = x.shape
+    floats("W", W, (n_in, None), dt, "x")
+    n_out = W.shape[1]
+    floats("b", b, (n_out,), dt, "x")
+    floats("y", y, (B, n_out), dt, "x", out=True)
+    cdef int act = _activation(activation)
+    if B == 0 or n_in == 0 or n_out == 0:  # degenerate: BLAS rejects empty operands
+        _reference.dense_forward(x, W, b, y, activation)
+        return
+    if dt == np.float32:
+        _dense_forward[float](x, W, b, y, act)
+    else:
+        _dense_forward[double](x, W, b, y, act)
+
+
+def dense_backward(x, W, y, dy, activation, dW, db, dx):
+    """Backward of dense_forward; dy is overwritten with dz = dy * act'(y).
+
+    dW = x.T @ dz and db = dz.sum(0) are overwritten; dx = dz @ W.T is written unless None.
+    """
+    dt = floats("x", x, (None, None))
+    B, n_in = x.shape
+    floats("W", W, (n_in, None), dt, "x")
+    n_out = W.shape[1]
+    floats("y", y, (B, n_out), dt, "x")
+    floats("dy", dy, (B, n_out), dt, "x", out=True)
+    floats("dW", dW, (n_in, n_out), dt, "x", out=True)
+    floats("db", db, (n_out,), dt, "x", out=True)
+    cdef bint want_dx = dx is not None
+    if want_dx:
+        floats("dx", dx, (B, n_in), dt, "x", out=True)
+    else:
+        dx = np.empty((0, 0), dtype=dt)
+    cdef int act = _activation(activation)
+    if B == 0 or n_in == 0 or n_out == 0:
+        _reference.dense_backward(x, W, y, dy, activation, dW, db, dx if want_dx else None)
+        return
+    if dt == np.float32:
+        _dense_backward[float](x, W, y, dy, act, dW, db, dx, want_dx)
+    else:
+        _dense_backward[double](x, W, y, dy, act, dW, db, dx, want_dx)
+
+
+# --------------------------------------------------------------------------------- losses
+
+cdef double _softmax_xent(real[:, ::1] logits, int64_t[::1] labels, real[:, ::1] d,
+                          int64_t* bad) noexcept:
+    """Mean cross-entropy; d = (softmax - onehot) / B. d may alias logits."""
+    cdef dbm_idx B = logits.shape[0], n = logits.shape[1], i, lab
+    cdef double total = 0.0
+    cdef real m, s, ly, inv_b = (<real>1) / B
+    with nogil:
+        for i in range(B):
+            lab = labels[i]
+            if lab < 0 or lab >= n:
+                bad[0] = i
+                return 0.0
+            if real is float:
+                m = dbm_row_max_f32(&logits[i, 0], n)
+            else:
+                m = dbm_row_max_f64(&logits[i, 0], n)
+            ly = logits[i, lab]  # read before d (which may alias logits) is written
+            if real is float:
+                s = dbm_exp_shift_sum_f32(&logits[i, 0], &d[i, 0], n, m)
+            else:
+                s = dbm_exp_shift_sum_f64(&logits[i, 0], &d[i, 0], n, m)
+            total += log(<double>s) - <double>(ly - m)
+            if real is float:
+                dbm_scale_f32(&d[i, 0], n, inv_b / s)
+            else:
+                dbm_scale_f64(&d[i, 0], n, inv_b / s)
+            d[i, lab] -= inv_b
+        return total / B
+
+
+def softmax_xent(logits, labels, dlogits):
+    """Mean softmax cross-entropy; dlogits = (softmax(logits) - onehot(labels)) / B.
+
+    logits, dlogits (B, n) (dlogits may be logits itself); labels int64 (int32 is widened).
+    Returns the loss as a Python float. Raises ValueError for a label outside [0, n).
+    """
+    dt = floats("logits", logits, (None, None))
+    B, n = logits.shape
+    if B == 0 or n == 0:
+        raise ValueError(f"logits has shape {logits.shape}: softmax_xent needs B >= 1 and n >= 1")
+    labels = indices("labels", labels, (B,))
+    floats("dlogits", dlogits, (B, n), dt, "logits", out=True)
+    cdef int64_t bad = -1
+    cdef double loss
+    if dt == np.float32:
+        loss = _softmax_xent[float](logits, labels, dlogits, &bad)
+    else:
+        loss = _softmax_xent[double](logits, labels, dlogits, &bad)
+    if bad >= 0:
+        raise ValueError(f"labels[{bad}] = {labels[bad]} is out of range: labels must be in "
+                         f"[0, {n}) for logits with {n} classes")
+    return loss
+
+
+cdef double _hinge(real[:, ::1] s, int64_t[::1] labels, real[:, ::1] d, real margin,
+                   int64_t* bad) noexcept:
+    cdef dbm_idx B = s.shape[0], n = s.shape[1], i, j, lab, count
+    cdef double total = 0.0
+    cdef real sy, v, inv_b = (<real>1) / B
+    with nogil:
+        for i in range(B):
+            lab = labels[i]
+            if lab < 0 or lab >= n:
+                bad[0] = i
+                return 0.0
+            sy = s[i, lab]
+            count = 0
+            for j in range(n):
+                v = margin + s[i, j] - sy
+                if j != lab and v > 0:
+                    total += v
+                    d[i, j] = inv_b
+                    count += 1
+                else:
+                    d[i, j] = 0
+            d[i, lab] = -count * inv_b
+        return total / B
+
+
+def multiclass_hinge(scores, labels, dscores, margin=1.0):
+    """Weston-Watkins hinge: mean_i sum_{j != y_i} max(0, margin + s_ij - s_iy_i).
+
+    dscores (B, n) gets its gradient (divided by B); it may be scores itself. Returns the loss.
+    """
+    dt = floats("scores", scores, (None, None))
+    B, n = scores.shape
+    if B == 0 or n == 0:
+        raise ValueError(f"scores has shape {scores.shape}: multiclass_hinge needs B, n >= 1")
+    labels = indices("labels", labels, (B,))
+    floats("dscores", dscores, (B, n), dt, "scores", out=True)
+    cdef int64_t bad = -1
+    cdef double loss
+    if dt == np.float32:
+        loss = _hinge[float](scores, labels, dscores, <float>margin, &bad)
+    else:
+        loss = _hinge[double](scores, labels, dscores, <double>margin, &bad)
+    if bad >= 0:
+        raise ValueError(f"labels[{bad}] = {labels[bad]} is out of range: labels must be in "
+                         f"[0, {n}) for scores with {n} classes")
+    return loss

@@ -1,0 +1,92 @@
+"""In-place optimiser updates: SGD and Adagrad, dense and on a set of rows (one pass each)."""
+import numpy as np
+
+from cython_kernels._checks import floats, indices
+
+from cython_kernels._common cimport (
+    real, dbm_idx, dbm_adagrad_f32, dbm_adagrad_f64, dbm_axpy_f32, dbm_axpy_f64,
+)
+from libc.stdint cimport int64_t
+
+
+cdef void _adagrad_dense(real[::1] p, real[::1] g, real[::1] a, real lr,
+                         real eps) noexcept:
+    with nogil:
+        if p.shape[0] == 0:
+            return
+        if real is float:
+            dbm_adagrad_f32(&p[0], &g[0], &a[0], p.shape[0], lr, eps)
+        else:
+            dbm_adagrad_f64(&p[0], &g[0], &a[0], p.shape[0], lr, eps)
+
+
+def adagrad_dense(param, grad, accum, lr, eps):
+    """accum += g*g; param -= lr * g / (sqrt(accum) + eps); 1-D arrays of one length."""
+    dt = floats("param", param, (None,), out=True)
+    n = param.shape[0]
+    floats("grad", grad, (n,), dt, "param")
+    floats("accum", accum, (n,), dt, "param", out=True)
+    if dt == np.float32:
+        _adagrad_dense[float](param, grad, accum, <float>lr, <float>eps)
+    else:
+        _adagrad_dense[double](param, grad, accum, <double>lr, <double>eps)
+
+
+cdef void _adagrad_rows(real[:, ::1] p, int64_t[::1] rows, real[:, ::1] g, real[:, ::1] a,
+                        real lr, real eps, int64_t* bad) noexcept:
+    cdef dbm_idx k = rows.shape[0], d = p.shape[1], V = p.shape[0], i, r
+    with nogil:
+        if d == 0:
+            return
+        for i in range(k):
+            r = rows[i]
+            if r < 0 or r >= V:
+                bad[0] = i
+                return
+        for i in range(k):
+            r = rows[i]
+            if real is float:
+                dbm_adagrad_f32(&p[r, 0], &g[i, 0], &a[r, 0], d, lr, eps)
+            else:
+                dbm_adagrad_f64(&p[r, 0], &g[i, 0], &a[r, 0], d, lr, eps)
+
+
+def adagrad_rows(param, rows, grad_rows, accum, lr, eps):
+    """The Adagrad update on param[rows], accum[rows]; rows int64 (k,) unique, grad_rows (k, d).
+
+    Duplicate rows are applied one after another (not summed): pass unique rows, e.g. from
+    embedding_grad_rows. A row outside [0, V) raises ValueError before anything is written.
+    """
+    dt = floats("param", param, (None, None), out=True)
+    V, d = param.shape
+    rows = indices("rows", rows, (None,))
+    k = rows.shape[0]
+    floats("grad_rows", grad_rows, (k, d), dt, "param")
+    floats("accum", accum, (V, d), dt, "param", out=True)
+    cdef int64_t bad = -1
+    if dt == np.float32:
+        _adagrad_rows[float](param, rows, grad_rows, accum, <float>lr, <float>eps, &bad)
+    else:
+        _adagrad_rows[double](param, rows, grad_rows, accum, <double>lr, <double>eps, &bad)
+    if bad >= 0:
+        raise ValueError(f"rows[{bad}] = {rows[bad]} is out of range: rows must be in [0, {V})")
+
+
+cdef void _sgd_dense(real[::1] p, real[::1] g, real lr) noexcept:
+    with nogil:
+        if p.shape[0] == 0:
+            return
+        if real is float:
+            dbm_axpy_f32(&p[0], &g[0], p.shape[0], lr)
+        else:
+            dbm_axpy_f64(&p[0], &g[0], p.shape[0], lr)
+
+
+def sgd_dense(param, grad, lr):
+    """param -= lr * grad; 1-D arrays of one length."""
+    dt = floats("param", param, (None,), out=True)
+    floats("grad", grad, (param.shape[0],), dt, "param")
+    if dt == np.float32:
+        _sgd_dense[float](param, grad, <float>lr)
+    else:
+        _sgd_dense[double](param, grad, <double>lr)

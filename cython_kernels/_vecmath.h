@@ -1,0 +1,235 @@
+/* Elementwise cores of the dbmpi kernels, written so that gcc vectorises them.
+ *
+ * Why C and not Cython: the float32 exp below is a Cephes-style polynomial (about 1 ulp)
+ * written with integer bit tricks that gcc turns into SIMD code without -ffast-math, and
+ * `target_clones` builds AVX-512, AVX2+FMA and baseline versions of each loop, picked at load
+ * time, so one binary is both fast and portable. float64 goes through libm (accuracy first:
+ * the float64 path is for tests and checks, float32 is the training path).
+ *
+ * Every function is a single pass over its data (these loops are memory-bound).
+ */
+#ifndef DBMPI_VECMATH_H
+#define DBMPI_VECMATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(DBMPI_NO_CLONES)
+#define DBMPI_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DBMPI_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define DBM_STATIC static __attribute__((unused))
+#else
+#define DBM_STATIC static
+#endif
+
+typedef int64_t dbm_idx;
+
+enum { DBM_LINEAR = 0, DBM_RELU = 1, DBM_SIGMOID = 2, DBM_TANH = 3 };
+
+/* ---------------------------------------------------------------- float32 exp, tanh */
+
+static inline float dbm_expf(float x)
+{
+    /* exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2; Cephes expf polynomial. */
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.37626f ? 88.37626f : x;
+    float t = x * 1.44269504088896341f + magic;
+    float fn = t - magic;
+    int32_t n;
+    memcpy(&n, &t, sizeof n);
+    n -= 0x4B400000; /* the integer bits of `magic` */
+    float r = x - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    /* 2^n in two halves so that n = -126..128 never overflows the exponent field */
+    int32_t n1 = n >> 1, n2 = n - n1;
+    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return p * s1 * s2;
+}
+
+static inline float dbm_sigmoidf(float z)
+{
+    /* stable: e = exp(-|z|) <= 1, sigmoid = 1/(1+e) for z >= 0 and e/(1+e) otherwise */
+    float e = dbm_expf(-fabsf(z));
+    float r = 1.0f / (1.0f + e);
+    return z >= 0.0f ? r : e * r;
+}
+
+static inline float dbm_tanhf(float z)
+{
+    /* Cephes tanhf: odd polynomial for |z| < 0.625, 1 - 2/(exp(2|z|)+1) otherwise */
+    float a = fabsf(z);
+    float big = 1.0f - 2.0f / (dbm_expf(2.0f * a) + 1.0f);
+    big = z < 0.0f ? -big : big;
+    float s = z * z;
+    float p = -5.70498872745e-3f;
+    p = p * s + 2.06390887954e-2f;
+    p = p * s - 5.37397155531e-2f;
+    p = p * s + 1.33314422036e-1f;
+    p = p * s - 3.33332819422e-1f;
+    float small = p * s * z + z;
+    return a < 0.625f ? small : big;
+}
+
+static inline double dbm_exp(double x) { return exp(x); }
+
+static inline double dbm_sigmoid(double z)
+{
+    double e = exp(-fabs(z));
+    double r = 1.0 / (1.0 + e);
+    return z >= 0.0 ? r : e * r;
+}
+
+static inline double dbm_tanh(double z) { return tanh(z); }
+
+/* ----------------------------------------------------- kernels, one body per dtype */
+
+#define DBM_DEFINE(T, SFX, EXPF, SIGF, TANHF, SQRTF)                                              \
+                                                                                             \
+/* y[i, :] = act(y[i, :] + b) for a (rows, n) row-major block, in place */                  \
+DBMPI_CLONES DBM_STATIC void dbm_bias_act_##SFX(T *restrict y, const T *restrict b,              \
+                                            dbm_idx rows, dbm_idx n, int act)                \
+{                                                                                            \
+    for (dbm_idx i = 0; i < rows; ++i) {                                                     \
+        T *restrict yi = y + i * n;                                                          \
+        switch (act) {                                                                       \
+        case DBM_RELU:                                                                       \
+            for (dbm_idx j = 0; j < n; ++j) {                                                \
+                T z = yi[j] + b[j];                                                          \
+                yi[j] = z > (T)0 ? z : (T)0;                                                 \
+            }                                                                                \
+            break;                                                                           \
+        case DBM_SIGMOID:                                                                    \
+            for (dbm_idx j = 0; j < n; ++j) yi[j] = SIGF(yi[j] + b[j]);                      \
+            break;                                                                           \
+        case DBM_TANH:                                                                       \
+            for (dbm_idx j = 0; j < n; ++j) yi[j] = TANHF(yi[j] + b[j]);                     \
+            break;                                                                           \
+        default:                                                                             \
+            for (dbm_idx j = 0; j < n; ++j) yi[j] += b[j];                                   \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* dy <- dy * act'(y) (act' written through y), db = column sums of the new dy */           \
+DBMPI_CLONES DBM_STATIC void dbm_act_grad_##SFX(const T *restrict y, T *restrict dy,             \
+                                            T *restrict db, dbm_idx rows, dbm_idx n,         \
+                                            int act)                                         \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) db[j] = (T)0;                                            \
+    for (dbm_idx i = 0; i < rows; ++i) {                                                     \
+        const T *restrict yi = y + i * n;                                                    \
+        T *restrict di = dy + i * n;                                                         \
+        switch (act) {                                                                       \
+        case DBM_RELU:                                                                       \
+            for (dbm_idx j = 0; j < n; ++j) {                                                \
+                T g = yi[j] > (T)0 ? di[j] : (T)0;                                           \
+                di[j] = g;                                                                   \
+                db[j] += g;                                                                  \
+            }                                                                                \
+            break;                                                                           \
+        case DBM_SIGMOID:                                                                    \
+            for (dbm_idx j = 0; j < n; ++j) {                                                \
+                T g = di[j] * yi[j] * ((T)1 - yi[j]);                                        \
+                di[j] = g;                                                                   \
+                db[j] += g;                                                                  \
+            }                                                                                \
+            break;                                                                           \
+        case DBM_TANH:                                                                       \
+            for (dbm_idx j = 0; j < n; ++j) {                                                \
+                T g = di[j] * ((T)1 - yi[j] * yi[j]);                                        \
+                di[j] = g;                                                                   \
+                db[j] += g;                                                                  \
+            }                                                                                \
+            break;                                                                           \
+        default:                                                                             \
+            for (dbm_idx j = 0; j < n; ++j) db[j] += di[j];                                  \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* d = exp(l - m) for one row; returns the sum (16 lanes so that it vectorises) */           \
+DBMPI_CLONES DBM_STATIC T dbm_exp_shift_sum_##SFX(const T *l, T *d, dbm_idx n, T m)             \
+{                                                                                            \
+    T acc[16] = {0};                                                                         \
+    dbm_idx j = 0;                                                                           \
+    for (; j + 16 <= n; j += 16) {                                                           \
+        for (int k = 0; k < 16; ++k) {                                                       \
+            T e = EXPF(l[j + k] - m);                                                        \
+            d[j + k] = e;                                                                    \
+            acc[k] += e;                                                                     \
+        }                                                                                    \
+    }                                                                                        \
+    T s = (T)0;                                                                              \
+    for (; j < n; ++j) {                                                                     \
+        T e = EXPF(l[j] - m);                                                                \
+        d[j] = e;                                                                            \
+        s += e;                                                                              \
+    }                                                                                        \
+    for (int k = 0; k < 16; ++k) s += acc[k];                                                \
+    return s;                                                                                \
+}                                                                                            \
+                                                                                             \
+DBMPI_CLONES DBM_STATIC T dbm_row_max_##SFX(const T *l, dbm_idx n)                               \
+{                                                                                            \
+    T acc[16];                                                                               \
+    T m = l[0];                                                                              \
+    for (int k = 0; k < 16; ++k) acc[k] = m;                                                 \
+    dbm_idx j = 0;                                                                           \
+    for (; j + 16 <= n; j += 16)                                                             \
+        for (int k = 0; k < 16; ++k) acc[k] = l[j + k] > acc[k] ? l[j + k] : acc[k];         \
+    for (; j < n; ++j) m = l[j] > m ? l[j] : m;                                              \
+    for (int k = 0; k < 16; ++k) m = acc[k] > m ? acc[k] : m;                                \
+    return m;                                                                                \
+}                                                                                            \
+                                                                                             \
+DBMPI_CLONES DBM_STATIC void dbm_scale_##SFX(T *restrict d, dbm_idx n, T s)                      \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) d[j] *= s;                                               \
+}                                                                                            \
+                                                                                             \
+/* accum += g*g; p -= lr * g / (sqrt(accum) + eps) */                                        \
+DBMPI_CLONES DBM_STATIC void dbm_adagrad_##SFX(T *restrict p, const T *restrict g,              \
+                                           T *restrict a, dbm_idx n, T lr, T eps)            \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) {                                                        \
+        T gj = g[j];                                                                         \
+        T aj = a[j] + gj * gj;                                                               \
+        a[j] = aj;                                                                           \
+        p[j] -= lr * gj / (SQRTF(aj) + eps);                                                 \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* p -= lr * g */                                                                            \
+DBMPI_CLONES DBM_STATIC void dbm_axpy_##SFX(T *restrict p, const T *restrict g, dbm_idx n,      \
+                                        T lr)                                                \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) p[j] -= lr * g[j];                                       \
+}                                                                                            \
+                                                                                             \
+/* a += g (no aliasing) */                                                                   \
+DBMPI_CLONES DBM_STATIC void dbm_add_##SFX(T *restrict a, const T *restrict g, dbm_idx n)       \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) a[j] += g[j];                                            \
+}
+
+DBM_DEFINE(float, f32, dbm_expf, dbm_sigmoidf, dbm_tanhf, sqrtf)
+DBM_DEFINE(double, f64, dbm_exp, dbm_sigmoid, dbm_tanh, sqrt)
+
+#endif /* DBMPI_VECMATH_H */
