@@ -1,0 +1,306 @@
+"""Run configuration: frozen dataclasses loaded from TOML.
+
+A config file has one table per dataclass below (``[topology]``, ``[model]``, ``[data]``,
+``[optimizer]``, ``[downpour]``, ``[run]``) plus the top-level ``algorithm``. Any field can be
+overridden on the command line with ``--set section.key=value`` (the value is parsed as TOML,
+so ``--set downpour.steps=500`` is an int and ``--set run.name=x`` a string). Unknown keys, wrong
+types and out-of-range values raise :class:`ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
+LAYER_TYPES = ("dense",)
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """How COMM_WORLD is split: 1 coordinator + ``shards`` + ``replicas`` x ``partitions``."""
+
+    shards: int = 2
+    replicas: int = 2
+    partitions: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return 1 + self.shards + self.replicas * self.partitions
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Layers as a list of tables, e.g. ``{type = "dense", units = 256, activation = "relu"}``.
+
+    The input size and the number of classes come from the data set; the output layer
+    (``num_classes`` units, linear) and the loss are added after ``layers``.
+    """
+
+    layers: tuple[dict, ...] = ({"type": "dense", "units": 256, "activation": "relu"},)
+    loss: str = "softmax"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the HDF5 shards are (the directory holding ``manifest.json``) and how to read them."""
+
+    path: str = "data/demo/shards"
+    batch_size: int = 64
+    shuffle_buffer: int = 8192
+    eval_split: str = "test"
+    eval_limit: int = 0  # 0: the whole split
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The update rule the shards apply: ``adagrad`` (the paper's) or plain ``sgd``."""
+
+    name: str = "adagrad"
+    learning_rate: float = 0.05
+    eps: float = 1e-8
+    initial_accumulator: float = 0.0
+
+
+@dataclass(frozen=True)
+class DownpourConfig:
+    """Downpour SGD: cadence of fetches and pushes, stopping rules, warm start, evaluation.
+
+    Training stops at the first of: ``steps`` per replica, ``epochs`` per replica, or the
+    coordinator seeing test accuracy >= ``target_accuracy`` (0 disables it).
+    """
+
+    n_fetch: int = 1
+    n_push: int = 1
+    steps: int = 1000
+    epochs: float = 0.0
+    warm_start_steps: int = 0
+    target_accuracy: float = 0.0
+    eval_every_s: float = 5.0
+    read_own_pushes: bool = False
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where results go and how the run is seeded."""
+
+    name: str = "run"
+    dir: str = ""  # empty: runs/<name>-<YYYYmmdd-HHMMSS>
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: str = "downpour"
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "algorithm"}
+_SECTION_CLASSES = {
+    "topology": TopologyConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "downpour": DownpourConfig,
+    "run": RunConfig,
+}
+
+
+def _coerce(where: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotation ``typ``; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{where}[{i}] must be a table like "
+                                  f"{{type = \"dense\", units = 128}}, got {item!r}")
+        return tuple(dict(v) for v in value)
+    if isinstance(typ, types.UnionType):
+        raise AssertionError("unions are not used in config fields")
+    raise AssertionError(f"unhandled config type {typ!r} for {where}")
+
+
+def _build_section(name: str, table: dict, source: str) -> Any:
+    cls = _SECTION_CLASSES[name]
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}' (valid keys of [{name}]: "
+                              f"{', '.join(valid)})")
+        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build and validate a :class:`Config` from a nested dict (as parsed from TOML)."""
+    sections = {}
+    algorithm = "downpour"
+    for key, value in raw.items():
+        if key == "algorithm":
+            algorithm = _coerce(f"{source}: algorithm", value, str)
+        elif key in _SECTION_CLASSES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{key}] must be a table")
+            sections[key] = _build_section(key, value, source)
+        else:
+            raise ConfigError(f"{source}: unknown section or key '{key}' (valid: algorithm, "
+                              f"{', '.join(_SECTION_CLASSES)})")
+    cfg = Config(algorithm=algorithm, **sections)
+    validate(cfg, source)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``section.key=value`` strings to a raw config dict (values parsed as TOML)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source} {item!r}: expected section.key=value, "
+                              f"e.g. --set downpour.steps=500")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word: take it as a string
+        if len(parts) == 1 and parts[0] == "algorithm":
+            out["algorithm"] = value
+            continue
+        if len(parts) != 2 or parts[0] not in _SECTION_CLASSES:
+            raise ConfigError(f"{source} {item!r}: the key must be section.key with section one "
+                              f"of {', '.join(_SECTION_CLASSES)}")
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config file, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (see jobs/configs/ for examples)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, str(path))
+
+
+def _require(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where} {message}")
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Range checks that the type checks cannot express."""
+    s = f"{source}:"
+    _require(cfg.algorithm in ("downpour",), f"{s} algorithm",
+             f"must be 'downpour', got {cfg.algorithm!r}")
+    t = cfg.topology
+    _require(t.shards >= 1, f"{s} topology.shards", f"must be >= 1, got {t.shards}")
+    _require(t.replicas >= 1, f"{s} topology.replicas", f"must be >= 1, got {t.replicas}")
+    _require(t.partitions == 1, f"{s} topology.partitions",
+             f"must be 1 (model parallelism is not built yet), got {t.partitions}")
+    m = cfg.model
+    _require(m.loss in ("softmax", "hinge"), f"{s} model.loss",
+             f"must be 'softmax' or 'hinge', got {m.loss!r}")
+    for i, layer in enumerate(m.layers):
+        where = f"{s} model.layers[{i}]"
+        kind = layer.get("type", "dense")
+        _require(kind in LAYER_TYPES, f"{where}.type", f"must be one of {LAYER_TYPES}, got {kind!r}")
+        allowed = {"type", "units", "activation"}
+        extra = set(layer) - allowed
+        _require(not extra, where, f"has unknown keys {sorted(extra)} (allowed: {sorted(allowed)})")
+        units = layer.get("units")
+        _require(isinstance(units, int) and not isinstance(units, bool) and units > 0,
+                 f"{where}.units", f"must be a positive integer, got {units!r}")
+        act = layer.get("activation", "relu")
+        _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
+    d = cfg.data
+    _require(d.batch_size >= 1, f"{s} data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _require(d.shuffle_buffer >= 1, f"{s} data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
+    _require(d.eval_limit >= 0, f"{s} data.eval_limit", f"must be >= 0 (0 = all), got {d.eval_limit}")
+    _require(bool(d.path), f"{s} data.path", "must name the directory holding manifest.json")
+    o = cfg.optimizer
+    _require(o.name in ("adagrad", "sgd"), f"{s} optimizer.name",
+             f"must be 'adagrad' or 'sgd', got {o.name!r}")
+    _require(o.learning_rate > 0, f"{s} optimizer.learning_rate",
+             f"must be > 0, got {o.learning_rate} (try 0.05 for adagrad, 0.01 for sgd)")
+    _require(o.eps > 0, f"{s} optimizer.eps", f"must be > 0, got {o.eps}")
+    _require(o.initial_accumulator >= 0, f"{s} optimizer.initial_accumulator",
+             f"must be >= 0, got {o.initial_accumulator}")
+    p = cfg.downpour
+    _require(p.n_fetch >= 1, f"{s} downpour.n_fetch", f"must be >= 1, got {p.n_fetch}")
+    _require(p.n_push >= 1, f"{s} downpour.n_push", f"must be >= 1, got {p.n_push}")
+    _require(p.steps >= 0, f"{s} downpour.steps", f"must be >= 0, got {p.steps}")
+    _require(p.epochs >= 0, f"{s} downpour.epochs", f"must be >= 0, got {p.epochs}")
+    _require(p.steps > 0 or p.epochs > 0 or p.target_accuracy > 0, f"{s} downpour.steps",
+             "and downpour.epochs and downpour.target_accuracy are all 0: set at least one "
+             "stopping rule")
+    _require(p.warm_start_steps >= 0, f"{s} downpour.warm_start_steps",
+             f"must be >= 0, got {p.warm_start_steps}")
+    _require(0 <= p.target_accuracy <= 1, f"{s} downpour.target_accuracy",
+             f"must be in [0, 1], got {p.target_accuracy}")
+    _require(p.eval_every_s > 0, f"{s} downpour.eval_every_s", f"must be > 0, got {p.eval_every_s}")
+    _require(p.log_every >= 1, f"{s} downpour.log_every", f"must be >= 1, got {p.log_every}")
+    _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
+
+
+def to_toml(cfg: Config) -> str:
+    """Write the resolved config back as TOML (saved in every run directory)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"algorithm = {fmt(cfg.algorithm)}"]
+    for name in _SECTION_CLASSES:
+        lines.append(f"\n[{name}]")
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {fmt(getattr(section, f.name))}")
+    return "\n".join(lines) + "\n"

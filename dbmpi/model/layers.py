@@ -1,0 +1,56 @@
+"""Layers: forward and backward side by side, compute in :mod:`cython_kernels`.
+
+A layer owns no memory for its parameters: :meth:`bind` gives it views into the model's flat
+parameter and gradient vectors. Activation buffers are kept per batch size, so the training
+loop allocates nothing after its first step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import cython_kernels as ck
+
+
+class Dense:
+    """``y = act(x @ W + b)`` with ``W`` of shape (n_in, n_out)."""
+
+    def __init__(self, n_in: int, n_out: int, activation: str = "relu"):
+        self.n_in, self.n_out, self.activation = int(n_in), int(n_out), activation
+        self.num_params = self.n_in * self.n_out + self.n_out
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def bind(self, params: np.ndarray, grads: np.ndarray) -> None:
+        k = self.n_in * self.n_out
+        self.W = params[:k].reshape(self.n_in, self.n_out)
+        self.b = params[k:self.num_params]
+        self.dW = grads[:k].reshape(self.n_in, self.n_out)
+        self.db = grads[k:self.num_params]
+
+    def init(self, params: np.ndarray, rng: np.random.Generator) -> None:
+        """Glorot-uniform weights (He-uniform for ReLU), zero biases, into ``params``."""
+        fan = self.n_in if self.activation == "relu" else (self.n_in + self.n_out) / 2
+        limit = np.sqrt(3.0 / fan) if self.activation != "relu" else np.sqrt(6.0 / fan)
+        k = self.n_in * self.n_out
+        params[:k] = rng.uniform(-limit, limit, size=k).astype(np.float32)
+        params[k:self.num_params] = 0.0
+
+    def _bufs(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        bufs = self._buffers.get(batch)
+        if bufs is None:
+            bufs = (np.empty((batch, self.n_out), np.float32),
+                    np.empty((batch, self.n_in), np.float32))
+            self._buffers[batch] = bufs
+        return bufs
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        self.y = self._bufs(x.shape[0])[0]
+        ck.dense_forward(x, self.W, self.b, self.y, self.activation)
+        return self.y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        """Write dW, db into the gradient vector; return dL/dx (``dy`` is overwritten)."""
+        dx = self._bufs(dy.shape[0])[1] if need_dx else None
+        ck.dense_backward(self.x, self.W, self.y, dy, self.activation, self.dW, self.db, dx)
+        return dx

@@ -1,0 +1,109 @@
+"""A feed-forward model over a flat parameter vector, with a softmax or hinge output."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import cython_kernels as ck
+
+from ..config import ModelConfig
+from .layers import Dense
+
+
+class Model:
+    """Layers in sequence, then a linear output layer of ``num_classes`` units and a loss.
+
+    ``params`` and ``grads`` are flat float32 vectors; every layer holds views into them.
+    """
+
+    def __init__(self, layers: list, loss: str = "softmax"):
+        if loss not in ("softmax", "hinge"):
+            raise ValueError(f"loss must be 'softmax' or 'hinge', got {loss!r}")
+        self.layers = layers
+        self.loss = loss
+        self.num_params = sum(layer.num_params for layer in layers)
+        self.params = np.zeros(self.num_params, dtype=np.float32)
+        self.grads = np.zeros(self.num_params, dtype=np.float32)
+        self.offsets = []
+        off = 0
+        for layer in layers:
+            layer.bind(self.params[off:off + layer.num_params],
+                       self.grads[off:off + layer.num_params])
+            self.offsets.append(off)
+            off += layer.num_params
+        self._dlogits: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax") -> "Model":
+        """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``."""
+        n_in = int(math.prod(input_shape))
+        built = []
+        for spec in layers:
+            kind = spec.get("type", "dense")
+            if kind != "dense":
+                raise ValueError(f"unknown layer type {kind!r}")
+            built.append(Dense(n_in, spec["units"], spec.get("activation", "relu")))
+            n_in = spec["units"]
+        built.append(Dense(n_in, num_classes, "linear"))
+        return cls(built, loss)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, input_shape, num_classes: int) -> "Model":
+        return cls.from_spec(input_shape, cfg.layers, num_classes, cfg.loss)
+
+    @property
+    def num_classes(self) -> int:
+        return self.layers[-1].n_out
+
+    def init_params(self, seed: int) -> np.ndarray:
+        """Deterministic initial parameters (written into and returning ``self.params``)."""
+        for i, (layer, off) in enumerate(zip(self.layers, self.offsets)):
+            layer.init(self.params[off:off + layer.num_params], np.random.default_rng([seed, i]))
+        return self.params
+
+    def _flat(self, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(x.shape[0], -1)
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch (a view of an internal buffer: copy it to keep it)."""
+        h = self._flat(x)
+        for layer in self.layers:
+            h = layer.forward(h)
+        return h
+
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """Mean loss and number of correct predictions; writes d(mean loss)/d(params) to
+        ``self.grads``."""
+        logits = self.forward(x)
+        batch = logits.shape[0]
+        n_correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
+        d = self._dlogits.get(batch)
+        if d is None:
+            d = self._dlogits[batch] = np.empty_like(logits)
+        if self.loss == "softmax":
+            loss = ck.softmax_xent(logits, labels, d)
+        else:
+            loss = ck.multiclass_hinge(logits, labels, d)
+        for i in range(len(self.layers) - 1, -1, -1):
+            d = self.layers[i].backward(d, need_dx=i > 0)
+        return float(loss), n_correct
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:
+        """(mean loss, accuracy) over a data set, in batches."""
+        total_loss, correct = 0.0, 0
+        n = x.shape[0]
+        for lo in range(0, n, batch):
+            xb, yb = x[lo:lo + batch], labels[lo:lo + batch]
+            logits = self.forward(xb)
+            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+            d = np.empty_like(logits)
+            if self.loss == "softmax":
+                total_loss += ck.softmax_xent(logits, yb, d) * len(yb)
+            else:
+                total_loss += ck.multiclass_hinge(logits, yb, d) * len(yb)
+        return total_loss / max(n, 1), correct / max(n, 1)

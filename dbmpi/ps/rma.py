@@ -1,0 +1,130 @@
+"""One-sided MPI windows: the only place dbmpi calls MPI RMA.
+
+A :class:`Window` is allocated collectively with ``MPI.Win.Allocate`` and spends its whole life
+inside one passive-target access epoch opened with ``Lock_all(MODE_NOCHECK)``; every operation
+is completed with ``Flush``. Measured on MPICH (see the README's notes on RMA): windows made
+with ``Win.Allocate`` and used in NOCHECK epochs progress without the target calling MPI, while
+``Win.Create`` windows and ordinary lock epochs stall until the target re-enters MPI, and mixing
+NOCHECK and ordinary epochs on one window hangs MPICH 5.0. So there is exactly one discipline.
+
+Atomicity: MPI's default ``accumulate_ops=same_op_no_op`` lets the library assume that
+concurrent accumulate-family calls on one location use one op or ``NO_OP``. Every location in
+dbmpi therefore has one writer op (SUM or REPLACE) and readers that use ``NO_OP``.
+
+Transfers larger than ``CHUNK`` elements are split, so counts stay well inside ``int``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+CHUNK = 1 << 22  # elements per RMA call (16 MiB of float32)
+
+_MPI_TYPES = {
+    np.dtype(np.float32): MPI.FLOAT,
+    np.dtype(np.float64): MPI.DOUBLE,
+    np.dtype(np.int64): MPI.INT64_T,
+}
+
+
+class Window:
+    """A typed window of ``count`` elements on this rank (0 on ranks that expose nothing).
+
+    Collective over ``comm``. ``local`` is this rank's own memory as a numpy array (writes to
+    it become visible to other ranks after :meth:`sync`).
+    """
+
+    def __init__(self, comm: MPI.Comm, count: int, dtype=np.float32, name: str = "window"):
+        self.dtype = np.dtype(dtype)
+        self.mpi_type = _MPI_TYPES[self.dtype]
+        self.name = name
+        itemsize = self.dtype.itemsize
+        self.win = MPI.Win.Allocate(int(count) * itemsize, itemsize, MPI.INFO_NULL, comm)
+        mem = self.win.tomemory()
+        self.local = np.frombuffer(mem, dtype=self.dtype, count=int(count)) if count else \
+            np.zeros(0, dtype=self.dtype)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self._freed = False
+        self._one = np.zeros(1, dtype=self.dtype)
+        self._res = np.zeros(1, dtype=self.dtype)
+
+    def _check(self) -> None:
+        if self._freed:
+            raise RuntimeError(f"RMA window '{self.name}' was used after free()")
+
+    def _chunks(self, buf: np.ndarray, offset: int):
+        n = buf.shape[0]
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            yield buf[lo:hi], (offset + lo, hi - lo, self.mpi_type)
+
+    def get(self, buf: np.ndarray, target: int, offset: int = 0) -> None:
+        """Start reading ``len(buf)`` elements at ``offset`` of ``target`` into ``buf``.
+
+        Complete with :meth:`flush` before reading ``buf``.
+        """
+        self._check()
+        for part, spec in self._chunks(buf, offset):
+            self.win.Get([part, self.mpi_type], target, spec)
+
+    def put(self, buf: np.ndarray, target: int, offset: int = 0) -> None:
+        """Start writing ``buf`` at ``offset`` of ``target``; complete with :meth:`flush`."""
+        self._check()
+        for part, spec in self._chunks(buf, offset):
+            self.win.Put([part, self.mpi_type], target, spec)
+
+    def accumulate(self, buf: np.ndarray, target: int, offset: int = 0, op=MPI.SUM) -> None:
+        """Start an element-wise atomic ``op`` of ``buf`` into ``target``."""
+        self._check()
+        for part, spec in self._chunks(buf, offset):
+            self.win.Accumulate([part, self.mpi_type], target, spec, op)
+
+    def read(self, out: np.ndarray, target: int, offset: int = 0) -> np.ndarray:
+        """Atomic (per element) read of ``len(out)`` elements; completes before returning."""
+        self._check()
+        for part, spec in self._chunks(out, offset):
+            self.win.Get_accumulate([part, self.mpi_type], [part, self.mpi_type], target, spec,
+                                    MPI.NO_OP)
+        self.win.Flush(target)
+        return out
+
+    def fetch_and_op(self, value, target: int, offset: int = 0, op=MPI.SUM):
+        """Atomically apply ``op`` with ``value`` at one element and return its old value."""
+        self._check()
+        self._one[0] = value
+        self.win.Fetch_and_op([self._one, self.mpi_type], [self._res, self.mpi_type], target,
+                              offset, op)
+        self.win.Flush(target)
+        return self._res[0].item()
+
+    def load(self, target: int, offset: int = 0):
+        """Atomic read of one element."""
+        return self.fetch_and_op(0, target, offset, MPI.NO_OP)
+
+    def store(self, value, target: int, offset: int = 0) -> None:
+        """Atomic write of one element (``Accumulate`` with ``REPLACE``), completed."""
+        self.fetch_and_op(value, target, offset, MPI.REPLACE)
+
+    def flush(self, target: int) -> None:
+        """Complete every operation this rank started on ``target``."""
+        self._check()
+        self.win.Flush(target)
+
+    def flush_all(self) -> None:
+        self._check()
+        self.win.Flush_all()
+
+    def sync(self) -> None:
+        """Memory barrier between local loads/stores of ``local`` and RMA (unified model)."""
+        self._check()
+        self.win.Sync()
+
+    def free(self) -> None:
+        """Collective: close the epoch and free the window. Any later use raises."""
+        if self._freed:
+            return
+        self.win.Unlock_all()
+        self.local = None
+        self.win.Free()
+        self._freed = True

@@ -1,0 +1,256 @@
+"""Parameter-server windows, the shard's service loop and the worker's client.
+
+The protocol (windows, locks, when a push becomes visible, what a fetch may observe) is
+documented in :mod:`dbmpi.ps`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..log import get_logger
+from ..topology import Role, Topology, shard_rank
+from .layout import ParamLayout
+from .rma import Window
+
+log = get_logger("ps")
+
+# ctrl window layout on each shard: [STOP, APPLIED, then SEQ, DONE, BASE per worker]
+STOP, APPLIED = 0, 1
+_HEAD, _PER_WORKER = 2, 3
+
+
+def seq_index(worker: int) -> int:
+    return _HEAD + _PER_WORKER * worker
+
+
+def ctrl_size(num_workers: int) -> int:
+    return _HEAD + _PER_WORKER * num_workers
+
+
+class Backoff:
+    """Sleep between polls, growing from ~0 to ``cap`` seconds, so waiting ranks yield the CPU."""
+
+    def __init__(self, cap: float = 0.002):
+        self.cap = cap
+        self.delay = 0.0
+
+    def reset(self) -> None:
+        self.delay = 0.0
+
+    def wait(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.cap, self.delay * 2 if self.delay else 2e-5)
+
+
+class ParameterServer:
+    """The windows of the parameter server. Collective over ``topo.comm``.
+
+    ``worker_ranges[p]`` is the global ``[start, stop)`` of the flat vector owned by model
+    partition ``p`` (the whole vector when a replica is not partitioned).
+    """
+
+    def __init__(self, topo: Topology, layout: ParamLayout,
+                 worker_ranges: list[tuple[int, int]]):
+        if layout.num_shards != topo.cfg.shards:
+            raise ValueError("layout and topology disagree on the number of shards")
+        if len(worker_ranges) != topo.cfg.partitions:
+            raise ValueError("need one parameter range per model partition")
+        self.topo = topo
+        self.layout = layout
+        self.worker_ranges = [tuple(map(int, r)) for r in worker_ranges]
+        self.num_workers = topo.num_workers
+        is_shard = topo.role is Role.SHARD
+        block = layout.block_size(topo.index) if is_shard else 0
+        comm = topo.comm
+        self.params = Window(comm, block, np.float32, "params")
+        self.grads = Window(comm, topo.cfg.replicas * block, np.float32, "grads")
+        self.ctrl = Window(comm, ctrl_size(self.num_workers) if is_shard else 0, np.int64, "ctrl")
+
+    def free(self) -> None:
+        """Collective: free every window."""
+        for w in (self.params, self.grads, self.ctrl):
+            w.free()
+
+
+class ShardService:
+    """The loop run by one shard: apply posted pushes to its block, until told to stop."""
+
+    def __init__(self, ps: ParameterServer, optimizer, init_block: np.ndarray):
+        topo = ps.topo
+        assert topo.role is Role.SHARD
+        self.ps = ps
+        self.shard = topo.index
+        self.me = shard_rank(self.shard)
+        self.optimizer = optimizer
+        lo, hi = ps.layout.block(self.shard)
+        self.block = hi - lo
+        if init_block.shape != (self.block,):
+            raise ValueError(f"shard {self.shard}: initial block has shape {init_block.shape}, "
+                             f"expected ({self.block},)")
+        self.params = ps.params.local
+        self.params[:] = init_block
+        ps.params.sync()
+        self.state = optimizer.init_state(self.block)
+        self.grads = ps.grads.local
+        self._ctrl = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
+        # Per worker: (slot offset of its range in grads, local lo, local hi), or None.
+        self.worker_slices: list[tuple[int, int] | None] = []
+        P = topo.cfg.partitions
+        for w in range(ps.num_workers):
+            replica, part = divmod(w, P)
+            a, b = ps.worker_ranges[part]
+            a, b = max(a, lo) - lo, min(b, hi) - lo
+            self.worker_slices.append((replica * self.block, a, b) if a < b else None)
+        self.applied = 0
+        self.busy_s = 0.0
+
+    def poll(self) -> int:
+        """Apply every posted push once; return how many were applied."""
+        ps = self.ps
+        ctrl = ps.ctrl.read(self._ctrl, self.me)
+        pending = [w for w in range(ps.num_workers)
+                   if ctrl[seq_index(w)] > ctrl[seq_index(w) + 1]]
+        if not pending:
+            return 0
+        t0 = time.perf_counter()
+        ps.grads.sync()  # the slots' Puts completed before SEQ moved; see them locally
+        for w in pending:
+            sl = self.worker_slices[w]
+            if sl is not None:
+                slot, a, b = sl
+                self.optimizer.step(self.params[a:b], self.grads[slot + a:slot + b],
+                                    self.state[a:b] if self.state.size else self.state)
+        ps.params.sync()  # updates visible to fetches from here on
+        for w in pending:
+            i = seq_index(w)
+            ps.ctrl.store(self.applied, self.me, i + 2)  # BASE_w
+            self.applied += 1
+            ps.ctrl.store(self.applied, self.me, APPLIED)
+            ps.ctrl.store(int(ctrl[i]), self.me, i + 1)  # DONE_w = SEQ_w: acknowledged
+        self.busy_s += time.perf_counter() - t0
+        return len(pending)
+
+    def stop_requested(self) -> bool:
+        return bool(self.ps.ctrl.load(self.me, STOP))
+
+    def serve(self) -> int:
+        """Poll until the coordinator sets STOP and nothing is pending; return pushes applied."""
+        backoff = Backoff()
+        while True:
+            if self.poll():
+                backoff.reset()
+                continue
+            if self.stop_requested():
+                # A worker may have posted between the poll and the STOP read.
+                while self.poll():
+                    pass
+                return self.applied
+            backoff.wait()
+
+
+def request_stop(ps: ParameterServer) -> None:
+    """Coordinator: tell every shard to finish (after all workers have been acknowledged)."""
+    for s in range(ps.layout.num_shards):
+        ps.ctrl.store(1, shard_rank(s), STOP)
+
+
+@dataclass
+class _ShardCounters:
+    pushes: int = 0  # my pushes posted to this shard
+    others_at_fetch: int = 0  # other workers' pushes applied there when I last fetched
+    last_recorded: int = 0  # my push whose staleness was recorded last
+    staleness: list = field(default_factory=list)
+
+
+class PSClient:
+    """A worker's (or the coordinator's) view of the parameter server for ``[start, stop)``."""
+
+    def __init__(self, ps: ParameterServer, start: int, stop: int, worker: int | None = None,
+                 replica: int = 0):
+        self.ps = ps
+        self.start, self.stop = start, stop
+        self.worker = worker
+        self.replica = replica
+        self.segments = ps.layout.segments(start, stop)
+        self.counters = {seg.shard: _ShardCounters() for seg in self.segments}
+        self._three = np.zeros(3, dtype=np.int64)
+        self._one = np.zeros(1, dtype=np.int64)
+        self.wait_s = 0.0
+
+    # -- fetch -------------------------------------------------------------------------------
+    def fetch(self, params: np.ndarray, read_own_pushes: bool = False) -> None:
+        """Read the current parameters of my range into ``params`` (length stop - start)."""
+        if read_own_pushes:
+            self.wait_acknowledged()
+        ps = self.ps
+        for seg in self.segments:
+            target = shard_rank(seg.shard)
+            if self.worker is not None:
+                c = self.counters[seg.shard]
+                done = self._read_worker(target)[1]
+                applied = ps.ctrl.read(self._one, target, APPLIED)[0]
+                c.others_at_fetch = int(applied - done)
+            lo = seg.start - self.start
+            ps.params.get(params[lo:lo + seg.count], target, seg.offset)
+        for seg in self.segments:
+            ps.params.flush(shard_rank(seg.shard))
+
+    # -- push --------------------------------------------------------------------------------
+    def push(self, grads: np.ndarray) -> None:
+        """Post the gradient of my range (length stop - start) to the shards.
+
+        Waits only while a shard has not yet consumed my previous push (one in flight).
+        """
+        assert self.worker is not None, "only workers push"
+        ps = self.ps
+        slot0 = self.replica
+        for seg in self.segments:
+            target = shard_rank(seg.shard)
+            self._wait_slot(seg.shard, target)
+            lo = seg.start - self.start
+            block = ps.layout.block_size(seg.shard)
+            ps.grads.put(grads[lo:lo + seg.count], target, slot0 * block + seg.offset)
+        for seg in self.segments:
+            target = shard_rank(seg.shard)
+            ps.grads.flush(target)
+            ps.ctrl.fetch_and_op(1, target, seq_index(self.worker))
+            self.counters[seg.shard].pushes += 1
+
+    def wait_acknowledged(self) -> None:
+        """Block until every shard has applied all my pushes."""
+        for seg in self.segments:
+            self._wait_slot(seg.shard, shard_rank(seg.shard))
+
+    def drain_staleness(self) -> list[list[int]]:
+        """Staleness of my acknowledged pushes since the last call, one list per shard."""
+        out = []
+        for seg in self.segments:
+            c = self.counters[seg.shard]
+            out.append(c.staleness)
+            c.staleness = []
+        return out
+
+    def _read_worker(self, target: int) -> np.ndarray:
+        return self.ps.ctrl.read(self._three, target, seq_index(self.worker))
+
+    def _wait_slot(self, shard: int, target: int) -> None:
+        c = self.counters[shard]
+        seq, done, base = self._read_worker(target)
+        if done < seq:
+            t0 = time.perf_counter()
+            backoff = Backoff(cap=0.0005)
+            while done < seq:
+                backoff.wait()
+                seq, done, base = self._read_worker(target)
+            self.wait_s += time.perf_counter() - t0
+        if c.pushes > c.last_recorded:
+            # My latest push (number c.pushes) is acknowledged: BASE pushes were applied
+            # before it, c.pushes - 1 of them mine. Counters are read one element at a time,
+            # so a fetch racing my own acknowledgement can make this 1 too small: clip at 0.
+            others_before = int(base) - (c.pushes - 1)
+            c.staleness.append(max(0, others_before - c.others_at_fetch))
+            c.last_recorded = c.pushes

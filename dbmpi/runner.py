@@ -1,0 +1,149 @@
+"""``python -m dbmpi train``: set up the job collectively, run the algorithm, write results.
+
+Set-up errors (config, rank count, data, run directory) are agreed on by every rank with one
+``allgather``, so a mistake made on any rank ends all of them with the same one-line message.
+After set-up, an exception on one rank aborts the whole job (``MPI_Abort``), naming the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from . import config as config_mod
+from . import metrics as metrics_mod
+from .errors import DbmpiError
+from .log import get_logger, setup_logging
+from .report import plot_learning_curve, write_json
+from .topology import Role, Topology, check_world_size
+
+log = get_logger()
+
+
+class AgreedError(DbmpiError):
+    """A set-up error every rank knows about (so all can exit without MPI_Abort)."""
+
+
+def agree(comm: MPI.Comm, fn, *args):
+    """Run ``fn`` on every rank; if it raised a DbmpiError anywhere, raise it everywhere."""
+    result, message = None, None
+    try:
+        result = fn(*args)
+    except DbmpiError as exc:
+        message = str(exc)
+    messages = comm.allgather(message)
+    for rank, msg in enumerate(messages):
+        if msg is not None:
+            raise AgreedError(msg if rank == 0 else f"(rank {rank}) {msg}")
+    return result
+
+
+def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm) -> Path:
+    """Rank 0 creates the run directory and saves the config; every rank gets its path."""
+    path, error = None, None
+    if comm.Get_rank() == 0:
+        name = cfg.run.dir or f"runs/{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        path = Path(name)
+        try:
+            (path / "metrics").mkdir(parents=True, exist_ok=True)
+            (path / "config.toml").write_text(config_mod.to_toml(cfg))
+        except OSError as exc:
+            error = (f"run.dir: cannot write the run directory {path} ({exc.strerror}): choose "
+                     f"a writable place with --set run.dir=PATH")
+    path, error = comm.bcast((str(path) if path else None, error), root=0)
+    if error:
+        raise DbmpiError(error)
+    return Path(path)
+
+
+def _check_data(cfg: config_mod.Config) -> None:
+    from .data import open_dataset
+
+    ds = open_dataset(cfg.data.path)
+    if len(ds.splits.get("train", [])) < cfg.topology.replicas:
+        raise DbmpiError(
+            f"{cfg.data.path}: {len(ds.splits.get('train', []))} train shards for "
+            f"{cfg.topology.replicas} replicas: each replica needs its own shard; re-shard with "
+            f"`python -m data_tools shard ... --shards {cfg.topology.replicas}` or more")
+    if cfg.data.eval_split not in ds.splits:
+        raise DbmpiError(f"data.eval_split: {cfg.data.path} has no split "
+                         f"'{cfg.data.eval_split}' (it has {sorted(ds.splits)})")
+
+
+def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORLD) -> int:
+    t0, cpu0 = time.time(), time.process_time()
+    rank = comm.Get_rank()
+    setup_logging(rank)
+    try:
+        cfg = agree(comm, config_mod.load, config_path, overrides)
+        agree(comm, check_world_size, cfg.topology, comm.Get_size())
+        agree(comm, _check_data, cfg)
+        run_dir = agree(comm, _make_run_dir, cfg, comm)
+    except AgreedError as exc:
+        if rank == 0:
+            print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    topo = Topology.create(cfg.topology, comm)
+    setup_logging(rank, topo.label)
+    if rank == 0:
+        log.info("%s: %d ranks = coordinator + %d shards + %d replicas x %d partitions; run "
+                 "directory %s", cfg.algorithm, comm.Get_size(), cfg.topology.shards,
+                 cfg.topology.replicas, cfg.topology.partitions, run_dir)
+    try:
+        from .train import downpour
+
+        result = downpour.run(cfg, topo, run_dir, t0)
+    except BaseException as exc:  # one rank failing must end the whole job, never hang it
+        label = topo.label
+        msg = str(exc) if isinstance(exc, DbmpiError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, DbmpiError):
+            traceback.print_exc(file=sys.stderr)
+        print(f"dbmpi: error on rank {rank} ({label}): {msg}; aborting the job",
+              file=sys.stderr, flush=True)
+        comm.Abort(exc.exit_code if isinstance(exc, DbmpiError) else 1)
+        return 1  # not reached
+    # CPU accounting: how much of its wall time each rank spent on a core.
+    stats = np.array([float(topo.role), float(topo.index), time.process_time() - cpu0,
+                      time.time() - t0], dtype=np.float64)
+    table = np.zeros((comm.Get_size(), 4)) if rank == 0 else None
+    comm.Gather(stats, table, root=0)
+    if rank == 0:
+        _finish(cfg, run_dir, result, table)
+    topo.free()
+    return 0
+
+
+def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
+    ranks = []
+    for r, (role, index, cpu, wall) in enumerate(table):
+        ranks.append({"rank": r, "role": Role(int(role)).name.lower(), "index": int(index),
+                      "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+                      "cpu_fraction": round(cpu / wall, 4) if wall else 0.0})
+    idle = [x["cpu_fraction"] for x in ranks if x["role"] != "replica"]
+    summary = {
+        **result,
+        "algorithm": cfg.algorithm,
+        "topology": {"shards": cfg.topology.shards, "replicas": cfg.topology.replicas,
+                     "partitions": cfg.topology.partitions},
+        "cores": os.cpu_count(),
+        "max_non_replica_cpu_fraction": max(idle) if idle else 0.0,
+        "ranks": ranks,
+    }
+    metrics_mod.merge(run_dir)
+    write_json(run_dir / "summary.json", summary)
+    try:
+        plot_learning_curve(run_dir)
+    except Exception as exc:  # a missing plot must not lose a finished run
+        log.warning("could not draw the learning curve: %s", exc)
+    print(f"final test accuracy {result['final_test_accuracy']:.4f} after {result['steps']} "
+          f"steps in {result['wall_s']:.1f} s", flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+    log.debug("summary: %s", json.dumps(summary))

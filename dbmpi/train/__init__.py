@@ -1,0 +1,1 @@
+"""Training algorithms built on :mod:`dbmpi.ps`, :mod:`dbmpi.model` and :mod:`dbmpi.optim`."""
