@@ -32,29 +32,20 @@ class Role(enum.IntEnum):
 COORDINATOR_RANK = 0
 
 
-def shard_rank(shard: int) -> int:
-    """World rank of parameter-server shard ``shard``."""
-    return 1 + shard
-
-
-def worker_rank(cfg: TopologyConfig, replica: int, partition: int = 0) -> int:
-    """World rank of ``partition`` of ``replica``."""
-    return 1 + cfg.shards + replica * cfg.partitions + partition
-
-
-def role_of(cfg: TopologyConfig, rank: int) -> tuple[Role, int, int]:
+def role_of(cfg: TopologyConfig, rank: int, coordinator: bool = True) -> tuple[Role, int, int]:
     """(role, index, partition) of a world rank; index is the shard or replica number."""
-    if rank == COORDINATOR_RANK:
+    base = 1 if coordinator else 0
+    if coordinator and rank == COORDINATOR_RANK:
         return Role.COORDINATOR, 0, 0
-    if rank <= cfg.shards:
-        return Role.SHARD, rank - 1, 0
-    r, p = divmod(rank - 1 - cfg.shards, cfg.partitions)
+    if rank < base + cfg.shards:
+        return Role.SHARD, rank - base, 0
+    r, p = divmod(rank - base - cfg.shards, cfg.partitions)
     return Role.REPLICA, r, p
 
 
-def check_world_size(cfg: TopologyConfig, size: int) -> None:
+def check_world_size(cfg: TopologyConfig, size: int, coordinator: bool = True) -> None:
     """Raise a one-line error unless ``size`` is exactly what the config needs."""
-    need = cfg.world_size
+    need = cfg.world_size - (0 if coordinator else 1)
     if size != need:
         raise TopologyError(
             f"the config needs {need} MPI ranks (1 coordinator + {cfg.shards} shards + "
@@ -75,6 +66,7 @@ class Topology:
     comm_shards: MPI.Comm
     comm_replica: MPI.Comm
     comm_workers: MPI.Comm
+    has_coordinator: bool = True
 
     @property
     def rank(self) -> int:
@@ -91,9 +83,14 @@ class Topology:
             return f"replica {self.index}.{self.partition}"
         return f"replica {self.index}"
 
-    @property
-    def shard_ranks(self) -> list[int]:
-        return [shard_rank(s) for s in range(self.cfg.shards)]
+    def shard_rank(self, shard: int) -> int:
+        """Rank (in ``comm``) of parameter-server shard ``shard``."""
+        return int(self.has_coordinator) + shard
+
+    def worker_rank(self, replica: int, partition: int = 0) -> int:
+        """Rank (in ``comm``) of ``partition`` of ``replica``."""
+        return (int(self.has_coordinator) + self.cfg.shards + replica * self.cfg.partitions
+                + partition)
 
     @property
     def num_workers(self) -> int:
@@ -107,15 +104,21 @@ class Topology:
         return self.index * self.cfg.partitions + self.partition
 
     @classmethod
-    def create(cls, cfg: TopologyConfig, comm: MPI.Comm = MPI.COMM_WORLD) -> "Topology":
-        """Collective over ``comm``: check its size and split it into role communicators."""
-        check_world_size(cfg, comm.Get_size())
-        role, index, partition = role_of(cfg, comm.Get_rank())
+    def create(cls, cfg: TopologyConfig, comm: MPI.Comm = MPI.COMM_WORLD,
+               coordinator: bool = True) -> "Topology":
+        """Collective over ``comm``: check its size and split it into role communicators.
+
+        ``coordinator=False`` leaves the coordinator out (shards start at rank 0): the
+        parameter server alone needs none, which lets its tests run on 2 ranks.
+        """
+        check_world_size(cfg, comm.Get_size(), coordinator)
+        role, index, partition = role_of(cfg, comm.Get_rank(), coordinator)
         undef = MPI.UNDEFINED
         comm_shards = comm.Split(0 if role is Role.SHARD else undef, index)
         comm_workers = comm.Split(0 if role is Role.REPLICA else undef, comm.Get_rank())
         comm_replica = comm.Split(index if role is Role.REPLICA else undef, partition)
-        return cls(cfg, comm, role, index, partition, comm_shards, comm_replica, comm_workers)
+        return cls(cfg, comm, role, index, partition, comm_shards, comm_replica, comm_workers,
+                   coordinator)
 
     def free(self) -> None:
         for c in (self.comm_shards, self.comm_replica, self.comm_workers):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..log import get_logger
-from ..topology import Role, Topology, shard_rank
+from ..topology import Role, Topology
 from .layout import ParamLayout
 from .rma import Window
 
@@ -84,7 +84,7 @@ class ShardService:
         assert topo.role is Role.SHARD
         self.ps = ps
         self.shard = topo.index
-        self.me = shard_rank(self.shard)
+        self.me = topo.shard_rank(self.shard)
         self.optimizer = optimizer
         lo, hi = ps.layout.block(self.shard)
         self.block = hi - lo
@@ -155,7 +155,7 @@ class ShardService:
 def request_stop(ps: ParameterServer) -> None:
     """Coordinator: tell every shard to finish (after all workers have been acknowledged)."""
     for s in range(ps.layout.num_shards):
-        ps.ctrl.store(1, shard_rank(s), STOP)
+        ps.ctrl.store(1, ps.topo.shard_rank(s), STOP)
 
 
 @dataclass
@@ -188,7 +188,7 @@ class PSClient:
             self.wait_acknowledged()
         ps = self.ps
         for seg in self.segments:
-            target = shard_rank(seg.shard)
+            target = ps.topo.shard_rank(seg.shard)
             if self.worker is not None:
                 c = self.counters[seg.shard]
                 done = self._read_worker(target)[1]
@@ -197,7 +197,7 @@ class PSClient:
             lo = seg.start - self.start
             ps.params.get(params[lo:lo + seg.count], target, seg.offset)
         for seg in self.segments:
-            ps.params.flush(shard_rank(seg.shard))
+            ps.params.flush(ps.topo.shard_rank(seg.shard))
 
     # -- push --------------------------------------------------------------------------------
     def push(self, grads: np.ndarray) -> None:
@@ -209,13 +209,13 @@ class PSClient:
         ps = self.ps
         slot0 = self.replica
         for seg in self.segments:
-            target = shard_rank(seg.shard)
+            target = ps.topo.shard_rank(seg.shard)
             self._wait_slot(seg.shard, target)
             lo = seg.start - self.start
             block = ps.layout.block_size(seg.shard)
             ps.grads.put(grads[lo:lo + seg.count], target, slot0 * block + seg.offset)
         for seg in self.segments:
-            target = shard_rank(seg.shard)
+            target = ps.topo.shard_rank(seg.shard)
             ps.grads.flush(target)
             ps.ctrl.fetch_and_op(1, target, seq_index(self.worker))
             self.counters[seg.shard].pushes += 1
@@ -223,7 +223,7 @@ class PSClient:
     def wait_acknowledged(self) -> None:
         """Block until every shard has applied all my pushes."""
         for seg in self.segments:
-            self._wait_slot(seg.shard, shard_rank(seg.shard))
+            self._wait_slot(seg.shard, self.ps.topo.shard_rank(seg.shard))
 
     def drain_staleness(self) -> list[list[int]]:
         """Staleness of my acknowledged pushes since the last call, one list per shard."""

@@ -1,0 +1,115 @@
+"""The parameter-server protocol (dbmpi.ps) at any number of ranks >= 2.
+
+Roles are laid out without a coordinator (shards first, then workers) so that the protocol is
+exercised even at 2 ranks. Every check is made on data gathered from all ranks.
+"""
+
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from dbmpi.config import TopologyConfig
+from dbmpi.optim import SGD, Adagrad
+from dbmpi.ps import ParameterServer, ParamLayout, PSClient, ShardService
+from dbmpi.ps.server import request_stop
+from dbmpi.topology import Role, Topology
+
+comm = MPI.COMM_WORLD
+size = comm.Get_size()
+
+# (shards, replicas) that fit this many ranks with no coordinator
+CONFIGS = [(s, size - s) for s in (1, 2, 3) if size - s >= 1]
+
+
+def _setup(shards, replicas, n, optimizer, init):
+    topo = Topology.create(TopologyConfig(shards=shards, replicas=replicas), comm,
+                           coordinator=False)
+    layout = ParamLayout.even(n, shards)
+    ps = ParameterServer(topo, layout, [(0, n)])
+    service = None
+    if topo.role is Role.SHARD:
+        lo, hi = layout.block(topo.index)
+        service = ShardService(ps, optimizer, init[lo:hi].copy())
+    return topo, layout, ps, service
+
+
+def _teardown(topo, ps):
+    comm.Barrier()
+    ps.free()
+    topo.free()
+
+
+@pytest.mark.parametrize("shards,replicas", CONFIGS)
+def test_every_push_applied_exactly_once(shards, replicas):
+    """Workers push integer gradients concurrently; with SGD(lr=1) from zero the final
+    parameters are exactly minus the sum of everything pushed: nothing lost, nothing doubled."""
+    n, pushes = 1237, 150  # n prime: shard edges fall at odd places
+    pattern = (np.arange(n) % 7 + 1).astype(np.float32)
+    topo, layout, ps, service = _setup(shards, replicas, n, SGD(1.0), np.zeros(n, np.float32))
+    rng = np.random.default_rng(comm.Get_rank())
+    bad_fetches = 0
+    applied = -1
+    if topo.role is Role.SHARD:
+        applied = service.serve()
+    else:
+        w = topo.worker_id
+        client = PSClient(ps, 0, n, worker=w, replica=topo.index)
+        fetched = np.empty(n, np.float32)
+        for k in range(pushes):
+            client.push((w + 1) * pattern)
+            if k % 10 == 0:
+                client.fetch(fetched)
+                # every element is minus a whole number of pushes' worth: no torn or foreign value
+                ratio = -fetched / pattern
+                bad_fetches += int(not np.all(np.isfinite(fetched))
+                                   or not np.allclose(ratio, np.round(ratio))
+                                   or ratio.min() < 0)
+            if rng.random() < 0.2:
+                time.sleep(rng.random() * 1e-3)
+        client.wait_acknowledged()
+        staleness = client.drain_staleness()
+        assert all(len(s) == pushes for s in staleness)
+        topo.comm_workers.Barrier()
+        if topo.worker_id == 0:
+            request_stop(ps)
+    # gather the final blocks from the shards
+    block = service.params.copy() if service else np.zeros(0, np.float32)
+    blocks = comm.allgather(block)
+    final = np.concatenate(blocks[:shards])
+    expected = -pushes * sum(w + 1 for w in range(replicas)) * pattern
+    np.testing.assert_array_equal(final, expected)
+    assert comm.allreduce(bad_fetches) == 0
+    totals = comm.allgather(applied)[:shards]
+    assert totals == [pushes * replicas] * shards
+    _teardown(topo, ps)
+
+
+@pytest.mark.parametrize("shards,replicas", CONFIGS)
+def test_read_own_pushes_fetch_sees_own_update(shards, replicas):
+    """With read_own_pushes, worker 0's fetch after its push reflects it exactly (Adagrad)."""
+    n = 101
+    init = np.linspace(-1, 1, n).astype(np.float32)
+    opt = Adagrad(0.1, eps=1e-8)
+    topo, layout, ps, service = _setup(shards, replicas, n, opt, init)
+    if topo.role is Role.SHARD:
+        service.serve()
+    else:
+        client = PSClient(ps, 0, n, worker=topo.worker_id, replica=topo.index)
+        if topo.worker_id == 0:
+            params, accum = init.copy(), np.zeros(n, np.float32)
+            got = np.empty(n, np.float32)
+            rng = np.random.default_rng(0)
+            for _ in range(20):
+                g = rng.standard_normal(n).astype(np.float32)
+                client.push(g)
+                client.fetch(got, read_own_pushes=True)
+                accum += g * g
+                params -= 0.1 * g / (np.sqrt(accum) + 1e-8)
+                np.testing.assert_allclose(got, params, rtol=1e-5, atol=1e-6)
+            assert client.drain_staleness() == [[0] * 20] * len(client.segments)
+        topo.comm_workers.Barrier()
+        if topo.worker_id == 0:
+            request_stop(ps)
+    _teardown(topo, ps)
