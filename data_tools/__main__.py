@@ -1,0 +1,182 @@
+"""``python -m data_tools``: make shard data sets.
+
+    python -m data_tools synth --out data/synth-idx [--train 20000 --test 4000 --seed 0]
+    python -m data_tools shard idx --src data/synth-idx --out data/synth --shards 4
+    python -m data_tools shard idx --src DIR --out DIR --shards 64 --task $SLURM_PROCID \\
+        --n-tasks $SLURM_NTASKS          # then, once all tasks have finished:
+    python -m data_tools manifest --out DIR
+    python -m data_tools check DIR [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dbmpi.data.reader import open_dataset
+from dbmpi.data.schema import DataError
+
+from .idx import read_idx_split
+from .shards import build_manifest, command_line, parse_compression, write_split
+from .synth import CLASS_NAMES as SYNTH_CLASSES
+from .synth import write_synth
+
+CLASS_NAME_PRESETS = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+    "mnist": [str(d) for d in range(10)],
+    "synth": SYNTH_CLASSES,
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[data_tools] {msg}", file=sys.stderr, flush=True)
+
+
+def _class_names(spec: str | None, src: Path) -> list[str] | None:
+    if spec is None:
+        f = src / "classes.txt"
+        return [s for s in f.read_text().splitlines() if s.strip()] if f.is_file() else None
+    if spec in CLASS_NAME_PRESETS:
+        return list(CLASS_NAME_PRESETS[spec])
+    return [s.strip() for s in spec.split(",")]
+
+
+def cmd_shard_idx(a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    src, out = Path(a.src), Path(a.out)
+    if not 0 <= a.task < a.n_tasks:
+        raise SystemExit(f"--task must be in [0, --n-tasks={a.n_tasks}), got {a.task}")
+    data = {split: read_idx_split(src, split) for split in ("train", "test")}
+    names = _class_names(a.class_names, src)
+    top = max(int(data[s][1].max()) for s in data) + 1
+    num_classes = a.num_classes or (len(names) if names else top)
+    if names is not None and len(names) != num_classes:
+        raise SystemExit(f"--class-names gives {len(names)} names but there are {num_classes} classes")
+    if top > num_classes:
+        raise SystemExit(f"labels go up to {top - 1} but --num-classes is {num_classes}")
+    x0 = data["train"][0]
+    if x0.dtype == np.uint8:
+        norm = "uint8 / 255 -> float32 in [0, 1]"
+
+        def transform(x):
+            return x.astype(np.float32) * np.float32(1 / 255)
+    else:
+        norm = f"{x0.dtype} cast to float32, no scaling"
+
+        def transform(x):
+            return x.astype(np.float32)
+
+    common = {"num_classes": num_classes, "normalization": norm, "class_names": names,
+                  "command": command_line(), "compression": parse_compression(a.compression),
+                  "task": a.task, "n_tasks": a.n_tasks, "log": _log}
+    for split, k, seed in (("train", a.shards, a.seed), ("test", a.test_shards, None)):
+        x, y, paths = data[split]
+        source = f"idx {src.resolve()} ({paths[0].name}, {paths[1].name})"
+        write_split(out, split, x, y, num_shards=k, seed=seed, transform=transform,
+                    source=source, **common)
+    if a.n_tasks == 1:
+        build_manifest(out)
+        _log(f"wrote {out / 'manifest.json'}")
+    else:
+        _log(f"task {a.task}/{a.n_tasks} done; after all tasks finish run "
+             f"`python -m data_tools manifest --out {out}`")
+    _log(f"done in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_manifest(a: argparse.Namespace) -> int:
+    m = build_manifest(a.out, verify=a.verify)
+    counts = {s: sum(e["num_examples"] for e in v) for s, v in m["splits"].items()}
+    _log(f"wrote {Path(a.out) / 'manifest.json'}: {counts}")
+    return 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    paths = write_synth(a.out, a.train, a.test, a.seed, compress=a.gzip)
+    _log(f"wrote {len(paths)} idx files to {a.out} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    ds = open_dataset(a.path, verify=a.verify)
+    for split in ds.splits:
+        _x, y = ds.load(split)  # reads and checks every row
+        counts = np.bincount(y, minlength=ds.num_classes).tolist()
+        _log(f"{split}: {len(y)} examples in {len(ds.splits[split])} shards, per class {counts}")
+    print(json.dumps({
+        "path": str(ds.path),
+        "feature_shape": list(ds.feature_shape),
+        "feature_dtype": ds.feature_dtype.name,
+        "num_classes": ds.num_classes,
+        "class_names": ds.class_names,
+        "splits": {s: {"shards": len(p), "examples": ds.num_examples(s)} for s, p in ds.splits.items()},
+    }, indent=2))
+    _log(f"ok ({'checksums verified, ' if a.verify else ''}{time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    sh = sub.add_parser("shard", help="raw data -> HDF5 shards + manifest.json")
+    fmt = sh.add_subparsers(dest="format", required=True)
+    ix = fmt.add_parser("idx", help="MNIST-style idx files (train-/t10k-, optionally .gz)")
+    ix.add_argument("--src", required=True, help="directory with the four idx files")
+    ix.add_argument("--out", required=True, help="output directory")
+    ix.add_argument("--shards", type=int, required=True, help="number of train shards (>= replicas)")
+    ix.add_argument("--test-shards", type=int, default=1, help="number of test shards (default 1)")
+    ix.add_argument("--seed", type=int, default=0, help="seed of the train shuffle (default 0)")
+    ix.add_argument("--num-classes", type=int, default=None,
+                    help="default: len(class names), else max label + 1")
+    ix.add_argument("--class-names", default=None,
+                    help="comma list or a preset (fashion-mnist, mnist, synth); "
+                    "default: SRC/classes.txt if present")
+    ix.add_argument("--compression", default="gzip-1",
+                    help="gzip-N, lzf or none, optionally +shuffle (default gzip-1)")
+    ix.add_argument("--task", type=int, default=0, help="this task's index (default 0)")
+    ix.add_argument("--n-tasks", type=int, default=1,
+                    help="tasks sharing the work; task i writes shards with index %% n == i. "
+                    "With n > 1 run `manifest` afterwards")
+    ix.set_defaults(func=cmd_shard_idx)
+
+    mf = sub.add_parser("manifest", help="check all shard files in --out and write manifest.json")
+    mf.add_argument("--out", required=True)
+    mf.add_argument("--verify", action="store_true", help="recompute every checksum")
+    mf.set_defaults(func=cmd_manifest)
+
+    sy = sub.add_parser("synth", help="write the synthetic 10-class 28x28 data set as idx files")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--train", type=int, default=20000)
+    sy.add_argument("--test", type=int, default=4000)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--gzip", action="store_true", help="write .gz idx files")
+    sy.set_defaults(func=cmd_synth)
+
+    ck = sub.add_parser("check", help="open a data set, read every row, print a summary")
+    ck.add_argument("path")
+    ck.add_argument("--verify", action="store_true", help="also recompute every checksum")
+    ck.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
