@@ -12,6 +12,21 @@ try:
         multiclass_hinge,
         softmax_xent,
     )
+    from cython_kernels._embedding import (
+        embedding_grad_rows,
+        embedding_lookup,
+        embedding_scatter_add,
+    )
+    from cython_kernels._image import (
+        L2POOL_EPS,
+        LCN_EPS,
+        l2pool_backward,
+        l2pool_forward,
+        lcn_backward,
+        lcn_forward,
+        local_backward,
+        local_forward,
+    )
     from cython_kernels._optim import adagrad_dense, adagrad_rows, sgd_dense
 except ImportError as e:  # pragma: no cover - exercised by a test that hides the module
     raise ImportError(
@@ -20,10 +35,21 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides th
     ) from e
 
 __all__ = [
+    "L2POOL_EPS",
+    "LCN_EPS",
     "adagrad_dense",
     "adagrad_rows",
     "dense_backward",
     "dense_forward",
+    "embedding_grad_rows",
+    "embedding_lookup",
+    "embedding_scatter_add",
+    "l2pool_backward",
+    "l2pool_forward",
+    "lcn_backward",
+    "lcn_forward",
+    "local_backward",
+    "local_forward",
     "multiclass_hinge",
     "sgd_dense",
     "softmax_xent",

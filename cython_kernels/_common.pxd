@@ -34,6 +34,16 @@ cdef extern from "_vecmath.h" nogil:
     void dbm_axpy_f64(double* p, const double* g, dbm_idx n, double lr)
     void dbm_add_f32(float* a, const float* g, dbm_idx n)
     void dbm_add_f64(double* a, const double* g, dbm_idx n)
+    void dbm_colsum_f32(const float* y, float* s, dbm_idx rows, dbm_idx n)
+    void dbm_colsum_f64(const double* y, double* s, dbm_idx rows, dbm_idx n)
+    void dbm_sub_f32(float* a, const float* g, dbm_idx n)
+    void dbm_sub_f64(double* a, const double* g, dbm_idx n)
+    void dbm_sq_acc_f32(float* a, const float* x, dbm_idx n)
+    void dbm_sq_acc_f64(double* a, const double* x, dbm_idx n)
+    void dbm_mul_acc_f32(float* a, const float* g, const float* x, dbm_idx n)
+    void dbm_mul_acc_f64(double* a, const double* g, const double* x, dbm_idx n)
+    void dbm_sqrt_eps_f32(float* a, dbm_idx n, float eps)
+    void dbm_sqrt_eps_f64(double* a, dbm_idx n, double eps)
 
 
 cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k, real alpha,
@@ -55,3 +65,62 @@ cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k, real a
         sgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
     else:
         dgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+
+
+# fused front ends of the vectorised loops, so kernels need no `if real is float` per call
+cdef inline void v_add(real* a, const real* g, dbm_idx n) noexcept nogil:
+    if real is float:
+        dbm_add_f32(a, g, n)
+    else:
+        dbm_add_f64(a, g, n)
+
+
+cdef inline void v_sub(real* a, const real* g, dbm_idx n) noexcept nogil:
+    if real is float:
+        dbm_sub_f32(a, g, n)
+    else:
+        dbm_sub_f64(a, g, n)
+
+
+cdef inline void v_sq_acc(real* a, const real* x, dbm_idx n) noexcept nogil:
+    if real is float:
+        dbm_sq_acc_f32(a, x, n)
+    else:
+        dbm_sq_acc_f64(a, x, n)
+
+
+cdef inline void v_mul_acc(real* a, const real* g, const real* x, dbm_idx n) noexcept nogil:
+    if real is float:
+        dbm_mul_acc_f32(a, g, x, n)
+    else:
+        dbm_mul_acc_f64(a, g, x, n)
+
+
+cdef inline void v_sqrt_eps(real* a, dbm_idx n, real eps) noexcept nogil:
+    if real is float:
+        dbm_sqrt_eps_f32(a, n, eps)
+    else:
+        dbm_sqrt_eps_f64(a, n, eps)
+
+
+cdef inline void v_scale(real* a, dbm_idx n, real s) noexcept nogil:
+    if real is float:
+        dbm_scale_f32(a, n, s)
+    else:
+        dbm_scale_f64(a, n, s)
+
+
+cdef inline void v_bias(real* y, const real* b, dbm_idx rows, dbm_idx n) noexcept nogil:
+    """y[i, :] += b for a (rows, n) block."""
+    if real is float:
+        dbm_bias_act_f32(y, b, rows, n, DBM_LINEAR)
+    else:
+        dbm_bias_act_f64(y, b, rows, n, DBM_LINEAR)
+
+
+cdef inline void v_colsum(const real* y, real* s, dbm_idx rows, dbm_idx n) noexcept nogil:
+    """s = y.sum(0) for a (rows, n) block (y is only read)."""
+    if real is float:
+        dbm_colsum_f32(y, s, rows, n)
+    else:
+        dbm_colsum_f64(y, s, rows, n)

@@ -227,6 +227,40 @@ DBMPI_CLONES DBM_STATIC void dbm_axpy_##SFX(T *restrict p, const T *restrict g, 
 DBMPI_CLONES DBM_STATIC void dbm_add_##SFX(T *restrict a, const T *restrict g, dbm_idx n)       \
 {                                                                                            \
     for (dbm_idx j = 0; j < n; ++j) a[j] += g[j];                                            \
+}                                                                                            \
+                                                                                             \
+/* s = y.sum(0) for a (rows, n) row-major block */                                          \
+DBMPI_CLONES DBM_STATIC void dbm_colsum_##SFX(const T *restrict y, T *restrict s,            \
+                                              dbm_idx rows, dbm_idx n)                       \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) s[j] = (T)0;                                             \
+    for (dbm_idx i = 0; i < rows; ++i)                                                       \
+        for (dbm_idx j = 0; j < n; ++j) s[j] += y[i * n + j];                                \
+}                                                                                            \
+                                                                                             \
+/* a -= g (no aliasing) */                                                                   \
+DBMPI_CLONES DBM_STATIC void dbm_sub_##SFX(T *restrict a, const T *restrict g, dbm_idx n)   \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) a[j] -= g[j];                                            \
+}                                                                                            \
+                                                                                             \
+/* a += x*x */                                                                               \
+DBMPI_CLONES DBM_STATIC void dbm_sq_acc_##SFX(T *restrict a, const T *restrict x, dbm_idx n)\
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) a[j] += x[j] * x[j];                                     \
+}                                                                                            \
+                                                                                             \
+/* a += g*x */                                                                               \
+DBMPI_CLONES DBM_STATIC void dbm_mul_acc_##SFX(T *restrict a, const T *restrict g,           \
+                                               const T *restrict x, dbm_idx n)               \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) a[j] += g[j] * x[j];                                     \
+}                                                                                            \
+                                                                                             \
+/* a = sqrt(eps + a) */                                                                      \
+DBMPI_CLONES DBM_STATIC void dbm_sqrt_eps_##SFX(T *restrict a, dbm_idx n, T eps)            \
+{                                                                                            \
+    for (dbm_idx j = 0; j < n; ++j) a[j] = SQRTF(eps + a[j]);                                \
 }
 
 DBM_DEFINE(float, f32, dbm_expf, dbm_sigmoidf, dbm_tanhf, sqrtf)

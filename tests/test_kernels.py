@@ -1,0 +1,437 @@
+"""Compiled kernels against their numpy twins in cython_kernels.reference, plus argument checks.
+
+Gradient checks of the reference backward passes live in test_kernels_gradcheck.py.
+"""
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+import cython_kernels as ck
+from cython_kernels import reference as ref
+
+DTYPES = [np.float32, np.float64]
+# relative to the largest magnitude of the expected array
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+ACTS = ["linear", "relu", "sigmoid", "tanh"]
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def assert_close(actual, desired, dtype):
+    desired = np.asarray(desired)
+    tol = TOL[dtype]
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(actual, desired, rtol=tol, atol=tol * scale)
+
+
+def both(fn_name, make_args, out_names):
+    """Run the compiled kernel and its twin on copies of the same arguments.
+
+    make_args() -> dict of arguments; out_names: the arguments written in place.
+    Returns (ret_ck, outs_ck, ret_ref, outs_ref).
+    """
+    a1, a2 = make_args(), make_args()
+    r1 = getattr(ck, fn_name)(**a1)
+    r2 = getattr(ref, fn_name)(**a2)
+    return r1, [a1[k] for k in out_names], r2, [a2[k] for k in out_names]
+
+
+# ------------------------------------------------------------------------------ dense layer
+
+DENSE_SHAPES = [(1, 1, 1), (7, 13, 11), (13, 1, 7), (1, 13, 2), (16, 33, 65), (0, 3, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_dense_forward(dtype, act, shape):
+    B, n_in, n_out = shape
+    rng = np.random.default_rng(0)
+    x, W, b = rand(rng, (B, n_in), dtype), rand(rng, (n_in, n_out), dtype), rand(rng, n_out, dtype)
+
+    def args():
+        return dict(x=x, W=W, b=b, y=np.full((B, n_out), np.nan, dtype), activation=act)
+
+    _, (y1,), _, (y2,) = both("dense_forward", args, ["y"])
+    assert_close(y1, y2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_dense_backward(dtype, act, shape, with_dx):
+    B, n_in, n_out = shape
+    rng = np.random.default_rng(1)
+    x, W, b = rand(rng, (B, n_in), dtype), rand(rng, (n_in, n_out), dtype), rand(rng, n_out, dtype)
+    y = np.empty((B, n_out), dtype)
+    ref.dense_forward(x, W, b, y, act)
+    dy = rand(rng, (B, n_out), dtype)
+
+    def args():
+        return dict(x=x, W=W, y=y, dy=dy.copy(), activation=act,
+                    dW=np.full((n_in, n_out), np.nan, dtype), db=np.full(n_out, np.nan, dtype),
+                    dx=np.full((B, n_in), np.nan, dtype) if with_dx else None)
+
+    names = ["dy", "dW", "db"] + (["dx"] if with_dx else [])
+    _, out1, _, out2 = both("dense_backward", args, names)
+    for a, d in zip(out1, out2):
+        assert_close(a, d, dtype)
+
+
+def test_dense_forward_extreme_inputs():
+    """Sigmoid and tanh saturate cleanly instead of overflowing (float32 fast exp)."""
+    x = np.array([[-1e4, -100.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0, 1e4]], np.float32).T
+    W = np.ones((1, 1), np.float32)
+    b = np.zeros(1, np.float32)
+    x64, W64, b64 = x.astype(np.float64), W.astype(np.float64), b.astype(np.float64)
+    for act in ("sigmoid", "tanh"):
+        y1 = np.empty_like(x)
+        y2 = np.empty_like(x64)
+        ck.dense_forward(x, W, b, y1, act)
+        ref.dense_forward(x64, W64, b64, y2, act)
+        assert np.all(np.isfinite(y1))
+        np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-30)
+
+
+# --------------------------------------------------------------------------------- losses
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (13, 1), (7, 13), (64, 1000)])
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32])
+def test_softmax_xent(dtype, shape, label_dtype):
+    B, n = shape
+    rng = np.random.default_rng(2)
+    logits = rand(rng, shape, dtype, scale=10.0)
+    labels = rng.integers(0, n, B).astype(label_dtype)
+
+    def args():
+        return dict(logits=logits, labels=labels, dlogits=np.full(shape, np.nan, dtype))
+
+    l1, (d1,), l2, (d2,) = both("softmax_xent", args, ["dlogits"])
+    assert isinstance(l1, float)
+    assert l1 == pytest.approx(l2, rel=TOL[dtype], abs=TOL[dtype])
+    assert_close(d1, d2, dtype)
+    # in place: dlogits is logits
+    inplace = logits.copy()
+    l3 = ck.softmax_xent(inplace, labels, inplace)
+    assert l3 == pytest.approx(l2, rel=TOL[dtype], abs=TOL[dtype])
+    assert_close(inplace, d2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_xent_is_stable(dtype):
+    logits = np.array([[1e4, 0.0, -1e4], [-1e4, -1e4, -1e4]], dtype)
+    d = np.empty_like(logits)
+    loss = ck.softmax_xent(logits, np.array([0, 2]), d)
+    assert np.isfinite(loss) and np.all(np.isfinite(d))
+    assert loss == pytest.approx(np.log(3) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["softmax_xent", "multiclass_hinge"])
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_label_out_of_range(fn, bad):
+    logits = np.zeros((4, 7), np.float32)
+    labels = np.array([0, 1, bad, 3])
+    for mod in (ck, ref):
+        with pytest.raises(ValueError, match=rf"labels\[2\] = {bad} .*\[0, 7\)"):
+            getattr(mod, fn)(logits, labels, np.empty_like(logits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (13, 2), (7, 13)])
+@pytest.mark.parametrize("margin", [1.0, 0.3])
+def test_multiclass_hinge(dtype, shape, margin):
+    B, n = shape
+    rng = np.random.default_rng(3)
+    scores = rand(rng, shape, dtype)
+    labels = rng.integers(0, n, B)
+
+    def args():
+        return dict(scores=scores, labels=labels, dscores=np.full(shape, np.nan, dtype),
+                    margin=margin)
+
+    l1, (d1,), l2, (d2,) = both("multiclass_hinge", args, ["dscores"])
+    assert l1 == pytest.approx(l2, rel=TOL[dtype], abs=TOL[dtype])
+    assert_close(d1, d2, dtype)
+
+
+# ------------------------------------------------------------------------------ optimisers
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 13, 1031])
+def test_adagrad_sgd_dense(dtype, n):
+    rng = np.random.default_rng(4)
+    p, g, a = rand(rng, n, dtype), rand(rng, n, dtype), np.abs(rand(rng, n, dtype))
+
+    def args():
+        return dict(param=p.copy(), grad=g, accum=a.copy(), lr=0.1, eps=1e-6)
+
+    _, out1, _, out2 = both("adagrad_dense", args, ["param", "accum"])
+    for x1, x2 in zip(out1, out2):
+        assert_close(x1, x2, dtype)
+
+    def sgd_args():
+        return dict(param=p.copy(), grad=g, lr=0.05)
+
+    _, (s1,), _, (s2,) = both("sgd_dense", sgd_args, ["param"])
+    assert_close(s1, s2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V,d,rows", [(1, 1, [0]), (13, 7, [12, 0, 5]), (7, 3, []),
+                                      (50, 13, list(range(0, 50, 7)))])
+def test_adagrad_rows(dtype, V, d, rows):
+    rng = np.random.default_rng(5)
+    rows = np.array(rows, dtype=np.int64)
+    p, a = rand(rng, (V, d), dtype), np.abs(rand(rng, (V, d), dtype))
+    g = rand(rng, (rows.size, d), dtype)
+
+    def args():
+        return dict(param=p.copy(), rows=rows, grad_rows=g, accum=a.copy(), lr=0.1, eps=1e-6)
+
+    _, out1, _, out2 = both("adagrad_rows", args, ["param", "accum"])
+    for x1, x2 in zip(out1, out2):
+        assert_close(x1, x2, dtype)
+    untouched = np.setdiff1d(np.arange(V), rows)
+    np.testing.assert_array_equal(out1[0][untouched], p[untouched])
+
+
+def test_adagrad_rows_out_of_range_writes_nothing():
+    p = np.zeros((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"rows\[1\] = 5 .*\[0, 5\)"):
+        ck.adagrad_rows(p, np.array([0, 5]), np.ones((2, 3), np.float32), np.zeros_like(p),
+                        0.1, 1e-8)
+    assert not p.any()
+
+
+# ------------------------------------------------------------------------------ embeddings
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V,d,n", [(1, 1, 1), (13, 7, 29), (7, 1, 13), (5, 3, 0)])
+def test_embedding(dtype, V, d, n):
+    rng = np.random.default_rng(6)
+    E = rand(rng, (V, d), dtype)
+    idx = rng.integers(0, V, n)
+    dout = rand(rng, (n, d), dtype)
+
+    def look():
+        return dict(E=E, idx=idx, out=np.full((n, d), np.nan, dtype))
+
+    _, (o1,), _, (o2,) = both("embedding_lookup", look, ["out"])
+    np.testing.assert_array_equal(o1, o2)
+
+    def scat():
+        return dict(dout=dout, idx=idx, dE=E.copy())
+
+    _, (s1,), _, (s2,) = both("embedding_scatter_add", scat, ["dE"])
+    assert_close(s1, s2, dtype)
+
+    r1, g1 = ck.embedding_grad_rows(dout, idx)
+    r2, g2 = ref.embedding_grad_rows(dout, idx)
+    assert r1.dtype == np.int64 and g1.dtype == dtype
+    np.testing.assert_array_equal(r1, r2)
+    assert_close(g1, g2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_duplicates_summed(dtype):
+    dout = np.arange(12, dtype=dtype).reshape(4, 3)
+    idx = np.array([2, 0, 2, 2])
+    dE = np.zeros((3, 3), dtype)
+    ck.embedding_scatter_add(dout, idx, dE)
+    np.testing.assert_array_equal(dE[2], dout[0] + dout[2] + dout[3])
+    np.testing.assert_array_equal(dE[0], dout[1])
+    np.testing.assert_array_equal(dE[1], 0)
+    rows, g = ck.embedding_grad_rows(dout, idx)
+    np.testing.assert_array_equal(rows, [0, 2])
+    np.testing.assert_array_equal(g, dE[[0, 2]])
+
+
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_embedding_out_of_range(bad):
+    E = np.zeros((3, 2), np.float32)
+    idx = np.array([0, bad])
+    for mod in (ck, ref):
+        with pytest.raises(ValueError, match=rf"idx\[1\] = {bad} .*\[0, 3\)"):
+            mod.embedding_lookup(E, idx, np.empty((2, 2), np.float32))
+    with pytest.raises(ValueError, match=rf"idx\[1\] = {bad}"):
+        ck.embedding_scatter_add(np.ones((2, 2), np.float32), idx, E)
+    assert not E.any()
+
+
+# ------------------------------------------------------------------------------ image kernels
+
+# (B, H, W, C, k, F, stride)
+LOCAL_SHAPES = [(1, 1, 1, 1, 1, 1, 1), (2, 7, 5, 3, 3, 2, 1), (3, 7, 7, 2, 3, 5, 2),
+                (1, 13, 7, 1, 7, 1, 2), (4, 5, 5, 3, 5, 4, 3), (2, 8, 9, 4, 2, 3, 2)]
+
+
+def _local_args(rng, dtype, shape):
+    B, H, Wd, C, k, F, s = shape
+    OH, OW = (H - k) // s + 1, (Wd - k) // s + 1
+    x = rand(rng, (B, H, Wd, C), dtype)
+    W = rand(rng, (OH, OW, F, k, k, C), dtype)
+    b = rand(rng, (OH, OW, F), dtype)
+    return x, W, b, s, (B, OH, OW, F)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LOCAL_SHAPES)
+def test_local(dtype, shape):
+    rng = np.random.default_rng(7)
+    x, W, b, s, yshape = _local_args(rng, dtype, shape)
+
+    def fwd():
+        return dict(x=x, W=W, b=b, stride=s, y=np.full(yshape, np.nan, dtype))
+
+    _, (y1,), _, (y2,) = both("local_forward", fwd, ["y"])
+    assert_close(y1, y2, dtype)
+    dy = rand(rng, yshape, dtype)
+    for with_dx in (True, False):
+        def bwd():
+            return dict(x=x, W=W, dy=dy, stride=s, dW=np.full(W.shape, np.nan, dtype),
+                        db=np.full(b.shape, np.nan, dtype),
+                        dx=np.full(x.shape, np.nan, dtype) if with_dx else None)
+
+        names = ["dW", "db"] + (["dx"] if with_dx else [])
+        _, out1, _, out2 = both("local_backward", bwd, names)
+        for a, d in zip(out1, out2):
+            assert_close(a, d, dtype)
+
+
+POOL_SHAPES = [(1, 1, 1, 1, 1, 1), (2, 7, 5, 3, 2, 1), (3, 7, 7, 2, 3, 2), (1, 13, 13, 5, 3, 3),
+               (2, 8, 9, 1, 2, 2), (1, 5, 7, 2, 5, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+def test_l2pool(dtype, shape):
+    B, H, Wd, C, size, s = shape
+    rng = np.random.default_rng(8)
+    x = rand(rng, (B, H, Wd, C), dtype)
+    yshape = (B, (H - size) // s + 1, (Wd - size) // s + 1, C)
+
+    def fwd():
+        return dict(x=x, size=size, stride=s, y=np.full(yshape, np.nan, dtype))
+
+    _, (y1,), _, (y2,) = both("l2pool_forward", fwd, ["y"])
+    assert_close(y1, y2, dtype)
+    dy = rand(rng, yshape, dtype)
+
+    def bwd():
+        return dict(x=x, y=y2, dy=dy, size=size, stride=s, dx=np.full(x.shape, np.nan, dtype))
+
+    _, (dx1,), _, (dx2,) = both("l2pool_backward", bwd, ["dx"])
+    assert_close(dx1, dx2, dtype)
+
+
+LCN_SHAPES = [(1, 1, 1, 1, 1), (2, 7, 5, 3, 3), (1, 13, 7, 2, 5), (2, 5, 5, 1, 9), (1, 6, 8, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LCN_SHAPES)
+def test_lcn(dtype, shape):
+    B, H, Wd, C, size = shape
+    rng = np.random.default_rng(9)
+    x = rand(rng, (B, H, Wd, C), dtype)
+
+    def fwd():
+        return dict(x=x, size=size, y=np.full(x.shape, np.nan, dtype),
+                    v=np.full(x.shape, np.nan, dtype), den=np.full(x.shape[:3], np.nan, dtype))
+
+    _, out1, _, out2 = both("lcn_forward", fwd, ["y", "v", "den"])
+    for a, d in zip(out1, out2):
+        assert_close(a, d, dtype)
+    _, v, den = out2
+    dy = rand(rng, x.shape, dtype)
+
+    def bwd():
+        return dict(dy=dy, v=v, den=den, size=size, dx=np.full(x.shape, np.nan, dtype))
+
+    _, (dx1,), _, (dx2,) = both("lcn_backward", bwd, ["dx"])
+    assert_close(dx1, dx2, dtype)
+
+
+def test_lcn_rejects_even_size():
+    x = np.zeros((1, 4, 4, 1))
+    with pytest.raises(ValueError, match="size must be odd"):
+        ck.lcn_forward(x, 2, np.empty_like(x), np.empty_like(x), np.empty((1, 4, 4)))
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _dense_case(x=None, W=None, dtype=np.float32):
+    x = np.ones((4, 3), dtype) if x is None else x
+    W = np.ones((3, 5), dtype) if W is None else W
+    return lambda: ck.dense_forward(x, W, np.zeros(5, dtype), np.empty((4, 5), dtype), "relu")
+
+
+NONCONTIG = {
+    "dense_forward x": (lambda: _dense_case(x=np.ones((3, 4), np.float32).T)(), "x"),
+    "dense_forward W": (lambda: _dense_case(W=np.ones((6, 5), np.float32)[::2])(), "W"),
+    "dense_backward dy": (lambda: ck.dense_backward(
+        np.ones((4, 3)), np.ones((3, 5)), np.ones((4, 5)), np.ones((4, 10))[:, ::2], "linear",
+        np.empty((3, 5)), np.empty(5), None), "dy"),
+    "softmax_xent logits": (lambda: ck.softmax_xent(
+        np.ones((5, 4)).T, np.zeros(4, np.int64), np.empty((4, 5))), "logits"),
+    "adagrad_dense grad": (lambda: ck.adagrad_dense(
+        np.ones(4), np.ones(8)[::2], np.ones(4), 0.1, 1e-8), "grad"),
+    "embedding_lookup out": (lambda: ck.embedding_lookup(
+        np.ones((3, 2)), np.zeros(4, np.int64), np.empty((2, 4)).T), "out"),
+    "local_forward x": (lambda: ck.local_forward(
+        np.ones((1, 3, 3, 4))[..., ::2], np.ones((2, 2, 1, 2, 2, 2)), np.ones((2, 2, 1)), 1,
+        np.empty((1, 2, 2, 1))), "x"),
+    "l2pool_forward x": (lambda: ck.l2pool_forward(
+        np.ones((1, 4, 4, 2))[:, ::2], 1, 1, np.empty((1, 2, 4, 2))), "x"),
+    "lcn_backward dy": (lambda: ck.lcn_backward(
+        np.ones((1, 3, 3, 2)).transpose(0, 2, 1, 3), np.ones((1, 3, 3, 2)), np.ones((1, 3, 3)),
+        3, np.empty((1, 3, 3, 2))), "dy"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NONCONTIG))
+def test_rejects_non_contiguous(case):
+    call, name = NONCONTIG[case]
+    with pytest.raises(ValueError, match=rf"^{name} must be C-contiguous: pass "
+                                         rf"np.ascontiguousarray\({name}\)"):
+        call()
+
+
+def test_rejects_dtype_mismatch_and_bad_shapes():
+    with pytest.raises(ValueError, match=r"W has dtype float64 but x is float32.*astype"):
+        _dense_case(W=np.ones((3, 5)))()
+    with pytest.raises(ValueError, match=r"x has dtype int64 but must be float32 or float64"):
+        _dense_case(x=np.ones((4, 3), np.int64))()
+    with pytest.raises(ValueError, match=r"W has shape \(4, 5\) but must have shape \(3, \*\)"):
+        _dense_case(W=np.ones((4, 5), np.float32))()
+    with pytest.raises(ValueError, match=r"labels has dtype float64 but must be int64"):
+        ck.softmax_xent(np.ones((2, 3)), np.zeros(2), np.empty((2, 3)))
+    with pytest.raises(ValueError, match=r"activation must be one of \['linear', 'relu', "
+                                         r"'sigmoid', 'tanh'\], got 'gelu'"):
+        ck.dense_forward(np.ones((1, 1)), np.ones((1, 1)), np.ones(1), np.empty((1, 1)), "gelu")
+    ro = np.empty((4, 5), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="y is written in place but is read-only"):
+        ck.dense_forward(np.ones((4, 3), np.float32), np.ones((3, 5), np.float32),
+                         np.zeros(5, np.float32), ro, "linear")
+    with pytest.raises(ValueError, match="param must be a numpy array"):
+        ck.sgd_dense([1.0], np.ones(1), 0.1)
+    with pytest.raises(ValueError, match="stride must be a positive integer"):
+        ck.l2pool_forward(np.ones((1, 2, 2, 1)), 1, 0, np.empty((1, 2, 2, 1)))
+
+
+# ---------------------------------------------------------------------------- build message
+
+@pytest.mark.parametrize("hidden", ["cython_kernels._dense", "cython_kernels._image"])
+def test_missing_build_says_how_to_build(monkeypatch, hidden):
+    monkeypatch.delitem(sys.modules, "cython_kernels")
+    monkeypatch.setitem(sys.modules, hidden, None)  # makes `import hidden` raise ImportError
+    with pytest.raises(ImportError, match=r"not built: run `make build` \(or `pip install -e "
+                                          r"\.`\) in the project root") as info:
+        importlib.import_module("cython_kernels")
+    assert isinstance(info.value.__cause__, ImportError)
