@@ -65,7 +65,7 @@ def cmd_shard_idx(a: argparse.Namespace) -> int:
         norm = "uint8 / 255 -> float32 in [0, 1]"
 
         def transform(x):
-            return x.astype(np.float32) * np.float32(1 / 255)
+            return x.astype(np.float32) / np.float32(255)  # correctly rounded x/255
     else:
         norm = f"{x0.dtype} cast to float32, no scaling"
 
@@ -73,7 +73,7 @@ def cmd_shard_idx(a: argparse.Namespace) -> int:
             return x.astype(np.float32)
 
     common = {"num_classes": num_classes, "normalization": norm, "class_names": names,
-                  "command": command_line(), "compression": parse_compression(a.compression),
+                  "command": command_line(a.argv), "compression": parse_compression(a.compression),
                   "task": a.task, "n_tasks": a.n_tasks, "log": _log}
     for split, k, seed in (("train", a.shards, a.seed), ("test", a.test_shards, None)):
         x, y, paths = data[split]
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return a.func(a)
     except (DataError, ValueError) as e:

@@ -284,9 +284,7 @@ def build_manifest(out: str | os.PathLike, verify: bool = False) -> dict:
     return manifest
 
 
-def command_line() -> str:
-    """The command as the user typed it (for provenance)."""
-    argv = list(sys.argv)
-    if argv and argv[0].endswith("__main__.py"):
-        argv[0] = "python -m data_tools"
-    return " ".join(shlex.quote(a) if a != argv[0] else a for a in argv)
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """``python -m data_tools ARGS`` as typed (``argv`` defaults to ``sys.argv[1:]``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m data_tools", *(shlex.quote(x) for x in args)])
