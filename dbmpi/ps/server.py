@@ -137,10 +137,15 @@ class ShardService:
     def stop_requested(self) -> bool:
         return bool(self.ps.ctrl.load(self.me, STOP))
 
-    def serve(self) -> int:
-        """Poll until the coordinator sets STOP and nothing is pending; return pushes applied."""
+    def serve(self, heartbeat=None) -> int:
+        """Poll until the coordinator sets STOP and nothing is pending; return pushes applied.
+
+        ``heartbeat`` (if given) is called once per iteration (fault checks, progress).
+        """
         backoff = Backoff()
         while True:
+            if heartbeat is not None:
+                heartbeat()
             if self.poll():
                 backoff.reset()
                 continue
@@ -225,8 +230,8 @@ class PSClient:
         for seg in self.segments:
             self._wait_slot(seg.shard, self.ps.topo.shard_rank(seg.shard))
 
-    def drain_staleness(self) -> list[list[int]]:
-        """Staleness of my acknowledged pushes since the last call, one list per shard."""
+    def drain_staleness(self) -> list[list[tuple[int, int]]]:
+        """(push number, staleness) of my pushes acknowledged since the last call, per shard."""
         out = []
         for seg in self.segments:
             c = self.counters[seg.shard]
@@ -252,5 +257,5 @@ class PSClient:
             # before it, c.pushes - 1 of them mine. Counters are read one element at a time,
             # so a fetch racing my own acknowledgement can make this 1 too small: clip at 0.
             others_before = int(base) - (c.pushes - 1)
-            c.staleness.append(max(0, others_before - c.others_at_fetch))
+            c.staleness.append((c.pushes, max(0, others_before - c.others_at_fetch)))
             c.last_recorded = c.pushes

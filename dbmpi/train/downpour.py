@@ -27,6 +27,7 @@ from ..checkpoint import save_params
 from ..config import Config
 from ..data import open_dataset
 from ..errors import TrainingError
+from ..faults import Fault
 from ..log import get_logger
 from ..metrics import MetricsWriter
 from ..model import Model
@@ -61,12 +62,15 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float) -> dict | None:
                    "coord")
     metrics = MetricsWriter(run_dir, topo.rank, t0)
     result = None
+    service = None
+    if topo.role is Role.SHARD:
+        init = model.init_params(cfg.run.seed)
+        lo, hi = layout.block(topo.index)
+        service = ShardService(ps, make_optimizer(cfg.optimizer), init[lo:hi].copy())
+    topo.comm.Barrier()  # the shards hold the initial parameters before anyone fetches
     try:
-        if topo.role is Role.SHARD:
-            init = model.init_params(cfg.run.seed)
-            lo, hi = layout.block(topo.index)
-            service = ShardService(ps, make_optimizer(cfg.optimizer), init[lo:hi].copy())
-            applied = service.serve()
+        if service is not None:
+            applied = service.serve(heartbeat=Fault(topo.rank).check)
             log.debug("applied %d pushes, busy %.2f s", applied, service.busy_s)
             metrics.write("shard", shard=topo.index, pushes_applied=applied,
                           busy_s=round(service.busy_s, 3))
@@ -91,6 +95,7 @@ class Worker:
         self.coord = coord
         self.metrics = metrics
         self.replica = topo.index
+        self.fault = Fault(topo.rank)
         self.client = PSClient(ps, 0, model.num_params, worker=topo.worker_id,
                                replica=topo.index)
         self.reader = dataset.reader(
@@ -124,6 +129,7 @@ class Worker:
         client.fetch(model.params)
         accum = np.zeros_like(model.grads) if dp.n_push > 1 else None
         step, pending = 0, 0
+        self.step = 0
         win_loss, win_correct, win_n, win_t = 0.0, 0, 0, time.perf_counter()
         while True:
             if dp.steps and step >= dp.steps:
@@ -132,6 +138,7 @@ class Worker:
                 break
             if self._coord(STOP):
                 break
+            self.fault.check()
             if step and step % dp.n_fetch == 0:
                 client.fetch(model.params, read_own_pushes=dp.read_own_pushes)
             x, y = self.reader.next_batch()
@@ -150,6 +157,7 @@ class Worker:
                     accum[:] = 0
                     pending = 0
             step += 1
+            self.step = step
             win_loss += loss * len(y)
             win_correct += correct
             win_n += len(y)
@@ -165,21 +173,26 @@ class Worker:
                                       STEPS)
                 self.coord.flush(COORDINATOR_RANK)
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
-                self._log_staleness(step)
+                self._log_staleness()
         if accum is not None and pending:
             client.push(accum)
         client.wait_acknowledged()
-        self._log_staleness(step)
+        self._log_staleness()
         if warm and self.replica == 0 and step < dp.warm_start_steps:
             self._release()  # never leave the others waiting
         self._finish(step)
 
-    def _log_staleness(self, step: int) -> None:
+    def _log_staleness(self) -> None:
+        """One ``push`` record per acknowledged push: its staleness on each shard."""
+        by_push: dict[int, list] = {}
         per_shard = self.client.drain_staleness()
-        n = max((len(s) for s in per_shard), default=0)
-        for i in range(n):
-            self.metrics.write("push", replica=self.replica, step=step - n + i + 1,
-                               staleness=[s[i] if i < len(s) else None for s in per_shard])
+        for i, records in enumerate(per_shard):
+            for push, staleness in records:
+                by_push.setdefault(push, [None] * len(per_shard))[i] = staleness
+        for push in sorted(by_push):
+            self.metrics.write("push", replica=self.replica, push=push,
+                               step=min(push * self.dp.n_push, self.step),
+                               staleness=by_push[push])
 
     def _finish(self, step: int) -> None:
         self.coord.accumulate(np.array([step % self.dp.log_every], np.int64), COORDINATOR_RANK,
@@ -222,7 +235,9 @@ class Coordinator:
         next_eval = time.time() + dp.eval_every_s
         last_steps, last_t = 0, time.time()
         stopped_early = False
+        fault = Fault(self.topo.rank)
         while True:
+            fault.check()
             if self.coord.load(COORDINATOR_RANK, DONE) >= workers:
                 break
             now = time.time()

@@ -70,7 +70,7 @@ def test_every_push_applied_exactly_once(shards, replicas):
                 time.sleep(rng.random() * 1e-3)
         client.wait_acknowledged()
         staleness = client.drain_staleness()
-        assert all(len(s) == pushes for s in staleness)
+        assert all([k for k, _ in s] == list(range(1, pushes + 1)) for s in staleness)
         topo.comm_workers.Barrier()
         if topo.worker_id == 0:
             request_stop(ps)
@@ -108,7 +108,8 @@ def test_read_own_pushes_fetch_sees_own_update(shards, replicas):
                 accum += g * g
                 params -= 0.1 * g / (np.sqrt(accum) + 1e-8)
                 np.testing.assert_allclose(got, params, rtol=1e-5, atol=1e-6)
-            assert client.drain_staleness() == [[0] * 20] * len(client.segments)
+            assert client.drain_staleness() == [[(k, 0) for k in range(1, 21)]] * len(
+                client.segments)
         topo.comm_workers.Barrier()
         if topo.worker_id == 0:
             request_stop(ps)

@@ -1,0 +1,46 @@
+"""Shared fixtures: a small data set made by the project itself, and a job runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec") if (
+    Path(sys.executable).parent / "mpiexec").exists() else "mpiexec"
+
+# Ranks outnumber cores in these tests: MPICH must yield while waiting (see README).
+JOB_ENV = {
+    "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
+    "MPIR_CVAR_POLLS_BEFORE_YIELD": "1",
+    "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "true",
+    "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """Synthetic 28x28 10-class data (2400 train in 4 shards, 400 test), made here."""
+    from data_tools.synth import write_synth
+
+    root = tmp_path_factory.mktemp("data")
+    write_synth(root / "idx", n_train=2400, n_test=400, seed=1)
+    subprocess.run([sys.executable, "-m", "data_tools", "shard", "idx", "--src", str(root / "idx"),
+                    "--out", str(root / "shards"), "--shards", "4"], check=True, cwd=ROOT,
+                   capture_output=True)
+    return root / "shards"
+
+
+def run_job(nranks: int, args: list[str], timeout: float = 120, env: dict | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``mpiexec -n N python -m mpi4py -m dbmpi ARGS`` under a timeout; never hangs a test."""
+    full_env = {**os.environ, **JOB_ENV, **(env or {})}
+    cmd = [MPIEXEC, "-n", str(nranks), sys.executable, "-m", "mpi4py", "-m", "dbmpi", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd)
