@@ -1,0 +1,67 @@
+# dbmpi: two commands from a fresh clone.
+#   make demo   set up, make the demo data, train with Downpour under mpiexec (5 ranks)
+#   make test   set up, then the whole suite: serial tests, MPI tests at 2 and 4 ranks
+# Uses the active virtualenv if there is one, else creates .venv. The PyPI `mpich` wheel is
+# installed unless the machine already has an mpiexec (on a cluster: bring the site's MPI).
+
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dbmpi-deps
+comma := ,
+MPI_EXTRA ?= $(if $(shell PATH="$(subst $(VENV)/bin:,,$(PATH))" command -v mpiexec 2>/dev/null),,mpich)
+EXTRAS := test$(if $(MPI_EXTRA),$(comma)$(MPI_EXTRA))
+MPIEXEC = $(firstword $(wildcard $(VENV)/bin/mpiexec) mpiexec)
+KERNELS := $(wildcard cython_kernels/*.pyx cython_kernels/*.pxd cython_kernels/*.h)
+
+# Ranks outnumber the cores in tests and the demo: MPICH ranks waiting in MPI must yield.
+export MPIR_CVAR_ENABLE_HEAVY_YIELD := 1
+export MPIR_CVAR_POLLS_BEFORE_YIELD := 1
+export MPIR_CVAR_CH4_PROGRESS_THROTTLE := true
+export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup build demo test test-serial test-mpi lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "setuptools>=68" wheel "cython>=3.0" "numpy>=1.26" "scipy>=1.11"
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+build: $(STAMP) .kernels-built
+
+.kernels-built: $(KERNELS) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+DEMO := data/demo
+$(DEMO)/shards/manifest.json:
+	$(PY) -m data_tools synth --out $(DEMO)/idx
+	$(PY) -m data_tools shard idx --src $(DEMO)/idx --out $(DEMO)/shards --shards 4
+
+demo: build $(DEMO)/shards/manifest.json
+	$(PY) -m dbmpi launch jobs/configs/demo.toml
+
+test: build test-serial test-mpi
+
+test-serial: build
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest tests
+
+test-mpi: build
+	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -x -q -p no:cacheprovider tests/mpi
+	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m pytest -x -q -p no:cacheprovider tests/mpi
+
+lint: setup
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check dbmpi data_tools tests benchmarks
+
+clean:
+	rm -rf build .kernels-built cython_kernels/*.so cython_kernels/*.c
