@@ -11,24 +11,27 @@ written at the end of ``python -m data_tools shard``; with several, run
 ``python -m data_tools manifest --out DIR`` once after all tasks have finished (it checks that
 every shard file exists and is complete, then writes the manifest).
 
-Compression (measured on Fashion-MNIST, 60,000 x 28x28 float32 in 4 shards of 15,000 rows,
-2,048-row chunks; read = full pass in 2,048-row slices, warm page cache, 1 core):
+Compression. Measured on Fashion-MNIST (60,000 train images as float32, 4 shards, 2,048-row
+chunks) with ``python -m data_tools shard idx ... --compression X`` and one epoch through
+``ShardReader`` (batch 128, shuffle_buffer 8192), as CPU time because the machine was shared:
 
-============================  ========  ==========  =========
-filter                        size MB   write s     read MB/s
-============================  ========  ==========  =========
-none                          188       0.3         2660
-lzf                           63        1.2         930
-lzf + shuffle                 45        1.1         1010
-gzip 1                        44        2.5         760
-gzip 1 + shuffle (default)    32        1.8         1010
-gzip 4 + shuffle              31        2.2         1030
-============================  ========  ==========  =========
+==================  ==========  ==================  ======================
+--compression       train MB    shard command CPU   read, examples/CPU-s
+==================  ==========  ==================  ======================
+none                206         1.3 s               620,000
+lzf                 59          1.6 s               125,000
+lzf+shuffle         102         2.0 s               87,000
+gzip-1 (default)    43          2.2 s               125,000
+gzip-1+shuffle      83          3.5 s               71,000
+gzip-4              40          2.9 s               122,000
+==================  ==========  ==================  ======================
 
-gzip-1 + byte-shuffle reads as fast as lzf (about 300,000 examples/s, two orders of
-magnitude above what one replica trains on) in the smallest files, and unlike lzf it is built
-into every HDF5, so h5dump and non-h5py readers open the files. Higher gzip levels buy
-little size and cost write time. ``--compression`` picks another (``lzf``, ``none``, ``gzip-N``).
+gzip-1 reads as fast as lzf with files 26% smaller, and gzip is in every HDF5 build (lzf is
+h5py's own filter, which h5dump and non-h5py readers lack). gzip-4 saves 7% more for 30% more
+write time. The byte-shuffle filter hurts here: the features take only 256 values k/255, so
+unshuffled each 4-byte value is a repeated string that gzip codes compactly, while shuffled
+each of its 4 byte planes carries the full entropy of k. 125,000 examples/s on one core is 20-50 times
+what a replica trains on; ``none`` is there for when CPU is scarce and disk is not.
 """
 
 from __future__ import annotations
