@@ -224,3 +224,18 @@ def test_shard_cli_errors_exit_2(tmp_path, capsys):
     assert main(["shard", "idx", "--src", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--shards", "2"]) == 2
     assert "train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_check_cli_reads_everything(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    write_mnist_like(src, n_train=60, n_test=20)
+    assert main(["shard", "idx", "--src", str(src), "--out", str(out), "--shards", "2"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(out), "--verify"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"] == {"train": {"shards": 2, "examples": 60},
+                                 "test": {"shards": 1, "examples": 20}}
+    (out / "train-00001-of-00002.h5").unlink()
+    assert main(["check", str(out)]) == 2
+    assert "train-00001-of-00002.h5: shard file" in capsys.readouterr().err

@@ -13,6 +13,8 @@ seeded random order and grouped into windows of at least ``shuffle_buffer`` exam
 window is read into memory and its examples are yielded in a seeded random permutation. Every
 example of the replica is yielded exactly once per epoch. With ``shuffle_buffer=0`` the order
 is the file order. Rows are checked as they are read (labels in range, features finite).
+Memory: one window, at most ``shuffle_buffer + chunk_rows - 1`` examples (32 MB for
+Fashion-MNIST with the default 8192).
 
 Files are opened read-only, lazily, one handle per shard, with HDF5 file locking off: shards
 are immutable once renamed into place, and locking fails on some parallel file systems.
