@@ -56,8 +56,8 @@ test-serial: build
 	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest tests
 
 test-mpi: build
-	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -x -q -p no:cacheprovider tests/mpi
-	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m pytest -x -q -p no:cacheprovider tests/mpi
+	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
+	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
 
 lint: setup
 	$(PY) -m pip install -q ruff
