@@ -166,3 +166,23 @@ def test_too_few_shards_for_replicas(tmp_path, small_data):
     proc = run_job(7, ["train", str(cfg)], timeout=60)
     assert proc.returncode == 2
     assert "re-shard" in proc.stderr
+
+
+def test_target_accuracy_stops_every_rank(tmp_path, small_data):
+    cfg = _config(tmp_path, small_data, 2, 2, steps=1_000_000, target_accuracy=0.25,
+                  eval_every_s=0.3, read_own_pushes=False)
+    proc = run_job(5, ["train", str(cfg)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target_reached"] is True
+    assert summary["best_test_accuracy"] >= 0.25
+    assert summary["steps"] < 2 * 1_000_000
+
+
+def test_epoch_budget(tmp_path, small_data):
+    # 2 replicas x 1 epoch of their 1200 examples each at batch 32 = 38 steps each
+    cfg = _config(tmp_path, small_data, 1, 2, steps=0, epochs=1.0, read_own_pushes=False)
+    proc = run_job(4, ["train", str(cfg)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 * 38
