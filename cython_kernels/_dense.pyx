@@ -1,21 +1,54 @@
 """Dense layer, softmax cross-entropy and multi-class hinge kernels.
 
-Row-major GEMMs go to scipy's BLAS (sgemm/dgemm); bias, activation and their gradients are
-fused into one vectorised pass over the output (see _vecmath.h).
+Row-major GEMMs go to scipy's BLAS (sgemm/dgemm, no GIL) or, where measured faster, numpy's
+(see GEMM below); bias, activation and their gradients are fused into one vectorised pass over
+the output (see _vecmath.h).
 """
+import threading
+
 import numpy as np
 
 from cython_kernels import reference as _reference
+from cython_kernels._blasinfo import blas_threads
 from cython_kernels._checks import floats, indices
 
 from cython_kernels._common cimport (
     real, dbm_idx, gemm_rm, DBM_LINEAR, DBM_RELU, DBM_SIGMOID, DBM_TANH,
     dbm_bias_act_f32, dbm_bias_act_f64, dbm_act_grad_f32, dbm_act_grad_f64,
+    dbm_tbias_act_f32, dbm_tbias_act_f64,
     dbm_exp_shift_sum_f32, dbm_exp_shift_sum_f64, dbm_row_max_f32, dbm_row_max_f64,
     dbm_scale_f32, dbm_scale_f64,
 )
 from libc.math cimport log
 from libc.stdint cimport int64_t
+
+# Where the dense GEMMs run, chosen by measurement (benchmarks/kernels.py --sweep):
+#   forward:  "auto" | "scipy-nn" | "scipy-tt" | "numpy-nn" | "numpy-tt"
+#   backward: "scipy" | "numpy"
+# "nn" computes y = x @ W in place; "tt" computes y.T = W.T @ x.T into a per-thread scratch
+# buffer and the bias/activation pass transposes back (OpenBLAS 0.3.30/0.3.31 run these shapes
+# faster that way round unless n_out >> batch). "scipy" is scipy.linalg.cython_blas called
+# without the GIL; "numpy" is np.matmul (numpy's own BLAS, which also releases the GIL).
+# "auto": with a single-threaded BLAS, numpy's BLAS ("tt" when n_out <= AUTO_TT_RATIO * B,
+# else "nn"), whose forward GEMM is the faster one here; with a threaded BLAS, "scipy-tt", so
+# that every GEMM of a step runs on one thread pool (two OpenBLAS pools alternating on the same
+# cores cost 20-30% of a training step).
+GEMM = {"forward": "auto", "backward": "scipy"}
+AUTO_TT_RATIO = 16
+_FORWARD_MODES = ("auto", "scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")
+_tls = threading.local()
+
+
+def _scratch(n, dt):
+    """A per-thread scratch vector of at least n elements of dt, kept between calls."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    buf = bufs.get(dt)
+    if buf is None or buf.shape[0] < n:
+        buf = bufs[dt] = np.empty(n, dtype=dt)
+    return buf
+
 
 ACTIVATIONS = {"linear": DBM_LINEAR, "relu": DBM_RELU, "sigmoid": DBM_SIGMOID, "tanh": DBM_TANH}
 
@@ -29,34 +62,65 @@ cdef int _activation(object name) except -1:
 
 # ------------------------------------------------------------------------------ dense layer
 
+cdef enum:
+    GEMM_SCIPY_NN = 0   # gemm here, into y
+    GEMM_SCIPY_TT = 1   # gemm here, into scratch as y.T
+    GEMM_DONE_NN = 2    # y already holds x @ W
+    GEMM_DONE_TT = 3    # scratch already holds (x @ W).T
+
+
 cdef void _dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::1] y,
-                         int act) noexcept:
-    """y = act(x @ W + b)."""
+                         int act, real[::1] scratch, int mode) noexcept:
+    """y = act(x @ W + b), the GEMM done here or before (mode)."""
     cdef int B = x.shape[0], n_in = x.shape[1], n_out = W.shape[1]
     with nogil:
-        gemm_rm(False, False, B, n_out, n_in, <real>1, &x[0, 0], n_in, &W[0, 0], n_out,
-                <real>0, &y[0, 0], n_out)
-        if real is float:
-            dbm_bias_act_f32(&y[0, 0], &b[0], B, n_out, act)
+        if mode == GEMM_SCIPY_TT:
+            # y.T (n_out, B) = W.T @ x.T
+            gemm_rm(True, True, n_out, B, n_in, <real>1, &W[0, 0], n_out, &x[0, 0], n_in,
+                    <real>0, &scratch[0], B)
+        elif mode == GEMM_SCIPY_NN:
+            gemm_rm(False, False, B, n_out, n_in, <real>1, &x[0, 0], n_in, &W[0, 0], n_out,
+                    <real>0, &y[0, 0], n_out)
+        if mode == GEMM_SCIPY_TT or mode == GEMM_DONE_TT:
+            if real is float:
+                dbm_tbias_act_f32(&scratch[0], &y[0, 0], &b[0], B, n_out, act)
+            else:
+                dbm_tbias_act_f64(&scratch[0], &y[0, 0], &b[0], B, n_out, act)
         else:
-            dbm_bias_act_f64(&y[0, 0], &b[0], B, n_out, act)
+            if real is float:
+                dbm_bias_act_f32(&y[0, 0], &b[0], B, n_out, act)
+            else:
+                dbm_bias_act_f64(&y[0, 0], &b[0], B, n_out, act)
 
 
 cdef void _dense_backward(real[:, ::1] x, real[:, ::1] W, real[:, ::1] y, real[:, ::1] dy,
                           int act, real[:, ::1] dW, real[::1] db, real[:, ::1] dx,
-                          bint want_dx) noexcept:
-    """dz = dy * act'(y) (into dy); dW = x.T @ dz; db = dz.sum(0); dx = dz @ W.T."""
+                          bint want_dx, bint gemms) noexcept:
+    """dz = dy * act'(y) (into dy), db = dz.sum(0); if gemms: dW = x.T @ dz, dx = dz @ W.T."""
     cdef int B = x.shape[0], n_in = x.shape[1], n_out = W.shape[1]
     with nogil:
         if real is float:
             dbm_act_grad_f32(&y[0, 0], &dy[0, 0], &db[0], B, n_out, act)
         else:
             dbm_act_grad_f64(&y[0, 0], &dy[0, 0], &db[0], B, n_out, act)
-        gemm_rm(True, False, n_in, n_out, B, <real>1, &x[0, 0], n_in, &dy[0, 0], n_out,
-                <real>0, &dW[0, 0], n_out)
-        if want_dx:
-            gemm_rm(False, True, B, n_in, n_out, <real>1, &dy[0, 0], n_out, &W[0, 0], n_out,
-                    <real>0, &dx[0, 0], n_in)
+        if gemms:
+            gemm_rm(True, False, n_in, n_out, B, <real>1, &x[0, 0], n_in, &dy[0, 0], n_out,
+                    <real>0, &dW[0, 0], n_out)
+            if want_dx:
+                gemm_rm(False, True, B, n_in, n_out, <real>1, &dy[0, 0], n_out, &W[0, 0],
+                        n_out, <real>0, &dx[0, 0], n_in)
+
+
+def _forward_mode(B, n_out):
+    mode = GEMM["forward"]
+    if mode == "auto":
+        if blas_threads() > 1:
+            mode = "scipy-tt"
+        else:
+            mode = "numpy-tt" if n_out <= AUTO_TT_RATIO * B else "numpy-nn"
+    if mode not in _FORWARD_MODES:
+        raise ValueError(f"GEMM['forward'] must be one of {_FORWARD_MODES}, got {mode!r}")
+    return mode
 
 
 def dense_forward(x, W, b, y, activation):
@@ -71,10 +135,26 @@ def dense_forward(x, W, b, y, activation):
     if B == 0 or n_in == 0 or n_out == 0:  # degenerate: BLAS rejects empty operands
         _reference.dense_forward(x, W, b, y, activation)
         return
-    if dt == np.float32:
-        _dense_forward[float](x, W, b, y, act)
+    fmode = _forward_mode(B, n_out)
+    cdef int mode
+    if fmode.endswith("tt"):
+        scratch = _scratch(B * n_out, dt)
+        if fmode == "numpy-tt":
+            np.matmul(x, W, out=scratch[:B * n_out].reshape(n_out, B).T)
+            mode = GEMM_DONE_TT
+        else:
+            mode = GEMM_SCIPY_TT
     else:
-        _dense_forward[double](x, W, b, y, act)
+        scratch = _scratch(1, dt)
+        if fmode == "numpy-nn":
+            np.matmul(x, W, out=y)
+            mode = GEMM_DONE_NN
+        else:
+            mode = GEMM_SCIPY_NN
+    if dt == np.float32:
+        _dense_forward[float](x, W, b, y, act, scratch, mode)
+    else:
+        _dense_forward[double](x, W, b, y, act, scratch, mode)
 
 
 def dense_backward(x, W, y, dy, activation, dW, db, dx):
@@ -93,16 +173,23 @@ def dense_backward(x, W, y, dy, activation, dW, db, dx):
     cdef bint want_dx = dx is not None
     if want_dx:
         floats("dx", dx, (B, n_in), dt, "x", out=True)
-    else:
-        dx = np.empty((0, 0), dtype=dt)
     cdef int act = _activation(activation)
     if B == 0 or n_in == 0 or n_out == 0:
-        _reference.dense_backward(x, W, y, dy, activation, dW, db, dx if want_dx else None)
+        _reference.dense_backward(x, W, y, dy, activation, dW, db, dx)
         return
+    bmode = GEMM["backward"]
+    if bmode not in ("scipy", "numpy"):
+        raise ValueError(f"GEMM['backward'] must be 'scipy' or 'numpy', got {bmode!r}")
+    cdef bint here = bmode == "scipy"
+    dx_view = dx if want_dx else np.empty((1, 1), dtype=dt)
     if dt == np.float32:
-        _dense_backward[float](x, W, y, dy, act, dW, db, dx, want_dx)
+        _dense_backward[float](x, W, y, dy, act, dW, db, dx_view, want_dx, here)
     else:
-        _dense_backward[double](x, W, y, dy, act, dW, db, dx, want_dx)
+        _dense_backward[double](x, W, y, dy, act, dW, db, dx_view, want_dx, here)
+    if not here:
+        np.matmul(x.T, dy, out=dW)
+        if want_dx:
+            np.matmul(dy, W.T, out=dx)
 
 
 # --------------------------------------------------------------------------------- losses

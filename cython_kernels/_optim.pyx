@@ -1,12 +1,14 @@
 """In-place optimiser updates: SGD and Adagrad, dense and on a set of rows (one pass each)."""
 import numpy as np
 
+from cython_kernels._blasinfo import blas_threads
 from cython_kernels._checks import floats, indices
 
 from cython_kernels._common cimport (
     real, dbm_idx, dbm_adagrad_f32, dbm_adagrad_f64, dbm_axpy_f32, dbm_axpy_f64,
 )
 from libc.stdint cimport int64_t
+from scipy.linalg.cython_blas cimport saxpy, daxpy
 
 
 cdef void _adagrad_dense(real[::1] p, real[::1] g, real[::1] a, real lr,
@@ -72,21 +74,36 @@ def adagrad_rows(param, rows, grad_rows, accum, lr, eps):
         raise ValueError(f"rows[{bad}] = {rows[bad]} is out of range: rows must be in [0, {V})")
 
 
-cdef void _sgd_dense(real[::1] p, real[::1] g, real lr) noexcept:
+cdef void _sgd_dense(real[::1] p, real[::1] g, real lr, bint blas) noexcept:
+    cdef dbm_idx n = p.shape[0], off = 0
+    cdef int chunk, one = 1
+    cdef real alpha = -lr
     with nogil:
-        if p.shape[0] == 0:
+        if not blas:
+            if real is float:
+                dbm_axpy_f32(&p[0], &g[0], n, lr)
+            else:
+                dbm_axpy_f64(&p[0], &g[0], n, lr)
             return
-        if real is float:
-            dbm_axpy_f32(&p[0], &g[0], p.shape[0], lr)
-        else:
-            dbm_axpy_f64(&p[0], &g[0], p.shape[0], lr)
+        # OpenBLAS threads axpy over its pool: the update then uses every BLAS thread
+        while off < n:
+            chunk = <int>(n - off if n - off < 1073741824 else 1073741824)
+            if real is float:
+                saxpy(&chunk, &alpha, &g[off], &one, &p[off], &one)
+            else:
+                daxpy(&chunk, &alpha, &g[off], &one, &p[off], &one)
+            off += chunk
 
 
 def sgd_dense(param, grad, lr):
     """param -= lr * grad; 1-D arrays of one length."""
     dt = floats("param", param, (None,), out=True)
     floats("grad", grad, (param.shape[0],), dt, "param")
+    if param.shape[0] == 0:
+        return
+    # a threaded BLAS splits this memory-bound pass over its threads; one thread: our loop
+    cdef bint blas = param.shape[0] >= 65536 and blas_threads() > 1
     if dt == np.float32:
-        _sgd_dense[float](param, grad, <float>lr)
+        _sgd_dense[float](param, grad, <float>lr, blas)
     else:
-        _sgd_dense[double](param, grad, <double>lr)
+        _sgd_dense[double](param, grad, <double>lr, blas)

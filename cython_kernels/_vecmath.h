@@ -127,6 +127,47 @@ DBMPI_CLONES DBM_STATIC void dbm_bias_act_##SFX(T *restrict y, const T *restrict
     }                                                                                        \
 }                                                                                            \
                                                                                              \
+/* y (rows, n) = act(yT.T + b) from yT (n, rows): the bias/activation pass of a forward GEMM  \
+ * done in transposed form; 32 x 64 tiles through an L1 buffer */                           \
+DBMPI_CLONES DBM_STATIC void dbm_tbias_act_##SFX(const T *restrict yT, T *restrict y,        \
+                                                 const T *restrict b, dbm_idx rows,          \
+                                                 dbm_idx n, int act)                         \
+{                                                                                            \
+    enum { TJ = 32, TI = 64 };                                                               \
+    T buf[TJ * TI];                                                                          \
+    for (dbm_idx j0 = 0; j0 < n; j0 += TJ) {                                                 \
+        dbm_idx nj = n - j0 < TJ ? n - j0 : TJ;                                              \
+        for (dbm_idx i0 = 0; i0 < rows; i0 += TI) {                                          \
+            dbm_idx ni = rows - i0 < TI ? rows - i0 : TI;                                    \
+            for (dbm_idx jj = 0; jj < nj; ++jj) {                                            \
+                const T *restrict src = yT + (j0 + jj) * rows + i0;                          \
+                T *restrict dst = buf + jj * TI;                                             \
+                const T bj = b[j0 + jj];                                                     \
+                switch (act) {                                                               \
+                case DBM_RELU:                                                               \
+                    for (dbm_idx ii = 0; ii < ni; ++ii) {                                    \
+                        T z = src[ii] + bj;                                                  \
+                        dst[ii] = z > (T)0 ? z : (T)0;                                       \
+                    }                                                                        \
+                    break;                                                                   \
+                case DBM_SIGMOID:                                                            \
+                    for (dbm_idx ii = 0; ii < ni; ++ii) dst[ii] = SIGF(src[ii] + bj);        \
+                    break;                                                                   \
+                case DBM_TANH:                                                               \
+                    for (dbm_idx ii = 0; ii < ni; ++ii) dst[ii] = TANHF(src[ii] + bj);       \
+                    break;                                                                   \
+                default:                                                                     \
+                    for (dbm_idx ii = 0; ii < ni; ++ii) dst[ii] = src[ii] + bj;              \
+                }                                                                            \
+            }                                                                                \
+            for (dbm_idx ii = 0; ii < ni; ++ii) {                                            \
+                T *restrict out = y + (i0 + ii) * n + j0;                                    \
+                for (dbm_idx jj = 0; jj < nj; ++jj) out[jj] = buf[jj * TI + ii];             \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
 /* dy <- dy * act'(y) (act' written through y), db = column sums of the new dy */           \
 DBMPI_CLONES DBM_STATIC void dbm_act_grad_##SFX(const T *restrict y, T *restrict dy,             \
                                             T *restrict db, dbm_idx rows, dbm_idx n,         \

@@ -98,6 +98,46 @@ def test_dense_forward_extreme_inputs():
         np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-30)
 
 
+ROUTES = [("auto", "scipy", 1), ("auto", "scipy", 2), ("scipy-nn", "scipy", 1),
+          ("scipy-tt", "numpy", 1), ("numpy-nn", "numpy", 1), ("numpy-tt", "scipy", 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r[0]}/{r[1]}/{r[2]}thr")
+@pytest.mark.parametrize("shape", [(7, 13, 11), (3, 5, 100), (1, 2, 70), (33, 17, 1)])
+def test_dense_gemm_routes(monkeypatch, dtype, route, shape):
+    """Every GEMM route (see cython_kernels._dense.GEMM) gives the reference result."""
+    from cython_kernels import _dense
+
+    fwd, bwd, threads = route
+    monkeypatch.setitem(_dense.GEMM, "forward", fwd)
+    monkeypatch.setitem(_dense.GEMM, "backward", bwd)
+    monkeypatch.setattr(_dense, "blas_threads", lambda: threads)
+    B, n_in, n_out = shape
+    rng = np.random.default_rng(20)
+    x, W, b = rand(rng, (B, n_in), dtype), rand(rng, (n_in, n_out), dtype), rand(rng, n_out, dtype)
+    y1, y2 = np.empty((B, n_out), dtype), np.empty((B, n_out), dtype)
+    ck.dense_forward(x, W, b, y1, "tanh")
+    ref.dense_forward(x, W, b, y2, "tanh")
+    assert_close(y1, y2, dtype)
+    dy = rand(rng, (B, n_out), dtype)
+    outs = []
+    for mod in (ck, ref):
+        o = [dy.copy(), np.empty_like(W), np.empty_like(b), np.empty_like(x)]
+        mod.dense_backward(x, W, y2, o[0], "tanh", o[1], o[2], o[3])
+        outs.append(o)
+    for a, d in zip(*outs):
+        assert_close(a, d, dtype)
+
+
+def test_dense_bad_route(monkeypatch):
+    from cython_kernels import _dense
+
+    monkeypatch.setitem(_dense.GEMM, "forward", "mkl")
+    with pytest.raises(ValueError, match="GEMM\\['forward'\\] must be one of"):
+        _dense_case()()
+
+
 # --------------------------------------------------------------------------------- losses
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -180,6 +220,21 @@ def test_adagrad_sgd_dense(dtype, n):
 
     _, (s1,), _, (s2,) = both("sgd_dense", sgd_args, ["param"])
     assert_close(s1, s2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sgd_dense_blas_route(monkeypatch, dtype, threads):
+    """With a threaded BLAS, sgd_dense goes through ?axpy; the result is the same."""
+    from cython_kernels import _optim
+
+    monkeypatch.setattr(_optim, "blas_threads", lambda: threads)
+    rng = np.random.default_rng(21)
+    p, g = rand(rng, 70001, dtype), rand(rng, 70001, dtype)
+    p1, p2 = p.copy(), p.copy()
+    ck.sgd_dense(p1, g, 0.3)
+    ref.sgd_dense(p2, g, 0.3)
+    assert_close(p1, p2, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
