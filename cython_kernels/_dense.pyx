@@ -34,7 +34,7 @@ from libc.stdint cimport int64_t
 # that every GEMM of a step runs on one thread pool (two OpenBLAS pools alternating on the same
 # cores cost 20-30% of a training step).
 GEMM = {"forward": "auto", "backward": "scipy"}
-AUTO_TT_RATIO = 16
+AUTO_TT_RATIO = 24
 _FORWARD_MODES = ("auto", "scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")
 _tls = threading.local()
 
