@@ -33,7 +33,7 @@ def run_worker(script: str, threads: int, args: list[str], timeout: float = 900)
     """Run ``python script --worker --threads N args`` with the thread variables set."""
     cmd = [sys.executable, script, "--worker", "--threads", str(threads), *args]
     p = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, check=False)
     if p.returncode != 0:
         raise RuntimeError(f"worker {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -7,6 +7,7 @@ side by side in one process. The ratio is our GFLOP/s over the faster raw sgemm.
 
     python benchmarks/kernels.py            # 1 and 2 threads, writes results/kernels.json
     python benchmarks/kernels.py --quick    # smoke run
+    python benchmarks/kernels.py --sweep    # also time every GEMM route of cython_kernels._dense
 """
 from __future__ import annotations
 
@@ -15,16 +16,63 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 SHAPES = [(256, 440, 2560), (256, 2560, 2560), (256, 2560, 8192)]
 ACTS = ["sigmoid", "relu"]
 
 
+class _Dense:
+    """Arrays of one dense layer and the ways of doing its forward + backward."""
+
+    def __init__(self, B: int, n_in: int, n_out: int, rng):
+        import numpy as np
+
+        self.shape = f"{B}x{n_in}->{n_out}"
+        self.flops = 3 * 2.0 * B * n_in * n_out
+        self.x = rng.standard_normal((B, n_in), dtype=np.float32)
+        self.W = (rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)).astype(
+            np.float32)
+        self.b = rng.standard_normal(n_out, dtype=np.float32)
+        self.y = np.empty((B, n_out), np.float32)
+        self.dy0 = rng.standard_normal((B, n_out), dtype=np.float32)
+        self.dy = self.dy0.copy()
+        self.dW, self.db, self.dx = np.empty_like(self.W), np.empty_like(self.b), np.empty_like(self.x)
+
+    def ours(self, act: str, route: tuple | None = None):
+        import cython_kernels as ck
+        from cython_kernels import _dense
+
+        def f():
+            if route is not None:
+                _dense.GEMM["forward"], _dense.GEMM["backward"] = route
+            ck.dense_forward(self.x, self.W, self.b, self.y, act)
+            # dense_backward scales dy in place (denormals within a few calls): reset it;
+            # the raw GEMM loops pay the same copy
+            self.dy[...] = self.dy0
+            ck.dense_backward(self.x, self.W, self.y, self.dy, act, self.dW, self.db, self.dx)
+        return f
+
+    def raw_numpy(self):
+        import numpy as np
+
+        np.matmul(self.x, self.W, out=self.y)
+        self.dy[...] = self.dy0
+        np.matmul(self.x.T, self.dy, out=self.dW)
+        np.matmul(self.dy, self.W.T, out=self.dx)
+
+    def raw_scipy(self):
+        from scipy.linalg import blas
+
+        blas.sgemm(1.0, self.W.T, self.x.T, beta=0.0, c=self.y.T, overwrite_c=1)
+        self.dy[...] = self.dy0
+        blas.sgemm(1.0, self.dy.T, self.x.T, beta=0.0, c=self.dW.T, trans_b=1, overwrite_c=1)
+        blas.sgemm(1.0, self.W.T, self.dy.T, beta=0.0, c=self.dx.T, trans_a=1, overwrite_c=1)
+
+
 def worker(threads: int, quick: bool) -> dict:
     C.check_threads(threads)
     import numpy as np
-    from scipy.linalg import blas
 
     import cython_kernels as ck
     from cython_kernels import reference as ref
@@ -32,41 +80,19 @@ def worker(threads: int, quick: bool) -> dict:
     repeats, number = (3, 2) if quick else (9, 3)
     rng = np.random.default_rng(0)
     dense = []
-    for B, n_in, n_out in SHAPES:
-        x = rng.standard_normal((B, n_in), dtype=np.float32)
-        W = (rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)).astype(np.float32)
-        b = rng.standard_normal(n_out, dtype=np.float32)
-        y, dy0 = np.empty((B, n_out), np.float32), rng.standard_normal((B, n_out), dtype=np.float32)
-        dy = dy0.copy()
-        dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
-        flops = 3 * 2.0 * B * n_in * n_out
+    for shape in SHAPES:
+        case = _Dense(*shape, rng)
         for act in ACTS:
-            def ours():
-                ck.dense_forward(x, W, b, y, act)
-                dy[...] = dy0  # dense_backward consumes dy; both sides pay this copy
-                ck.dense_backward(x, W, y, dy, act, dW, db, dx)
-
-            def raw_numpy():
-                np.matmul(x, W, out=y)
-                dy[...] = dy0
-                np.matmul(x.T, dy, out=dW)
-                np.matmul(dy, W.T, out=dx)
-
-            def raw_scipy():
-                blas.sgemm(1.0, W.T, x.T, beta=0.0, c=y.T, overwrite_c=1)
-                dy[...] = dy0
-                blas.sgemm(1.0, dy.T, x.T, beta=0.0, c=dW.T, trans_b=1, overwrite_c=1)
-                blas.sgemm(1.0, W.T, dy.T, beta=0.0, c=dx.T, trans_a=1, overwrite_c=1)
-
-            s = C.interleaved({"dbmpi": ours, "numpy": raw_numpy, "scipy": raw_scipy},
-                              repeats, number)
+            s = C.interleaved({"dbmpi": case.ours(act), "numpy": case.raw_numpy,
+                               "scipy": case.raw_scipy}, repeats, number)
             t = {k: C.median(v) for k, v in s.items()}
             raw = min(t["numpy"], t["scipy"])
             dense.append({
-                "shape": f"{B}x{n_in}->{n_out}", "activation": act,
+                "shape": case.shape, "activation": act,
                 "dbmpi_ms": 1e3 * t["dbmpi"], "sgemm_numpy_ms": 1e3 * t["numpy"],
                 "sgemm_scipy_ms": 1e3 * t["scipy"],
-                "dbmpi_gflops": flops / t["dbmpi"] / 1e9, "sgemm_gflops": flops / raw / 1e9,
+                "dbmpi_gflops": case.flops / t["dbmpi"] / 1e9,
+                "sgemm_gflops": case.flops / raw / 1e9,
                 "ratio": raw / t["dbmpi"], "samples_s": s,
             })
 
@@ -97,6 +123,27 @@ def worker(threads: int, quick: bool) -> dict:
     return {"threads": threads, "dense": dense, "elementwise": elem}
 
 
+def sweep(threads: int, quick: bool) -> list[dict]:
+    """Forward+backward of each dense shape under every GEMM route (cython_kernels._dense.GEMM)."""
+    import numpy as np
+
+    from cython_kernels import _dense
+
+    repeats, number = (3, 1) if quick else (7, 2)
+    rng = np.random.default_rng(3)
+    routes = [(f, "scipy") for f in ("scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")]
+    routes += [("numpy-nn", "numpy"), ("auto", "scipy")]
+    out = []
+    for shape in SHAPES + [(128, 2560, 2560), (128, 2560, 8192)]:
+        case = _Dense(*shape, rng)
+        s = C.interleaved({f"{r[0]}/{r[1]}": case.ours("sigmoid", r) for r in routes},
+                          repeats, number)
+        _dense.GEMM.update({"forward": "auto", "backward": "scipy"})
+        out.append({"shape": case.shape,
+                    "gflops": {k: case.flops / C.median(v) / 1e9 for k, v in s.items()}})
+    return out
+
+
 def _elem_row(name, nbytes, s):
     t = {k: C.median(v) for k, v in s.items()}
     return {"kernel": name, "dbmpi_ms": 1e3 * t["dbmpi"], "numpy_ms": 1e3 * t["numpy"],
@@ -108,14 +155,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--sweep", action="store_true", help="also time every dense GEMM route")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         import json
 
-        print(json.dumps(worker(args.threads[0], args.quick)))
+        res = worker(args.threads[0], args.quick)
+        if args.sweep:
+            res["sweep"] = sweep(args.threads[0], args.quick)
+        print(json.dumps(res))
         return
-    results = [C.run_worker(__file__, t, ["--quick"] if args.quick else []) for t in args.threads]
+    flags = (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else [])
+    results = [C.run_worker(__file__, t, flags) for t in args.threads]
     rows, erows = [], []
     for r in results:
         for d in r["dense"]:
@@ -130,8 +182,16 @@ def main() -> None:
                        "dense forward+backward (3 GEMMs + fused passes) vs the same 3 raw sgemm")
     t2 = C.print_table(["threads", "kernel", "dbmpi ms", "numpy ms", "dbmpi GB/s", "x numpy"],
                        erows, "memory-bound kernels")
+    tables = [t1, t2]
+    if args.sweep:
+        names = list(results[0]["sweep"][0]["gflops"])
+        tables.append(C.print_table(
+            ["threads", "shape", *names],
+            [[r["threads"], sw["shape"], *(sw["gflops"][n] for n in names)]
+             for r in results for sw in r["sweep"]],
+            "GEMM routes (forward/backward), dense fwd+bwd GFLOP/s"))
     C.write_json("kernels", {"quick": args.quick, "machine": C.machine_info(),
-                             "results": results, "tables": [t1, t2]})
+                             "results": results, "tables": tables})
 
 
 if __name__ == "__main__":

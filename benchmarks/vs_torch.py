@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 HIDDEN, N_IN, N_OUT, DEPTH = 2560, 440, 8192, 4
 LR = 0.01
@@ -40,9 +40,7 @@ IMAGE_CASES = [
 
 # ------------------------------------------------------------------------- acoustic model
 
-def _dbmpi_model(batch: int):
-    import numpy as np
-
+def _dbmpi_model():
     from dbmpi.model import Model
     from dbmpi.optim.rules import SGD
 
@@ -53,7 +51,7 @@ def _dbmpi_model(batch: int):
     state = opt.init_state(model.num_params)
 
     def step(x, y):
-        loss, correct = model.forward_backward(x, y)
+        loss, _correct = model.forward_backward(x, y)
         opt.step(model.params, model.grads, state)
         return loss
 
@@ -96,8 +94,8 @@ def acoustic(threads: int, batch: int, quick: bool) -> dict:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch, N_IN), dtype=np.float32)
     y = rng.integers(0, N_OUT, batch)
-    model, ours = _dbmpi_model(batch)
-    net, theirs = _torch_model(model)
+    model, ours = _dbmpi_model()
+    _net, theirs = _torch_model(model)
     xt, yt = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
     # same parameters, same batch: the first losses must agree (same work on both sides)
     l_ours, l_theirs = ours(x, y), theirs(xt, yt)

@@ -15,7 +15,8 @@ _INT32_MAX = 2**31 - 1
 
 def _array(name: str, a: object) -> np.ndarray:
     if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}: pass np.asarray({name})")
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}: "
+                        f"pass np.asarray({name})")
     return a
 
 

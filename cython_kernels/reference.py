@@ -166,7 +166,7 @@ def local_forward(x, W, b, stride, y):
 
 def local_backward(x, W, dy, stride, dW, db, dx):
     """dW, db overwritten; dx overwritten unless None."""
-    OH, OW, F, k = W.shape[:4]
+    OH, OW, _, k = W.shape[:4]
     dW[...] = np.einsum("nijf,nijuvc->ijfuvc", dy, _patches(x, k, stride), optimize=True)
     db[...] = dy.sum(0)
     if dx is not None:
@@ -214,7 +214,7 @@ def _count(H, W, size, C, dtype):
 
 def lcn_forward(x, size, y, v, den, eps=LCN_EPS):
     """Local contrast normalisation; v (B, H, W, C) and den (B, H, W) are kept for backward."""
-    B, H, W, C = x.shape
+    _, H, W, C = x.shape
     n = _count(H, W, size, C, x.dtype)
     v[...] = x - (_box(x.sum(3), size) / n)[..., None]
     den[...] = np.sqrt(eps + _box((v * v).sum(3), size) / n)
@@ -223,7 +223,7 @@ def lcn_forward(x, size, y, v, den, eps=LCN_EPS):
 
 def lcn_backward(dy, v, den, size, dx):
     """Exact gradient of lcn_forward given its v and den; dx overwritten."""
-    B, H, W, C = v.shape
+    _, H, W, C = v.shape
     n = _count(H, W, size, C, v.dtype)
     dS = -(dy * v).sum(3) / (2 * den ** 3) / n  # d loss / d (box sum of sum_c v**2)
     dv = dy / den[..., None] + 2 * v * _box(dS, size)[..., None]

@@ -78,8 +78,11 @@ def test_multiclass_hinge(mod, shape, margin):
     labels = rng.integers(0, shape[1], shape[0])
     d = np.empty_like(scores)
     mod.multiclass_hinge(scores, labels, d, margin)
-    f = lambda: mod.multiclass_hinge(scores, labels, np.empty_like(scores), margin)  # noqa: E731
-    check(d, numeric_grad(f, scores))
+
+    def loss():
+        return mod.multiclass_hinge(scores, labels, np.empty_like(scores), margin)
+
+    check(d, numeric_grad(loss, scores))
 
 
 @pytest.mark.parametrize("mod", MODULES)
