@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses loaded from TOML.
 
 A config file has one table per dataclass below (``[topology]``, ``[model]``, ``[data]``,
-``[optimizer]``, ``[downpour]``, ``[run]``) plus the top-level ``algorithm``. Any field can be
+``[optimizer]``, ``[downpour]``, ``[sandblaster]``, ``[run]``) plus the top-level ``algorithm``
+(``downpour`` or ``sandblaster``). Any field can be
 overridden on the command line with ``--set section.key=value`` (the value is parsed as TOML,
 so ``--set downpour.steps=500`` is an int and ``--set run.name=x`` a string). Unknown keys, wrong
 types and out-of-range values raise :class:`ConfigError` naming the field and the fix.
@@ -89,6 +90,35 @@ class DownpourConfig:
 
 
 @dataclass(frozen=True)
+class SandblasterConfig:
+    """Sandblaster L-BFGS (``algorithm = "sandblaster"``), see :mod:`dbmpi.train.sandblaster`.
+
+    The objective is the mean loss over a batch plus ``l2 / 2 * ||params||^2``. A batch is the
+    first ``train_limit`` training examples (0: all of them) when ``batch_size`` is 0, else
+    ``batch_size`` of them, a new batch every iteration. ``straggler_*`` are for tests and
+    benchmarks only: replica ``straggler_replica`` runs ``straggler_factor`` times slower.
+    """
+
+    iterations: int = 100
+    history: int = 10
+    portion_size: int = 256
+    batch_size: int = 0
+    train_limit: int = 0
+    backups: bool = True
+    push_every: int = 4
+    line_search: str = "wolfe"
+    c1: float = 1e-4
+    c2: float = 0.9
+    max_evals: int = 20
+    l2: float = 0.0
+    gtol: float = 1e-6
+    dtype: str = "float64"
+    record_iterates: bool = False
+    straggler_replica: int = -1
+    straggler_factor: float = 5.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where results go and how the run is seeded."""
 
@@ -105,6 +135,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -118,6 +149,7 @@ _SECTION_CLASSES = {
     "data": DataConfig,
     "optimizer": OptimizerConfig,
     "downpour": DownpourConfig,
+    "sandblaster": SandblasterConfig,
     "run": RunConfig,
 }
 
@@ -231,8 +263,8 @@ def _require(ok: bool, where: str, message: str) -> None:
 def validate(cfg: Config, source: str = "config") -> None:
     """Range checks that the type checks cannot express."""
     s = f"{source}:"
-    _require(cfg.algorithm in ("downpour",), f"{s} algorithm",
-             f"must be 'downpour', got {cfg.algorithm!r}")
+    _require(cfg.algorithm in ("downpour", "sandblaster"), f"{s} algorithm",
+             f"must be 'downpour' or 'sandblaster', got {cfg.algorithm!r}")
     t = cfg.topology
     _require(t.shards >= 1, f"{s} topology.shards", f"must be >= 1, got {t.shards}")
     _require(t.replicas >= 1, f"{s} topology.replicas", f"must be >= 1, got {t.replicas}")
@@ -280,7 +312,32 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be in [0, 1], got {p.target_accuracy}")
     _require(p.eval_every_s > 0, f"{s} downpour.eval_every_s", f"must be > 0, got {p.eval_every_s}")
     _require(p.log_every >= 1, f"{s} downpour.log_every", f"must be >= 1, got {p.log_every}")
+    _validate_sandblaster(cfg, s)
     _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
+
+
+def _validate_sandblaster(cfg: Config, s: str) -> None:
+    b = cfg.sandblaster
+    for name in ("iterations", "history", "portion_size", "max_evals", "push_every"):
+        value = getattr(b, name)
+        _require(value >= 1, f"{s} sandblaster.{name}", f"must be >= 1, got {value}")
+    for name in ("batch_size", "train_limit", "l2", "gtol"):
+        value = getattr(b, name)
+        _require(value >= 0, f"{s} sandblaster.{name}", f"must be >= 0, got {value}")
+    _require(b.line_search in ("wolfe", "armijo"), f"{s} sandblaster.line_search",
+             f"must be 'wolfe' (strong Wolfe) or 'armijo' (backtracking), got {b.line_search!r}")
+    _require(0 < b.c1 < 1, f"{s} sandblaster.c1", f"must be in (0, 1), got {b.c1}")
+    _require(b.line_search != "wolfe" or b.c1 < b.c2 < 1, f"{s} sandblaster.c2",
+             f"must be in (c1, 1) = ({b.c1}, 1) for the Wolfe line search, got {b.c2}")
+    _require(b.dtype in ("float64", "float32"), f"{s} sandblaster.dtype",
+             f"must be 'float64' or 'float32', got {b.dtype!r}")
+    _require(-1 <= b.straggler_replica < cfg.topology.replicas,
+             f"{s} sandblaster.straggler_replica",
+             f"must be -1 (none) or a replica in [0, {cfg.topology.replicas}), "
+             f"got {b.straggler_replica}")
+    _require(b.straggler_factor >= 1, f"{s} sandblaster.straggler_factor",
+             f"must be >= 1, got {b.straggler_factor}")
+
 
 
 def to_toml(cfg: Config) -> str:

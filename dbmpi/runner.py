@@ -98,9 +98,14 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
                  "directory %s", cfg.algorithm, comm.Get_size(), cfg.topology.shards,
                  cfg.topology.replicas, cfg.topology.partitions, run_dir)
     try:
-        from .train import downpour
+        if cfg.algorithm == "sandblaster":
+            from .train import sandblaster
 
-        result = downpour.run(cfg, topo, run_dir, t0)
+            result = sandblaster.run(cfg, topo, run_dir, t0)
+        else:
+            from .train import downpour
+
+            result = downpour.run(cfg, topo, run_dir, t0)
     except BaseException as exc:  # one rank failing must end the whole job, never hang it
         label = topo.label
         msg = str(exc) if isinstance(exc, DbmpiError) else f"{type(exc).__name__}: {exc}"
