@@ -124,7 +124,11 @@ def _forward_mode(B, n_out):
 
 
 def dense_forward(x, W, b, y, activation):
-    """y = act(x @ W + b); x (B, n_in), W (n_in, n_out), b (n_out,), y (B, n_out) written."""
+    """y = act(x @ W + b); x (B, n_in), W (n_in, n_out), b (n_out,), y (B, n_out) written.
+
+    activation: "linear", "relu", "sigmoid" or "tanh". The GEMM route follows GEMM (above);
+    the transposed routes keep one B * n_out scratch vector per thread and dtype between calls.
+    """
     dt = floats("x", x, (None, None))
     B, n_in = x.shape
     floats("W", W, (n_in, None), dt, "x")

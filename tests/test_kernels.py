@@ -480,6 +480,17 @@ def test_rejects_dtype_mismatch_and_bad_shapes():
         ck.l2pool_forward(np.ones((1, 2, 2, 1)), 1, 0, np.empty((1, 2, 2, 1)))
 
 
+def test_blas_threads(monkeypatch):
+    from cython_kernels import _blasinfo
+
+    assert _blasinfo.blas_threads() >= 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert _blasinfo._from_env() == 3
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")
+    assert _blasinfo._from_env() == 2
+
+
 # ---------------------------------------------------------------------------- build message
 
 @pytest.mark.parametrize("hidden", ["cython_kernels._dense", "cython_kernels._image"])
