@@ -21,7 +21,14 @@ from typing import Any
 from .errors import ConfigError
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
-LAYER_TYPES = ("dense",)
+LAYER_TYPES = ("dense", "local", "l2pool", "lcn")
+# Per layer type: (required positive-int keys, optional positive-int keys, has activation).
+LAYER_KEYS = {
+    "dense": (("units",), (), True),
+    "local": (("filters", "kernel"), ("stride",), True),
+    "l2pool": (("size",), ("stride",), False),
+    "lcn": (("size",), (), False),
+}
 
 
 @dataclass(frozen=True)
@@ -268,8 +275,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     t = cfg.topology
     _require(t.shards >= 1, f"{s} topology.shards", f"must be >= 1, got {t.shards}")
     _require(t.replicas >= 1, f"{s} topology.replicas", f"must be >= 1, got {t.replicas}")
-    _require(t.partitions == 1, f"{s} topology.partitions",
-             f"must be 1 (model parallelism is not built yet), got {t.partitions}")
+    _require(t.partitions >= 1, f"{s} topology.partitions", f"must be >= 1, got {t.partitions}")
     m = cfg.model
     _require(m.loss in ("softmax", "hinge"), f"{s} model.loss",
              f"must be 'softmax' or 'hinge', got {m.loss!r}")
@@ -277,14 +283,22 @@ def validate(cfg: Config, source: str = "config") -> None:
         where = f"{s} model.layers[{i}]"
         kind = layer.get("type", "dense")
         _require(kind in LAYER_TYPES, f"{where}.type", f"must be one of {LAYER_TYPES}, got {kind!r}")
-        allowed = {"type", "units", "activation"}
+        required, optional, has_act = LAYER_KEYS[kind]
+        allowed = {"type", *required, *optional, *(("activation",) if has_act else ())}
         extra = set(layer) - allowed
-        _require(not extra, where, f"has unknown keys {sorted(extra)} (allowed: {sorted(allowed)})")
-        units = layer.get("units")
-        _require(isinstance(units, int) and not isinstance(units, bool) and units > 0,
-                 f"{where}.units", f"must be a positive integer, got {units!r}")
+        _require(not extra, where, f"has unknown keys {sorted(extra)} (allowed for {kind!r}: "
+                 f"{sorted(allowed)})")
+        for key in (*required, *(k for k in optional if k in layer)):
+            v = layer.get(key)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                     f"{where}.{key}", f"must be a positive integer, got {v!r}")
         act = layer.get("activation", "relu")
         _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
+        _require(kind != "lcn" or layer["size"] % 2 == 1, f"{where}.size",
+                 f"must be odd for an lcn layer, got {layer.get('size')}")
+        _require(kind == "dense" or all(x.get("type", "dense") != "dense" for x in m.layers[:i]),
+                 where, f"is a {kind!r} layer after a dense layer: dense layers flatten the "
+                 f"image, so put the image layers first")
     d = cfg.data
     _require(d.batch_size >= 1, f"{s} data.batch_size", f"must be >= 1, got {d.batch_size}")
     _require(d.shuffle_buffer >= 1, f"{s} data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")

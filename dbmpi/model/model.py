@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 import cython_kernels as ck
 
 from ..config import ModelConfig
-from .layers import Dense
+from .spec import make_layer, resolve
 
 
 class Model:
@@ -37,17 +35,9 @@ class Model:
 
     @classmethod
     def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax") -> "Model":
-        """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``."""
-        n_in = int(math.prod(input_shape))
-        built = []
-        for spec in layers:
-            kind = spec.get("type", "dense")
-            if kind != "dense":
-                raise ValueError(f"unknown layer type {kind!r}")
-            built.append(Dense(n_in, spec["units"], spec.get("activation", "relu")))
-            n_in = spec["units"]
-        built.append(Dense(n_in, num_classes, "linear"))
-        return cls(built, loss)
+        """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``
+        (dense, local, l2pool, lcn: see :mod:`dbmpi.model.spec`)."""
+        return cls([make_layer(s) for s in resolve(input_shape, layers, num_classes)], loss)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, input_shape, num_classes: int) -> "Model":

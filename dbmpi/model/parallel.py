@@ -1,0 +1,363 @@
+"""Model parallelism, the run: one replica's model over the P ranks of its replica communicator.
+
+:class:`PartitionedModel` carries out a :class:`~dbmpi.model.partition.PartitionPlan` on
+partition ``comm.rank``. It has the single-rank :class:`~dbmpi.model.Model`'s interface
+(``params``, ``grads``, ``forward``, ``forward_backward``, ``evaluate``) over its own
+parameters only, and ``param_range``, the global range it fetches and pushes.
+
+Every message is a buffer-based ``Isend``/``Irecv`` (tag = layer and direction) whose peers come
+from the plan: each layer declares whom it receives from and sends to. Waits poll with a
+deadline (``DBMPI_PARTITION_TIMEOUT_S``, default 120 s), sleeping with backoff after a short
+spin so that oversubscribed ranks give up the core, and a message that never arrives, or a
+send that is never received, raises :class:`PartitionError` naming both partitions instead
+of hanging. At the end of the forward pass and of the backward pass each partition probes for
+messages of that phase still pending from any peer: a message nobody expected (the partitions
+disagree on the plan) is an error too. No stale message can be legitimately pending there: a
+peer cannot start the next phase before this partition has sent it what that phase needs
+(the logits all-gather and the output layer's gradient reduce-scatter involve every pair).
+
+Bytes sent between partitions are counted per message (``bytes_sent``, ``messages_sent``;
+cumulative, read and reset by the caller).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import cython_kernels as ck
+
+from .partition import PartitionPlan, Range, Transfer, _meet
+from .spec import make_layer
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class PartitionError(RuntimeError):
+    """Partitions of a replica disagree: a message missing, unexpected, or never received."""
+
+
+def _tag(layer: int, backward: bool, parity: int) -> int:
+    """Tags by layer, direction and the parity of the pass: a peer may already be one pass
+    ahead (e.g. sending the next batch's first halo while this partition checks the last),
+    never two (every pass all-gathers the logits between every pair of partitions)."""
+    return 1 + 4 * layer + 2 * int(backward) + parity
+
+
+class Exchange:
+    """Point-to-point messages between the partitions of one replica, with a deadline.
+
+    ``comm`` is a private duplicate of the replica communicator, so no other traffic can
+    match these tags.
+    """
+
+    def __init__(self, comm: MPI.Comm, names: list[str], timeout_s: float | None = None,
+                 spin_s: float = 2e-4, max_sleep_s: float = 1e-3, label: str = ""):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.names = names  # layer names by index, for messages
+        env = os.environ.get("DBMPI_PARTITION_TIMEOUT_S")
+        self.timeout_s = float(timeout_s if timeout_s is not None
+                               else env if env else DEFAULT_TIMEOUT_S)
+        self.spin_s, self.max_sleep_s = spin_s, max_sleep_s
+        self.label = label or f"partition {self.rank}"
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self.bytes_received = 0
+        self.wait_s = 0.0
+        self.passes = {False: 0, True: 0}  # forward and backward passes completed
+
+    def _what(self, layer: int, backward: bool) -> str:
+        name = self.names[layer] if layer < len(self.names) else "logits all-gather"
+        return f"{name} {'backward' if backward else 'forward'}"
+
+    def start(self, layer: int, backward: bool, sends: list[tuple[int, np.ndarray]],
+              recvs: list[tuple[int, np.ndarray]]) -> list:
+        """Post the receives, then the sends; return what :meth:`wait` needs."""
+        tag = self.tag(layer, backward)
+        pending = []
+        for peer, buf in recvs:
+            pending.append((self.comm.Irecv(buf, source=peer, tag=tag), "recv", peer, buf.nbytes,
+                            layer, backward))
+            self.bytes_received += buf.nbytes
+        for peer, buf in sends:
+            pending.append((self.comm.Isend(buf, dest=peer, tag=tag), "send", peer, buf.nbytes,
+                            layer, backward))
+            self.bytes_sent += buf.nbytes
+            self.messages_sent += 1
+        return pending
+
+    def tag(self, layer: int, backward: bool) -> int:
+        return _tag(layer, backward, self.passes[backward] & 1)
+
+    def wait(self, pending: list) -> None:
+        """Complete every posted message, or raise :class:`PartitionError` at the deadline."""
+        if not pending:
+            return
+        reqs = [p[0] for p in pending]
+        if MPI.Request.Testall(reqs):
+            return
+        t0 = time.perf_counter()
+        deadline = t0 + self.timeout_s
+        delay = 0.0
+        while not MPI.Request.Testall(reqs):
+            now = time.perf_counter()
+            if now - t0 < self.spin_s:
+                continue
+            if now > deadline:
+                self._fail(pending, reqs)
+            time.sleep(delay)
+            delay = min(self.max_sleep_s, delay * 2 if delay else 1e-5)
+        self.wait_s += time.perf_counter() - t0
+
+    def _fail(self, pending: list, reqs: list) -> None:
+        stuck = []
+        for (req, kind, peer, nbytes, layer, backward), r in zip(pending, reqs):
+            if r != MPI.REQUEST_NULL and not r.Test():
+                stuck.append((r, kind, peer, nbytes, layer, backward))
+        for r, *_ in stuck:  # leave the communicator clean for whoever catches this
+            try:
+                r.Cancel()
+                r.Wait()
+            except MPI.Exception:  # pragma: no cover - MPI may refuse to cancel a send
+                pass
+        parts = []
+        for _, kind, peer, nbytes, layer, backward in stuck:
+            what = self._what(layer, backward)
+            if kind == "recv":
+                parts.append(f"the {nbytes}-byte message from partition {peer} for {what} "
+                             f"(tag {self.tag(layer, backward)}) never came")
+            else:
+                parts.append(f"the {nbytes}-byte message to partition {peer} for {what} "
+                             f"(tag {self.tag(layer, backward)}) was never received")
+        raise PartitionError(
+            f"{self.label}: after {self.timeout_s:g} s {'; '.join(parts)}: the partitions of "
+            f"this replica disagree on the model plan or a partition stopped early "
+            f"(DBMPI_PARTITION_TIMEOUT_S sets the deadline)")
+
+    def end_pass(self, layers: range, backward: bool) -> None:
+        """The end-of-pass check: raise if a message of this pass is still pending here
+        (nobody expected it); then count the pass."""
+        status = MPI.Status()
+        for layer in layers:
+            tag = self.tag(layer, backward)
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+                raise PartitionError(
+                    f"{self.label}: end of the {'backward' if backward else 'forward'} pass "
+                    f"with an unexpected {status.Get_count(MPI.BYTE)}-byte message from "
+                    f"partition {status.Get_source()} for {self._what(layer, backward)} (tag "
+                    f"{tag}) that nobody received: the partitions of this replica disagree on "
+                    f"the model plan")
+        self.passes[backward] += 1
+
+
+class PartitionedModel:
+    """Partition ``comm.Get_rank()`` of a model cut as ``plan`` says. Collective over ``comm``
+    (the replica communicator, P ranks) at construction.
+
+    Parameters and gradients are this partition's flat float32 vectors (``params``,
+    ``grads``); ``param_range`` is where they sit in the replica's global vector.
+    """
+
+    def __init__(self, plan: PartitionPlan, comm: MPI.Comm, loss: str = "softmax",
+                 timeout_s: float | None = None, label: str = ""):
+        if comm.Get_size() != plan.P:
+            raise ValueError(f"the plan has {plan.P} partitions but the communicator has "
+                             f"{comm.Get_size()} ranks")
+        if loss not in ("softmax", "hinge"):
+            raise ValueError(f"loss must be 'softmax' or 'hinge', got {loss!r}")
+        prints = comm.allgather(plan.fingerprint)
+        if len(set(prints)) != 1:
+            raise PartitionError(f"the partitions were given different model plans "
+                                 f"(fingerprints {prints}): every rank must read the same config")
+        self.plan = plan
+        self.loss = loss
+        self.comm = comm.Dup()
+        self.p = p = self.comm.Get_rank()
+        self.P = plan.P
+        self.parts = [row[p] for row in plan.parts]
+        self.layers = [make_layer(part.spec, part.units) for part in self.parts]
+        self.num_params = plan.param_sizes[p]
+        self.param_range = plan.param_range(p)
+        self.params = np.zeros(self.num_params, dtype=np.float32)
+        self.grads = np.zeros(self.num_params, dtype=np.float32)
+        off = 0
+        for layer, part in zip(self.layers, self.parts):
+            assert layer.num_params == part.num_params, (layer, part)
+            layer.bind(self.params[off:off + layer.num_params],
+                       self.grads[off:off + layer.num_params])
+            off += layer.num_params
+        names = [part.spec.name for part in self.parts]
+        self.exchange = Exchange(self.comm, names, timeout_s,
+                                 label=label or f"partition {p} of {self.P}")
+        self._bufs: dict[tuple, np.ndarray] = {}
+
+    # -- set-up helpers -----------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.plan.num_classes
+
+    def set_model_params(self, model_vec: np.ndarray) -> None:
+        """Take this partition's parameters from a single-rank Model's vector."""
+        self.plan.partition_from_model(self.p, model_vec, self.params)
+
+    def init_params(self, seed: int) -> np.ndarray:
+        """The single-rank Model's initial parameters, this partition's share."""
+        from .model import Model
+
+        full = Model.from_spec(self.plan.input_shape, self.plan.layer_tables,
+                               self.plan.num_classes, self.loss)
+        self.set_model_params(full.init_params(seed))
+        return self.params
+
+    def free(self) -> None:
+        self.comm.Free()
+
+    def stats(self) -> dict:
+        ex = self.exchange
+        return {"bytes_sent": ex.bytes_sent, "messages_sent": ex.messages_sent,
+                "bytes_received": ex.bytes_received, "wait_s": ex.wait_s}
+
+    def reset_stats(self) -> None:
+        ex = self.exchange
+        ex.bytes_sent = ex.messages_sent = ex.bytes_received = 0
+        ex.wait_s = 0.0
+
+    # -- buffers -----------------------------------------------------------------------------
+    def _buf(self, key, shape, zero: bool = False) -> np.ndarray:
+        b = self._bufs.get((key, shape))
+        if b is None:
+            b = self._bufs[(key, shape)] = np.empty(shape, np.float32)
+        if zero:
+            b.fill(0)
+        return b
+
+    def _send_view(self, src: np.ndarray, cols: Range, base: int, key) -> np.ndarray:
+        """Columns ``cols`` (global) of ``src`` whose first column is ``base``, contiguous."""
+        v = src[:, cols[0] - base:cols[1] - base]
+        if v.flags.c_contiguous:
+            return v
+        out = self._buf(key, v.shape)
+        np.copyto(out, v)
+        return out
+
+    # -- the two exchanges -------------------------------------------------------------------
+    def _gather(self, layer: int, own: np.ndarray, own_in: Range, need: Range) -> np.ndarray:
+        """Forward: the input columns ``need`` of ``layer`` from my own columns and the peers'."""
+        plan, p, B = self.plan, self.p, own.shape[0]
+        recv_ts = plan.recvs(p, layer)
+        sends = [(t.dst, self._send_view(own, t.cols, own_in[0], ("fs", layer, t.dst)))
+                 for t in plan.sends(p, layer)]
+        recvs = [(t.src, self._buf(("fr", layer, t.src), (B, t.width))) for t in recv_ts]
+        pending = self.exchange.start(layer, False, sends, recvs)
+        if need == own_in and own.flags.c_contiguous:
+            X = own
+        else:
+            X = self._buf(("x", layer), (B, need[1] - need[0]))
+            m = _meet(need, own_in)
+            if m is not None:
+                X[:, m[0] - need[0]:m[1] - need[0]] = own[:, m[0] - own_in[0]:m[1] - own_in[0]]
+        self.exchange.wait(pending)
+        for t, (_, buf) in zip(recv_ts, recvs):
+            X[:, t.cols[0] - need[0]:t.cols[1] - need[0]] = buf
+        return X
+
+    def _scatter_add(self, layer: int, dX: np.ndarray, own_in: Range, need: Range) -> np.ndarray:
+        """Backward: the gradient of my own input columns from my dX and the peers' parts."""
+        plan, p, B = self.plan, self.p, dX.shape[0]
+        # I received t.cols from t.src forward: send their gradient back; and the reverse.
+        back_sends: list[Transfer] = plan.sends(p, layer, backward=True)
+        back_recvs: list[Transfer] = plan.recvs(p, layer, backward=True)
+        sends = [(t.src, self._send_view(dX, t.cols, need[0], ("bs", layer, t.src)))
+                 for t in back_sends]
+        recvs = [(t.dst, self._buf(("br", layer, t.dst), (B, t.width))) for t in back_recvs]
+        pending = self.exchange.start(layer, True, sends, recvs)
+        if need == own_in:
+            D = dX
+        else:
+            D = self._buf(("d", layer), (B, own_in[1] - own_in[0]), zero=True)
+            m = _meet(need, own_in)
+            if m is not None:
+                D[:, m[0] - own_in[0]:m[1] - own_in[0]] = dX[:, m[0] - need[0]:m[1] - need[0]]
+        self.exchange.wait(pending)
+        for t, (_, buf) in zip(back_recvs, recvs):
+            D[:, t.cols[0] - own_in[0]:t.cols[1] - own_in[0]] += buf
+        return D
+
+    # -- forward and backward ----------------------------------------------------------------
+    def _flat(self, x: np.ndarray) -> np.ndarray:
+        x = x.reshape(x.shape[0], -1)
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The logits of the whole batch, the same on every partition (an internal buffer)."""
+        own = self._flat(x)
+        if own.shape[1] != self.parts[0].own_in[1]:
+            raise ValueError(f"expected {self.parts[0].own_in[1]} features per example, got "
+                             f"{own.shape[1]}")
+        for i, (layer, part) in enumerate(zip(self.layers, self.parts)):
+            X = self._gather(i, own, part.own_in, part.need)
+            y = layer.forward(X)
+            crop = part.crop
+            own = y if crop is None else y[:, crop[0]:crop[1]]
+        last = self.parts[-1]
+        n = len(self.layers)
+        logits = self._gather(n, own, last.out_cols, (0, self.plan.num_classes))
+        self.exchange.end_pass(range(n + 1), backward=False)
+        return logits
+
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """Mean loss and number of correct predictions (the same on every partition); writes
+        d(mean loss)/d(my params) to ``self.grads``."""
+        logits = self.forward(x)
+        B = logits.shape[0]
+        n_correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
+        d = self._buf("dlogits", logits.shape)
+        if self.loss == "softmax":
+            loss = ck.softmax_xent(logits, labels, d)
+        else:
+            loss = ck.multiclass_hinge(logits, labels, d)
+        a, b = self.parts[-1].out_cols
+        dy = self._buf("dy_out", (B, b - a))
+        np.copyto(dy, d[:, a:b])
+        for i in range(len(self.layers) - 1, -1, -1):
+            part, layer = self.parts[i], self.layers[i]
+            crop = part.crop
+            if crop is not None:
+                c = part.computed
+                full = self._buf(("dyc", i), (B, c[1] - c[0]), zero=True)
+                full[:, crop[0]:crop[1]] = dy
+                dy = full
+            dX = layer.backward(dy, need_dx=i > 0)
+            if i > 0:
+                dy = self._scatter_add(i, dX, part.own_in, part.need)
+        self.exchange.end_pass(range(1, len(self.layers)), backward=True)
+        return float(loss), n_correct
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024
+                 ) -> tuple[float, float]:
+        """(mean loss, accuracy) over a data set, in batches (collective over the partitions)."""
+        total_loss, correct = 0.0, 0
+        n = x.shape[0]
+        for lo in range(0, n, batch):
+            xb, yb = x[lo:lo + batch], labels[lo:lo + batch]
+            logits = self.forward(xb)
+            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+            d = np.empty_like(logits)
+            if self.loss == "softmax":
+                total_loss += ck.softmax_xent(logits, yb, d) * len(yb)
+            else:
+                total_loss += ck.multiclass_hinge(logits, yb, d) * len(yb)
+        return total_loss / max(n, 1), correct / max(n, 1)
+
+
+def build(input_shape, layers, num_classes: int, comm: MPI.Comm, loss: str = "softmax",
+          weights=None, timeout_s: float | None = None, label: str = "") -> PartitionedModel:
+    """Plan and build partition ``comm.Get_rank()`` of a model over ``comm``'s ranks."""
+    plan = PartitionPlan(input_shape, layers, num_classes, comm.Get_size(), weights)
+    return PartitionedModel(plan, comm, loss, timeout_s, label)
