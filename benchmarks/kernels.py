@@ -77,7 +77,7 @@ def worker(threads: int, quick: bool) -> dict:
     import cython_kernels as ck
     from cython_kernels import reference as ref
 
-    repeats, number = (3, 2) if quick else (9, 3)
+    repeats, number = (2, 1) if quick else (7, 2)
     rng = np.random.default_rng(0)
     dense = []
     for shape in SHAPES:
@@ -129,7 +129,7 @@ def sweep(threads: int, quick: bool) -> list[dict]:
 
     from cython_kernels import _dense
 
-    repeats, number = (3, 1) if quick else (7, 2)
+    repeats, number = (2, 1) if quick else (5, 2)
     rng = np.random.default_rng(3)
     routes = [(f, "scipy") for f in ("scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")]
     routes += [("numpy-nn", "numpy"), ("auto", "scipy")]
