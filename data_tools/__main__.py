@@ -5,6 +5,7 @@
     python -m data_tools shard idx --src DIR --out DIR --shards 64 --task $SLURM_PROCID \\
         --n-tasks $SLURM_NTASKS          # then, once all tasks have finished:
     python -m data_tools manifest --out DIR
+    python -m data_tools shard speech --src WAV_DIR --out DIR [--shards 4 --states 3 --norm global]
     python -m data_tools check DIR [--verify]
 """
 
@@ -90,6 +91,21 @@ def cmd_shard_idx(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard_speech(a: argparse.Namespace) -> int:
+    from .speech import build_speech
+
+    t0 = time.perf_counter()
+    info = build_speech(a.src, a.out, shards=a.shards, test_shards=a.test_shards,
+                        states=a.states, context=a.context, norm=a.norm,
+                        silence_db=a.silence_db, test_index=a.test_index, seed=a.seed,
+                        command=command_line(a.argv),
+                        compression=parse_compression(a.compression), log=_log)
+    counts = {s: len(v) for s, v in info["splits"].items()}
+    _log(f"recordings per split {counts}, {len(info['labels']['class_names'])} classes; "
+         f"wrote {Path(a.out) / 'manifest.json'} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
 def cmd_manifest(a: argparse.Namespace) -> int:
     m = build_manifest(a.out, verify=a.verify)
     counts = {s: sum(e["num_examples"] for e in v) for s, v in m["splits"].items()}
@@ -148,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tasks sharing the work; task i writes shards with index %% n == i. "
                     "With n > 1 run `manifest` afterwards")
     ix.set_defaults(func=cmd_shard_idx)
+
+    sp = fmt.add_parser("speech", help="WAV files WORD_SPEAKER_INDEX.wav -> 40 log mel x 11 "
+                        "frames, frame labels (silence + word x state); see data_tools/speech.py")
+    sp.add_argument("--src", required=True, help="directory with the WAV files (searched recursively)")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--shards", type=int, default=4, help="number of train shards (default 4)")
+    sp.add_argument("--test-shards", type=int, default=1, help="number of test shards (default 1)")
+    sp.add_argument("--test-index", default="0-4",
+                    help="recording indices that form the test split (default 0-4, FSDD's split)")
+    sp.add_argument("--states", type=int, default=3, help="states per word (default 3)")
+    sp.add_argument("--context", type=int, default=5,
+                    help="frames either side in a context window (default 5: 11 frames)")
+    sp.add_argument("--norm", default="global", choices=("global", "speaker", "utterance"),
+                    help="mean/variance normalisation: over the training frames (default), "
+                    "per speaker, or per recording")
+    sp.add_argument("--silence-db", type=float, default=30.0,
+                    help="frames this many dB below the loudest frame are quiet (default 30)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the train shuffle (default 0)")
+    sp.add_argument("--compression", default="gzip-1",
+                    help="gzip-N, lzf or none, optionally +shuffle (default gzip-1)")
+    sp.set_defaults(func=cmd_shard_speech)
 
     mf = sub.add_parser("manifest", help="check all shard files in --out and write manifest.json")
     mf.add_argument("--out", required=True)

@@ -52,6 +52,7 @@ from dbmpi.data.schema import (
     DEFAULT_COMPRESSION,
     FEATURE_DTYPES,
     FEATURES,
+    GROUPS,
     LABEL_DTYPES,
     LABELS,
     MANIFEST_NAME,
@@ -113,8 +114,11 @@ def write_shard(
     shuffle_seed: int | None = None,
     command: str = "",
     compression: Compression = DEFAULT_COMPRESSION,
+    groups: np.ndarray | None = None,
 ) -> str:
-    """Write one shard atomically (``path.tmp`` then ``os.replace``); return its checksum."""
+    """Write one shard atomically (``path.tmp`` then ``os.replace``); return its checksum.
+
+    ``groups`` (optional, int, shape (N,)) becomes the ``groups`` dataset."""
     path = Path(path)
     features = np.ascontiguousarray(features)
     labels = np.ascontiguousarray(labels)
@@ -131,7 +135,12 @@ def write_shard(
                         f"[0, {num_classes}); pass the right --num-classes")
     if features.dtype.kind == "f" and not np.isfinite(features).all():
         raise DataError(f"{path}: features contain NaN or Inf; clean the source data")
-    checksum = checksum_arrays(features, labels)
+    if groups is not None:
+        groups = np.ascontiguousarray(groups)
+        if groups.dtype.name not in LABEL_DTYPES or groups.shape != labels.shape:
+            raise ValueError(f"{path}: groups must be int32/int64 of shape {labels.shape}, "
+                             f"got {groups.dtype} {groups.shape}")
+    checksum = checksum_arrays(features, labels, groups=groups)
     rows = chunk_rows(features.shape[1:], features.dtype.itemsize, n)
     filt, level, shuffle = compression
     kw = {"compression": filt, "compression_opts": level} if filt else {}
@@ -141,6 +150,8 @@ def write_shard(
     with h5py.File(tmp, "w") as f:
         f.create_dataset(FEATURES, data=features, chunks=(rows, *features.shape[1:]), **kw)
         f.create_dataset(LABELS, data=labels, chunks=(rows,), **kw)
+        if groups is not None:
+            f.create_dataset(GROUPS, data=groups, chunks=(rows,), **kw)
         a = f.attrs
         a["schema"] = SCHEMA_NAME
         a["schema_version"] = SCHEMA_VERSION
@@ -183,6 +194,7 @@ def write_split(
     task: int = 0,
     n_tasks: int = 1,
     log: Callable[[str], None] = lambda s: None,
+    groups: np.ndarray | None = None,
     **attrs,
 ) -> list[Path]:
     """Write this task's shards of one split. ``transform`` maps a slice of the source
@@ -201,7 +213,8 @@ def write_split(
             x = transform(x)
         path = out / shard_name(split, i, num_shards)
         write_shard(path, x, labels[rows].astype(ldtype), split=split, shard_index=i,
-                    num_shards=num_shards, shuffle_seed=seed, **attrs)
+                    num_shards=num_shards, shuffle_seed=seed,
+                    groups=None if groups is None else groups[rows], **attrs)
         log(f"wrote {path} ({len(rows)} examples)")
         written.append(path)
     return written
@@ -249,7 +262,7 @@ def build_manifest(out: str | os.PathLike, verify: bool = False) -> dict:
                         expected_from=f"{first.name if first else 'the first shard'}",
                     )
                     if verify:
-                        got = checksum_arrays(f[FEATURES], f[LABELS])
+                        got = checksum_arrays(f[FEATURES], f[LABELS], groups=f.get(GROUPS))
                         if got != info["checksum"]:
                             raise fail(p, f"checksum of the data is {got}, attribute says "
                                        f"{info['checksum']} (corrupt file)")

@@ -46,3 +46,79 @@ def plot_learning_curve(run_dir: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def run_label(run_dir: Path) -> str:
+    """A legend entry in the paper's style, from the run's config.toml: ``Downpour SGD w/
+    Adagrad [2]`` (algorithm, optimizer, [replicas])."""
+    import tomllib
+
+    try:
+        cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return run_dir.name
+    algo = cfg.get("algorithm", "downpour")
+    replicas = cfg.get("topology", {}).get("replicas", 1)
+    opt = cfg.get("optimizer", {}).get("name", "adagrad")
+    if algo == "sandblaster":
+        name = "Sandblaster L-BFGS"
+    elif algo == "downpour" and replicas == 1:
+        name = "SGD" if opt == "sgd" else f"SGD w/ {opt.capitalize()}"
+    elif algo == "downpour":
+        name = "Downpour SGD" + ("" if opt == "sgd" else f" w/ {opt.capitalize()}")
+    else:
+        name = algo
+    return f"{name} [{replicas}]"
+
+
+def plot_time_to_accuracy(run_dirs: list[Path], out: Path, metric: str = "accuracy",
+                          target: float | None = None, title: str | None = None
+                          ) -> tuple[Path, list[str]]:
+    """The paper's Figure 4 for our runs: each run's test ``metric`` (from its ``eval``
+    records) against wall time, one line per run, in one PNG. Returns the PNG path and one
+    line of text per run (time to ``target``, best and last value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .errors import DbmpiError
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = [run_label(d) for d in run_dirs]
+    table = []
+    for d, label in zip(run_dirs, labels):
+        if labels.count(label) > 1:
+            label = f"{label} {d.name}"
+        try:
+            evals = [r for r in metrics_mod.read(d) if r["kind"] == "eval"]
+        except FileNotFoundError:
+            raise DbmpiError(f"{d}/metrics.jsonl: not found; pass run directories of finished "
+                             "`python -m dbmpi train` jobs") from None
+        if not evals:
+            raise DbmpiError(f"{d}/metrics.jsonl has no eval records: lower "
+                             "downpour.eval_every_s and run it again")
+        t = [r["wall_s"] for r in evals]
+        v = [r[metric] for r in evals]
+        ax.plot(t, v, "-", marker=".", label=label)
+        best = max(v) if metric == "accuracy" else min(v)
+        row = f"{label}: {metric} best {best:.4f}, last {v[-1]:.4f} at {t[-1]:.1f} s"
+        if target is not None:
+            hit = [ti for ti, vi in zip(t, v)
+                   if (vi >= target if metric == "accuracy" else vi <= target)]
+            row += (f"; reached {target:g} at {hit[0]:.1f} s" if hit
+                    else f"; never reached {target:g}")
+        table.append(row)
+    if target is not None:
+        ax.axhline(target, color="gray", ls="--", lw=1)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel(f"test {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out, table

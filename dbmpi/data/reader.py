@@ -32,6 +32,7 @@ import numpy as np
 
 from .schema import (
     FEATURES,
+    GROUPS,
     LABELS,
     RESHARD_FIX,
     DataError,
@@ -74,6 +75,16 @@ class _Shard:
         except (OSError, KeyError) as e:
             raise fail(self.path, f"cannot read rows {start}:{stop} ({e}); the file is corrupt") from e
         check_rows(self.path, start, x[:k], y[:k], self.num_classes)
+
+    def read_groups(self, k: int) -> np.ndarray:
+        """The first ``k`` entries of the optional ``groups`` dataset."""
+        if self._f is None:
+            self._f = _open_h5(self.path)
+        if GROUPS not in self._f:
+            raise fail(self.path, "has no 'groups' dataset (which example belongs to which "
+                       "recording)", "re-create the shards with a tool that writes groups, "
+                       "e.g. `python -m data_tools shard speech`")
+        return self._f[GROUPS][:k]
 
     def close(self) -> None:
         if self._f is not None:
@@ -147,10 +158,12 @@ class Dataset:
             for p, n, c in zip(self._split(split), self._counts[split], self._chunks[split])
         ]
 
-    def load(self, split: str = "test", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, split: str = "test", limit: int | None = None, with_groups: bool = False
+             ) -> tuple[np.ndarray, ...]:
         """Load ``split`` (its first ``limit`` examples) into memory, in shard order.
 
-        Returns features of the stored dtype (float32 for images) and int64 labels.
+        Returns features of the stored dtype (float32 for images) and int64 labels; with
+        ``with_groups`` also the int64 ``groups`` (DataError if a shard has none).
         """
         shards = self._shards(split)
         total = sum(s.n for s in shards)
@@ -168,10 +181,19 @@ class Dataset:
                         break
                     s.read(a, b, x[o:], y[o:])
                     o += b - a
+            if with_groups:
+                g = np.empty(n, dtype=np.int64)
+                o = 0
+                for s in shards:
+                    k = min(s.n, n - o)
+                    if k <= 0:
+                        break
+                    g[o : o + k] = s.read_groups(k)
+                    o += k
         finally:
             for s in shards:
                 s.close()
-        return x, y
+        return (x, y, g) if with_groups else (x, y)
 
     def reader(
         self,
@@ -239,7 +261,7 @@ def open_dataset(path: str | os.PathLike, verify: bool = False) -> Dataset:
                 chunks[split].append(ch[0] if ch else min(2048, e["num_examples"]))
                 if verify:
                     try:
-                        got = checksum_arrays(f[FEATURES], f[LABELS])
+                        got = checksum_arrays(f[FEATURES], f[LABELS], groups=f.get(GROUPS))
                     except OSError as err:
                         raise fail(p, f"cannot read the data ({err}); the file is corrupt") from err
                     if got != e["checksum"]:

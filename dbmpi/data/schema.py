@@ -9,6 +9,11 @@ Shard files
     ``features``  shape ``(N, *feature_shape)``, dtype float32 (int32/int64 allowed for id
                   features such as text context windows)
     ``labels``    shape ``(N,)``, dtype int32 or int64, values in ``[0, num_classes)``
+    ``groups``    optional, shape ``(N,)``, dtype int32 or int64: which group (e.g. which
+                  recording) each example belongs to, for decisions over a group such as
+                  ``python -m dbmpi eval`` makes on utterances. Shards without it are
+                  unchanged, so this stays schema version 1 (a reader that ignores it still
+                  reads every shard); ``Dataset.load(split, with_groups=True)`` returns it.
 
     Both are chunked along the first axis (``chunk_rows()``: 2,048 rows unless that exceeds
     8 MiB; the same for both) and compressed (gzip level 1 by default, see
@@ -22,7 +27,8 @@ Shard files
 
 Checksum
     ``"sha256:" + hexdigest`` of the raw bytes of ``features`` in C order, little-endian,
-    followed by the raw bytes of ``labels`` (little-endian, as stored). It covers content, not
+    followed by the raw bytes of ``labels`` (little-endian, as stored), then those of
+    ``groups`` if the shard has them. It covers content, not
     the HDF5 container, so it survives re-compression. ``checksum_arrays`` computes it.
 
 manifest.json
@@ -55,6 +61,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FEATURES = "features"
 LABELS = "labels"
+GROUPS = "groups"  # optional
 CHECKSUM_ALGORITHM = "sha256"
 
 FEATURE_DTYPES = ("float32", "int32", "int64")
@@ -124,10 +131,12 @@ def _le_bytes(a: np.ndarray) -> memoryview:
     return memoryview(a).cast("B")
 
 
-def checksum_arrays(features: Any, labels: Any, block_rows: int = 8192) -> str:
-    """``"sha256:<hex>"`` of features' then labels' little-endian C-order bytes.
+def checksum_arrays(features: Any, labels: Any, block_rows: int = 8192,
+                    groups: Any = None) -> str:
+    """``"sha256:<hex>"`` of features', labels' (and groups', if given) little-endian C-order
+    bytes.
 
-    ``features`` and ``labels`` may be numpy arrays or h5py datasets (read block by block).
+    The arrays may be numpy arrays or h5py datasets (read block by block).
     """
     h = hashlib.sha256()
     n = features.shape[0]
@@ -135,6 +144,9 @@ def checksum_arrays(features: Any, labels: Any, block_rows: int = 8192) -> str:
         h.update(_le_bytes(np.asarray(features[a : a + block_rows])))
     for a in range(0, labels.shape[0], block_rows * 64):
         h.update(_le_bytes(np.asarray(labels[a : a + block_rows * 64])))
+    if groups is not None:
+        for a in range(0, groups.shape[0], block_rows * 64):
+            h.update(_le_bytes(np.asarray(groups[a : a + block_rows * 64])))
     return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
 
 
@@ -273,6 +285,11 @@ def check_shard(
     if x.ndim < 1 or x.shape[0] != y.shape[0]:
         raise fail(path, f"dataset 'features' has shape {x.shape} but 'labels' has {y.shape}; "
                    "the first dimensions must agree")
+    if GROUPS in f:
+        g = f[GROUPS]
+        if not hasattr(g, "dtype") or g.dtype.name not in LABEL_DTYPES or g.shape != y.shape:
+            raise fail(path, f"dataset 'groups' must be int32/int64 of shape {y.shape}, got "
+                       f"{getattr(g, 'dtype', None)} {getattr(g, 'shape', None)}")
     n = int(y.shape[0])
     if n == 0:
         raise fail(path, "empty shard (0 examples)", RESHARD_FIX + " with fewer --shards")

@@ -1,0 +1,197 @@
+"""``python -m dbmpi eval RUN_DIR``: frame and utterance accuracy of a finished run.
+
+Loads ``RUN_DIR/params.h5`` (the model it records) and the data set named in
+``RUN_DIR/config.toml`` (``data.path``, or ``--data``), classifies every example of the split,
+and writes ``RUN_DIR/eval.json``.
+
+Utterance decisions. When the split's shards carry ``groups`` (which recording each frame
+belongs to, written by ``python -m data_tools shard speech``), frames are pooled per group:
+classes named ``WORD/STATE`` belong to ``WORD``, classes named ``sil`` to no word (any other
+class is a word by itself). The score of word ``w`` for utterance ``u`` is the sum over the
+utterance's frames of ``log sum_{c in w} p(c | frame)``, the frame log-posterior of the word,
+and the decision is the word with the largest score: the frames vote with their
+log-probabilities, as a recogniser adds acoustic log-likelihoods along a word. With
+``--frames speech`` only the frames the model itself does not put in silence vote (all of
+them if it puts every frame there). The true word of an utterance is the word of its
+non-silence frame labels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DbmpiError
+
+SILENCE_NAMES = ("sil",)
+EVAL_FRAMES = ("all", "speech")
+
+
+def word_classes(class_names: list[str] | None, num_classes: int
+                 ) -> tuple[list[str], list[list[int]], list[int]]:
+    """``(words, member classes of each word, silence classes)`` from the class names."""
+    names = class_names or [str(c) for c in range(num_classes)]
+    words: list[str] = []
+    members: list[list[int]] = []
+    silence: list[int] = []
+    for c, name in enumerate(names):
+        if name in SILENCE_NAMES:
+            silence.append(c)
+            continue
+        word = name.rsplit("/", 1)[0] if "/" in name else name
+        if word not in words:
+            words.append(word)
+            members.append([])
+        members[words.index(word)].append(c)
+    return words, members, silence
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def word_log_posteriors(log_probs: np.ndarray, members: list[list[int]]) -> np.ndarray:
+    """``(N, W)``: ``log sum_{c in word} p(c)`` per frame (log-sum-exp over the columns)."""
+    out = np.empty((log_probs.shape[0], len(members)))
+    for w, cols in enumerate(members):
+        sub = log_probs[:, cols]
+        m = sub.max(axis=1)
+        out[:, w] = m + np.log(np.exp(sub - m[:, None]).sum(axis=1))
+    return out
+
+
+def utterance_scores(log_probs: np.ndarray, groups: np.ndarray, members: list[list[int]],
+                     silence: list[int] = (), frames: str = "all"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(group ids (U,), scores (U, W))``: summed word log-posteriors per group."""
+    if frames not in EVAL_FRAMES:
+        raise ValueError(f"frames must be one of {EVAL_FRAMES}, got {frames!r}")
+    wl = word_log_posteriors(log_probs, members)
+    ids, inv = np.unique(groups, return_inverse=True)
+    use = np.ones(len(groups), bool)
+    if frames == "speech" and len(silence):
+        use = ~np.isin(log_probs.argmax(axis=1), silence)
+        # a group where every frame looks like silence votes with all its frames
+        has = np.bincount(inv, weights=use, minlength=len(ids)) > 0
+        use |= ~has[inv]
+    scores = np.zeros((len(ids), len(members)))
+    np.add.at(scores, inv[use], wl[use])
+    return ids, scores
+
+
+def utterance_truth(labels: np.ndarray, groups: np.ndarray, members: list[list[int]]
+                    ) -> np.ndarray:
+    """The word index of each group (in ``np.unique(groups)`` order): the most frequent word
+    among its non-silence frame labels (-1 for a group with none)."""
+    word_of = np.full(max(max(c for cols in members for c in cols), int(labels.max())) + 1, -1)
+    for w, cols in enumerate(members):
+        word_of[cols] = w
+    ids, inv = np.unique(groups, return_inverse=True)
+    lw = word_of[labels]
+    ok = lw >= 0
+    counts = np.zeros((len(ids), len(members)), np.int64)
+    np.add.at(counts, (inv[ok], lw[ok]), 1)
+    truth = counts.argmax(axis=1)
+    truth[counts.sum(axis=1) == 0] = -1
+    return truth
+
+
+def _run_config(run_dir: Path) -> dict:
+    import tomllib
+
+    path = run_dir / "config.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DbmpiError(f"{path}: not found; RUN_DIR must be a run directory of "
+                         "`python -m dbmpi train`") from None
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None,
+                 frames: str = "all", batch: int = 4096, write: bool = True) -> dict:
+    """Evaluate ``RUN_DIR/params.h5`` on ``split``; return (and write to eval.json) a dict."""
+    from .checkpoint import load_params
+    from .data import open_dataset
+    from .model import Model
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    data_path = data or cfg.get("data", {}).get("path")
+    if not data_path:
+        raise DbmpiError(f"{run_dir}/config.toml has no data.path: pass --data DIR")
+    if not (run_dir / "params.h5").is_file():
+        raise DbmpiError(f"{run_dir / 'params.h5'}: not found; the run did not finish "
+                         "(the coordinator writes it at the end)")
+    params, model_cfg = load_params(run_dir / "params.h5")
+    ds = open_dataset(data_path)
+    model = Model.from_spec(ds.feature_shape, model_cfg["layers"], ds.num_classes,
+                            model_cfg.get("loss", "softmax"))
+    if model.num_params != params.size:
+        raise DbmpiError(f"{run_dir / 'params.h5'} holds {params.size} parameters but its "
+                         f"model on {data_path} has {model.num_params}: pass the data set the "
+                         "run was trained on with --data")
+    model.params[:] = params
+    try:
+        x, y, g = ds.load(split, with_groups=True)
+    except DbmpiError:
+        x, y = ds.load(split)
+        g = None
+    log_probs = np.empty((len(y), ds.num_classes))
+    for lo in range(0, len(y), batch):
+        log_probs[lo:lo + batch] = log_softmax(model.forward(x[lo:lo + batch]))
+    pred = log_probs.argmax(axis=1)
+    out: dict = {
+        "run_dir": str(run_dir), "data": str(data_path), "split": split,
+        "frames": len(y),
+        "frame_accuracy": float(np.mean(pred == y)),
+        "frame_loss": float(-log_probs[np.arange(len(y)), y].mean()),
+    }
+    if g is not None:
+        words, members, silence = word_classes(ds.class_names, ds.num_classes)
+        ids, scores = utterance_scores(log_probs, g, members, silence, frames)
+        truth = utterance_truth(y, g, members)
+        decided = scores.argmax(axis=1)
+        known = truth >= 0
+        confusion = np.zeros((len(words), len(words)), np.int64)
+        np.add.at(confusion, (truth[known], decided[known]), 1)
+        files = _utterance_files(Path(data_path), split)
+        errors = [{"group": int(ids[i]), "file": files.get(int(ids[i])),
+                   "word": words[truth[i]], "decided": words[decided[i]]}
+                  for i in np.flatnonzero(known & (truth != decided))]
+        out.update({
+            "utterance_frames": frames,
+            "utterances": int(known.sum()),
+            "utterance_accuracy": float(np.mean(decided[known] == truth[known])),
+            "words": words,
+            "confusion": confusion.tolist(),
+            "utterance_errors": errors,
+        })
+    out["eval_s"] = round(time.perf_counter() - t0, 3)
+    if write:
+        tmp = run_dir / "eval.json.tmp"
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(run_dir / "eval.json")
+    return out
+
+
+def _utterance_files(data_path: Path, split: str) -> dict[int, str]:
+    """Group -> file name from ``speech.json`` when the data set has one."""
+    try:
+        info = json.loads((data_path / "speech.json").read_text())
+        return {int(u["group"]): u["file"] for u in info["splits"][split]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def summary_line(r: dict) -> str:
+    s = f"{r['split']}: frame accuracy {r['frame_accuracy']:.4f} ({r['frames']} frames)"
+    if "utterance_accuracy" in r:
+        s += (f", utterance accuracy {r['utterance_accuracy']:.4f} ({r['utterances']} "
+              f"utterances, {len(r['utterance_errors'])} wrong)")
+    return s
