@@ -14,8 +14,8 @@ import math
 import h5py
 import numpy as np
 import pytest
-
 from conftest import run_job
+
 from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
 from dbmpi.model import Model
@@ -140,7 +140,7 @@ def reference_lbfgs(fg, x0, line_search, iters=ITERS, m=HISTORY, max_evals=20):
         t0 = 1.0 if pairs else min(1.0, 1.0 / np.linalg.norm(g))
         seen = {}
 
-        def phi(t):
+        def phi(t, x=x, d=d, seen=seen):
             ft, gt = fg(x + t * d)
             seen[t] = (ft, gt)
             return ft, gt @ d
@@ -265,3 +265,130 @@ def test_straggler_and_backups_keep_every_portion_exactly_once(tmp_path, small_d
     # load balancing: the straggler did the fewest portions that counted
     granted = np.sum([r["granted_by_replica"] for r in batches], axis=0)
     assert granted[0] < granted[1] and granted[0] < granted[2]
+
+
+# -- pieces, serially ------------------------------------------------------------------------
+def test_float64_model_matches_float32_model():
+    from dbmpi.train.sandblaster import Model64, _Dense64
+
+    spec = [{"type": "dense", "units": 7, "activation": "tanh"},
+            {"type": "dense", "units": 5, "activation": "relu"}]
+    m32 = Model.from_spec((6,), spec, 4)
+    m64 = Model64([_Dense64(d.n_in, d.n_out, d.activation) for d in m32.layers])
+    np.testing.assert_array_equal(m64.init_params(1), m32.init_params(1))
+    assert m64.params.dtype == m64.grads.dtype == np.float64
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((9, 6)).astype(np.float32), rng.integers(0, 4, 9)
+    l32, c32 = m32.forward_backward(x, y)
+    l64, c64 = m64.forward_backward(x, y)
+    assert l64 == pytest.approx(l32, rel=1e-5) and c64 == c32
+    np.testing.assert_allclose(m64.grads, m32.grads, rtol=1e-4, atol=1e-6)
+    # float64 gradient against central differences
+    p0 = m64.params.copy()
+    g = m64.grads.copy()
+    for i in rng.choice(m64.num_params, 10, replace=False):
+        m64.params[:] = p0
+        m64.params[i] += 1e-6
+        up, _ = m64.forward_backward(x, y)
+        m64.params[i] -= 2e-6
+        down, _ = m64.forward_backward(x, y)
+        assert (up - down) / 2e-6 == pytest.approx(g[i], rel=1e-5, abs=1e-9)
+
+
+def test_batches_cover_each_epoch_once():
+    from dbmpi.train.sandblaster import BatchPlan, portion_bounds
+
+    plan = BatchPlan(103, 25, seed=4)  # 4 batches an epoch, 3 examples left out
+    for epoch in range(2):
+        rows = np.concatenate([plan.rows(epoch * 4 + j, lo, hi) for j in range(4)
+                               for lo, hi in portion_bounds(25, 10)])
+        assert len(rows) == 100 and len(set(rows.tolist())) == 100
+    assert not np.array_equal(plan.rows(0, 0, 25), plan.rows(4, 0, 25))  # reshuffled
+    assert BatchPlan(50, 0, 0).rows(7, 10, 20) == slice(10, 20)
+    assert portion_bounds(25, 10) == [(0, 10), (10, 20), (20, 25)]
+
+
+class _FakeComm:
+    def __init__(self, on_send):
+        self.on_send = on_send
+
+    def Send(self, buf, dest, tag):
+        self.on_send(dest, buf[0].copy())
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("replicas,push_every", [(1, 1), (2, 2), (3, 3), (4, 2)])
+@pytest.mark.parametrize("backups", [True, False])
+def test_scheduler_counts_every_portion_once(seed, replicas, push_every, backups):
+    """Random interleavings of replies and finished portions, replica 0 a straggler: every
+    evaluation completes, and the pushes granted cover each portion exactly once."""
+    from types import SimpleNamespace
+
+    from dbmpi.train.sandblaster import REQUEST_HEAD, Decision, Scheduler
+
+    rng = np.random.default_rng(seed)
+    R, n, size = replicas, 95, 10
+    outbox = {r: [] for r in range(R)}
+    topo = SimpleNamespace(cfg=SimpleNamespace(replicas=R), worker_rank=lambda r: 100 + r)
+    sched = Scheduler(_FakeComm(lambda dest, rep: outbox[dest - 100].append(rep)), topo,
+                      size, push_every, backups)
+    st = [{"busy": None, "pending": [], "eval": -1} for _ in range(R)]
+    pushed = {}  # eval -> pushes per portion
+
+    def request(r, finished):
+        s = st[r]
+        req = [s["eval"], finished, 1.0 * len(s["pending"]), 0, len(s["pending"])] + s["pending"]
+        sched.handle(100 + r, np.array(req, np.float64))
+
+    def deliver(r):
+        decision, eval_id, _, portion, _, _ = outbox[r].pop(0)
+        s = st[r]
+        if decision == Decision.GRANT:
+            counts = pushed.setdefault(s["eval"], np.zeros(10, int))
+            counts[s["pending"]] += 1
+        if decision != Decision.KEEP:
+            s["pending"] = []
+        if portion < 0:
+            request(r, -1)
+        else:
+            s["busy"] = (int(eval_id), int(portion))
+
+    def finish(r):
+        s = st[r]
+        eval_id, portion = s["busy"]
+        s["busy"] = None
+        if s["pending"] and s["eval"] != eval_id:
+            s["pending"] = []
+        s["eval"] = eval_id
+        s["pending"].append(portion)
+        request(r, portion)
+
+    evals = 8
+    for e in range(evals):
+        sched.start_eval(0, n)
+        if e == 0:
+            for r in range(R):
+                request(r, -1)
+        steps = 0
+        while not sched.complete:
+            steps += 1
+            assert steps < 10_000, "no progress: deadlock"
+            ready = [r for r in range(R) if outbox[r]]
+            busy = [r for r in range(R) if st[r]["busy"] is not None]
+            assert ready or busy, "deadlock: nobody can move"
+            if ready and (not busy or rng.random() < 0.5):
+                deliver(int(rng.choice(ready)))
+                continue
+            w = np.array([0.05 if r == 0 and R > 1 else 1.0 for r in busy])
+            finish(busy[int(rng.choice(len(busy), p=w / w.sum()))])
+        stats = sched.stats
+        assert stats.loss_sum == pytest.approx(10.0)  # each portion's loss once
+        assert sum(stats.granted_by_replica) == 10
+        if not backups:
+            assert stats.backups == 0
+        # deliver the replies still in flight: pushes they grant belong to this evaluation
+        for r in range(R):
+            while outbox[r] and outbox[r][0][0] == Decision.GRANT:
+                deliver(r)
+        np.testing.assert_array_equal(pushed[e], np.ones(10, int))
+    assert REQUEST_HEAD == 5

@@ -121,6 +121,10 @@ class NumpySpace:
     def lincomb(self, dst: int, alpha: float, x: int, beta: float, y: int) -> None:
         self.v[dst][:] = alpha * self.v[x] + beta * self.v[y]
 
+    def mul(self, dst: int, x: int, y: int) -> None:
+        """Coefficient-wise ``dst = x * y`` (not needed by L-BFGS; for objectives)."""
+        np.multiply(self.v[x], self.v[y], out=self.v[dst])
+
     def dot(self, a: int, b: int) -> float:
         return float(np.dot(self.v[a], self.v[b]))
 

@@ -70,6 +70,7 @@ class Op(enum.IntEnum):
     BEGIN_EVAL = 6  # gacc = 0
     END_EVAL = 7  # wait for count >= c; a = gacc / b + alpha * W
     STOP = 8  # leave the service loop
+    MUL = 9  # a = b * c, coefficient-wise
 
 
 class VectorWindows:
@@ -174,11 +175,13 @@ class VectorShard:
                 np.multiply(self.win.gacc.local, 1.0 / b, out=sp.v[a])
                 if alpha:
                     sp.v[a] += alpha * sp.v[0]
+            elif op == Op.MUL:
+                sp.mul(a, b, c)
             elif op == Op.STOP:
                 stop = True
             else:
                 raise ValueError(f"unknown Sandblaster command {op}")
-            if a == 0 and op in (Op.COPY, Op.SCALE, Op.AXPY, Op.LINCOMB):
+            if a == 0 and op in (Op.COPY, Op.SCALE, Op.AXPY, Op.LINCOMB, Op.MUL):
                 self.win.x.sync()  # W changed: visible to the next fetch
         return np.array(results or [0.0], np.float64), stop
 
@@ -225,6 +228,9 @@ class ShardVectors:
 
     def lincomb(self, dst: int, alpha: float, x: int, beta: float, y: int) -> None:
         self._op(Op.LINCOMB, dst, x, y, alpha, beta)
+
+    def mul(self, dst: int, x: int, y: int) -> None:
+        self._op(Op.MUL, dst, x, y)
 
     def begin_eval(self) -> None:
         self._op(Op.BEGIN_EVAL)

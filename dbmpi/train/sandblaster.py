@@ -140,6 +140,9 @@ def build_model(cfg: Config, dataset) -> Model:
     model = Model.from_config(cfg.model, dataset.feature_shape, dataset.num_classes)
     if cfg.sandblaster.dtype == "float32":
         return model
+    if not all(type(layer) is Dense for layer in model.layers):
+        raise DbmpiError("sandblaster.dtype: float64 replicas support dense layers only; set "
+                         "sandblaster.dtype = \"float32\" for this model")
     return Model64([_Dense64(d.n_in, d.n_out, d.activation) for d in model.layers],
                    cfg.model.loss)
 
@@ -301,7 +304,7 @@ class Scheduler:
                     elif not self.holders[p]:
                         self.fresh.appendleft(p)
                         st.requeued += 1
-        p = self._pick(r) if self.n_granted < len(self.bounds) else -1
+        p = self._pick(r) if not self.complete else -1
         if p < 0 and decision is Decision.KEEP:
             self.waiting.append(r)  # nothing to say until there is work
         else:
@@ -312,6 +315,25 @@ class Scheduler:
     def run_eval(self, batch: int, n_examples: int) -> EvalStats:
         """Schedule one pass over ``batch`` (``n_examples`` examples) until every portion is
         granted. The pushes may still be landing: the shards wait for them."""
+        self.start_eval(batch, n_examples)
+        while not self.complete:
+            src = _poll_recv(self.comm, self._req, MPI.ANY_SOURCE, TAG_REQUEST, 2e-4,
+                             self.heartbeat)
+            self._handle(src)
+        assert self.examples_granted == n_examples
+        return self.stats
+
+    @property
+    def complete(self) -> bool:
+        return self.n_granted == len(self.bounds)
+
+    def handle(self, src: int, request: np.ndarray) -> None:
+        """Process one request (``src`` is the sender's rank); for tests."""
+        self._req[:len(request)] = request
+        self._handle(src)
+
+    def start_eval(self, batch: int, n_examples: int) -> None:
+        """Open the next evaluation and give work to the replicas waiting for it."""
         self.eval_id += 1
         self.batch = batch
         self.bounds = portion_bounds(n_examples, self.portion_size)
@@ -326,12 +348,6 @@ class Scheduler:
                                granted_by_replica=[0] * self.R,
                                computed_by_replica=[0] * self.R)
         self._serve_waiting()
-        while self.n_granted < P:
-            src = _poll_recv(self.comm, self._req, MPI.ANY_SOURCE, TAG_REQUEST, 2e-4,
-                             self.heartbeat)
-            self._handle(src)
-        assert self.examples_granted == n_examples
-        return self.stats
 
     def shutdown(self) -> None:
         """Tell every replica to stop (those still computing, once they ask again)."""
