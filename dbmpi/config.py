@@ -102,8 +102,10 @@ class SandblasterConfig:
 
     The objective is the mean loss over a batch plus ``l2 / 2 * ||params||^2``. A batch is the
     first ``train_limit`` training examples (0: all of them) when ``batch_size`` is 0, else
-    ``batch_size`` of them, a new batch every iteration. ``straggler_*`` are for tests and
-    benchmarks only: replica ``straggler_replica`` runs ``straggler_factor`` times slower.
+    ``batch_size`` of them, a new batch every iteration. ``straggler_*`` and ``slowdown`` are
+    for tests and benchmarks only: replica ``straggler_replica`` runs ``straggler_factor`` times
+    slower than the others; every replica runs ``slowdown`` times slower than it can (sleeping),
+    which emulates one dedicated core per replica when ranks outnumber the cores.
     """
 
     iterations: int = 100
@@ -123,6 +125,7 @@ class SandblasterConfig:
     record_iterates: bool = False
     straggler_replica: int = -1
     straggler_factor: float = 5.0
+    slowdown: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,7 @@ def _validate_sandblaster(cfg: Config, s: str) -> None:
              f"got {b.straggler_replica}")
     _require(b.straggler_factor >= 1, f"{s} sandblaster.straggler_factor",
              f"must be >= 1, got {b.straggler_factor}")
+    _require(b.slowdown >= 1, f"{s} sandblaster.slowdown", f"must be >= 1, got {b.slowdown}")
 
 
 

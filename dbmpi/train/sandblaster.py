@@ -63,6 +63,9 @@ computed, so each curvature pair is measured on one batch.
 Straggler (tests and benchmarks only): replica ``straggler_replica`` sleeps
 ``(straggler_factor - 1)`` times the time it spent computing after each portion, as a
 replica on a machine that much slower would take (sleeping frees its core for the others).
+``slowdown`` makes every replica sleep that way (the straggler ``slowdown * straggler_factor``):
+with a slowdown of k, R replicas need R / k cores, so a machine with fewer cores than replicas
+can emulate one dedicated core per replica.
 """
 
 from __future__ import annotations
@@ -455,7 +458,8 @@ class Replica:
         self.accum = np.zeros(model.num_params, np.float64)
         self.w = model.params if model.params.dtype == np.float64 else \
             np.zeros(model.num_params, np.float64)
-        self.slow = sb.straggler_factor if sb.straggler_replica == topo.index else 1.0
+        self.slow = sb.slowdown * (sb.straggler_factor if sb.straggler_replica == topo.index
+                                   else 1.0)
         self._req = np.zeros(REQUEST_HEAD + sb.push_every, np.float64)
         self._rep = np.zeros(REPLY_SIZE, np.float64)
         self._reset()
