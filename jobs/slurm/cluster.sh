@@ -34,19 +34,25 @@ for s in ss: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))'
 }
 
+running() {  # running PID: the process exists and is not a zombie (init reaps those late)
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    [ "$(echo "${stat##*) }" | cut -d' ' -f1)" != Z ]
+}
+
 alive() {  # alive PIDFILE NAME: the pid in PIDFILE runs a program called NAME
     local pid
     [ -s "$1" ] || return 1
     pid=$(cat "$1")
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && running "$pid"
 }
 
 stop_pid() {  # stop_pid PID: TERM, wait up to 10 s, then KILL
     local pid=$1 i
     kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
+    for i in $(seq 200); do
+        running "$pid" || return 0
+        sleep 0.05
     done
     echo "cluster.sh: pid $pid ignored SIGTERM, killing it" >&2
     kill -KILL "$pid" 2>/dev/null || true
@@ -66,7 +72,9 @@ up() {
     sed -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$(hostname -s)|g" \
         -e "s|@CTLD_PORT@|${DBMPI_SLURMCTLD_PORT:-$ctld_port}|g" \
         -e "s|@SLURMD_PORT@|${DBMPI_SLURMD_PORT:-$slurmd_port}|g" \
-        -e "s|@CPUS@|${DBMPI_SLURM_CPUS:-8}|g" "$HERE/slurm.conf.in" > "$CONF"
+        -e "s|@CPUS@|${DBMPI_SLURM_CPUS:-8}|g" -e "s|@HERE@|$HERE|g" \
+        -e "s|@FIRST_JOB_ID@|$(( (RANDOM << 15 | RANDOM) % 60000000 + 1000 ))|g" \
+        "$HERE/slurm.conf.in" > "$CONF"
 
     # munged refuses to run as root unless forced; its files are private to this cluster.
     head -c 1024 /dev/urandom > "$STATE/munge/munge.key"
