@@ -22,6 +22,7 @@ class Model:
         self.layers = layers
         self.loss = loss
         self.num_params = sum(layer.num_params for layer in layers)
+        self.param_range = (0, self.num_params)  # its range of the replica's global vector
         self.params = np.zeros(self.num_params, dtype=np.float32)
         self.grads = np.zeros(self.num_params, dtype=np.float32)
         self.offsets = []
