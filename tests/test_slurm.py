@@ -231,3 +231,20 @@ def test_failing_job_is_recorded_failed(slurm, launcher, ntasks, args, message):
     assert "final test accuracy" not in log
     # The aborted ranks' shared memory is gone (jobs/slurm/epilog.sh).
     assert not _mpich_shm(job), f"left in /dev/shm: {_mpich_shm(job)}"
+
+
+# jobs/local.sh needs no SLURM: it runs wherever mpiexec does.
+def test_local_launcher(small_data, tmp_path):
+    (tmp_path / "jobs").symlink_to(ROOT / "jobs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    common = ["jobs/configs/demo.toml", "--set", f"data.path={small_data}"]
+    r = subprocess.run(["jobs/local.sh", *common, "--set", "downpour.steps=50",
+                        "--set", "run.dir=runs/local"], check=False, cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    logs = list((tmp_path / "logs").glob("demo-local-*.out"))
+    assert len(logs) == 1 and "final test accuracy" in logs[0].read_text(), r.stdout
+    assert json.loads((tmp_path / "runs/local/summary.json").read_text())["steps"] == 100
+    bad = subprocess.run(["jobs/local.sh", *common, "--set", "model.nope=1"], check=False,
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown key 'model.nope'" in bad.stdout, bad.stdout
