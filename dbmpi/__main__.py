@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="TOML config file (see jobs/configs/)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest runs/NAME-* that holds a checkpoint (a run.dir "
+                        "that holds one is always resumed)")
 
     p = sub.add_parser("launch", help="run `train` under mpiexec with the right rank count "
                                       "and oversubscription settings")
@@ -30,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="data set directory (default: the run's data.path)")
     p.add_argument("--frames", default="all", choices=("all", "speech"),
                    help="frames that vote in utterance decisions (default all)")
+    p.add_argument("--iterates", action="store_true",
+                   help="score every iterate of a Sandblaster run (iterates.h5) into "
+                        "eval_iterates.jsonl, for `plot`")
 
     p = sub.add_parser("plot", help="one run: draw its learning curve again; several runs (or "
                                     "--out): test accuracy against wall time, one line per run")
@@ -47,14 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             from .runner import train
 
-            return train(args.config, args.set)
+            return train(args.config, args.set, resume=args.resume)
         if args.cmd == "launch":
             from .launch import main as launch_main
 
             return launch_main(args.config, args.set, args.dry_run)
         if args.cmd == "eval":
-            from .evaluate import evaluate_run, summary_line
+            from .evaluate import evaluate_iterates, evaluate_run, summary_line
 
+            if args.iterates:
+                print(evaluate_iterates(args.run_dir, args.split, args.data, args.frames))
             result = evaluate_run(args.run_dir, args.split, args.data, args.frames)
             print(summary_line(result))
             print(f"wrote {args.run_dir}/eval.json")

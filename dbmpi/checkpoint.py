@@ -1,23 +1,57 @@
-"""Parameters on disk: HDF5 with an explicit, versioned schema (never pickle).
+"""Parameters and checkpoints on disk: HDF5 with explicit, versioned schemas (never pickle).
 
-Schema ``dbmpi.params`` v1: dataset ``params`` (float32, flat), root attributes ``schema``,
-``schema_version``, ``num_params``, ``model`` (the model config as JSON) and ``step``.
-Files are written to ``NAME.tmp`` and renamed, so a reader never sees a partial file.
+``params.h5`` (schema ``dbmpi.params`` v1)
+    dataset ``params`` (float32, flat); attributes ``schema``, ``schema_version``,
+    ``num_params``, ``model`` (the model config as JSON), ``step``.
+
+A checkpoint (schema ``dbmpi.checkpoint`` v1) is a directory
+``RUN_DIR/checkpoints/ckpt-KKKKKKKK`` holding
+
+``shard-SSSS.h5``
+    written by shard S: datasets ``params`` (float32, its block) and ``state`` (float32, the
+    optimizer's accumulator, empty for SGD); attributes ``start``/``stop`` (global range),
+    ``applied`` (pushes applied so far), ``checksum`` (CRC-32 of params then state bytes).
+``checkpoint.h5``
+    written by the coordinator last: attributes ``schema``, ``schema_version``, ``sequence``
+    (K), ``steps`` (sum of all workers' steps), ``num_params``, ``num_shards``, ``final``
+    (the run had finished), ``model`` and ``config`` (JSON); dataset ``workers`` (int64,
+    one row per worker: step, epoch, position of its data reader).
+
+Atomicity: everything is written into ``ckpt-KKKKKKKK.tmp/`` (each file fsynced), then the
+directory is renamed. A reader only considers directories without the ``.tmp`` suffix and
+still verifies every checksum, so a kill at any moment leaves the newest *complete* checkpoint
+as the one a restart uses; a good checkpoint is never overwritten (each has its own name).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .errors import DbmpiError
+from .log import get_logger
+
+log = get_logger("checkpoint")
 
 PARAMS_SCHEMA = "dbmpi.params"
 PARAMS_VERSION = 1
+CKPT_SCHEMA = "dbmpi.checkpoint"
+CKPT_VERSION = 1
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_params(path: str | Path, params: np.ndarray, model: dict, step: int = 0) -> None:
@@ -50,3 +84,142 @@ def load_params(path: str | Path) -> tuple[np.ndarray, dict]:
     except OSError as exc:
         raise DbmpiError(f"{path}: cannot read parameters ({exc}); re-run training") from None
     return params, model
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def pending_dir(run_dir: str | Path, sequence: int) -> Path:
+    """Where checkpoint ``sequence`` is written before it is committed."""
+    return checkpoint_root(run_dir) / f"ckpt-{sequence:08d}.tmp"
+
+
+def _crc(*arrays: np.ndarray) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8), crc)
+    return crc
+
+
+def write_shard(run_dir: str | Path, sequence: int, shard: int, start: int, stop: int,
+                params: np.ndarray, state: np.ndarray, applied: int) -> None:
+    """Shard: write its block of checkpoint ``sequence`` (into the pending directory)."""
+    d = pending_dir(run_dir, sequence)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"shard-{shard:04d}.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("params", data=params)
+        f.create_dataset("state", data=state)
+        f.attrs["start"], f.attrs["stop"] = int(start), int(stop)
+        f.attrs["applied"] = int(applied)
+        f.attrs["checksum"] = _crc(params, state)
+    _fsync(path)
+
+
+def commit(run_dir: str | Path, sequence: int, *, steps: int, num_params: int, num_shards: int,
+           workers: np.ndarray, final: bool, model: dict, config: dict, keep: int) -> Path:
+    """Coordinator: write ``checkpoint.h5``, rename the directory into place, prune old ones."""
+    d = pending_dir(run_dir, sequence)
+    path = d / "checkpoint.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"] = CKPT_SCHEMA
+        f.attrs["schema_version"] = CKPT_VERSION
+        f.attrs["sequence"] = int(sequence)
+        f.attrs["steps"] = int(steps)
+        f.attrs["num_params"] = int(num_params)
+        f.attrs["num_shards"] = int(num_shards)
+        f.attrs["final"] = bool(final)
+        f.attrs["model"] = json.dumps(model)
+        f.attrs["config"] = json.dumps(config)
+        f.create_dataset("workers", data=np.asarray(workers, dtype=np.int64))
+    _fsync(path)
+    final_dir = d.with_name(d.name[:-len(".tmp")])
+    os.replace(d, final_dir)
+    _fsync(final_dir.parent)
+    prune(run_dir, keep)
+    return final_dir
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sequence: int
+    steps: int
+    num_params: int
+    final: bool
+    workers: np.ndarray
+    model: dict
+    shard_files: list[tuple[int, int, Path]]  # (start, stop, file)
+
+    def load_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Parameters and optimizer state of the global range ``[start, stop)``."""
+        params = np.empty(stop - start, np.float32)
+        state = None
+        for lo, hi, path in self.shard_files:
+            a, b = max(lo, start), min(hi, stop)
+            if a >= b:
+                continue
+            with h5py.File(path, "r") as f:
+                params[a - start:b - start] = f["params"][a - lo:b - lo]
+                st = f["state"]
+                if st.shape[0]:
+                    if state is None:
+                        state = np.empty(stop - start, np.float32)
+                    state[a - start:b - start] = st[a - lo:b - lo]
+        return params, (state if state is not None else np.zeros(0, np.float32))
+
+
+def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
+    """Open (and with ``verify``, checksum) one committed checkpoint directory; raises
+    ValueError/OSError/KeyError on any problem."""
+    d = Path(d)
+    with h5py.File(d / "checkpoint.h5", "r") as f:
+        if f.attrs.get("schema") != CKPT_SCHEMA or int(f.attrs["schema_version"]) != CKPT_VERSION:
+            raise ValueError("unknown schema")
+        meta = {k: f.attrs[k] for k in ("sequence", "steps", "num_params", "num_shards", "final")}
+        workers = f["workers"][...]
+        model = json.loads(f.attrs["model"])
+    files = []
+    for path in sorted(d.glob("shard-*.h5")):
+        with h5py.File(path, "r") as f:
+            if verify and _crc(f["params"][...], f["state"][...]) != int(f.attrs["checksum"]):
+                raise ValueError(f"{path.name}: checksum mismatch")
+            files.append((int(f.attrs["start"]), int(f.attrs["stop"]), path))
+    files.sort()
+    covered = 0
+    for lo, hi, _ in files:
+        if lo != covered:
+            raise ValueError("shard files do not cover the parameter vector")
+        covered = hi
+    if covered != int(meta["num_params"]) or len(files) != int(meta["num_shards"]):
+        raise ValueError("shard files do not cover the parameter vector")
+    return Checkpoint(d, int(meta["sequence"]), int(meta["steps"]), int(meta["num_params"]),
+                      bool(meta["final"]), workers, model, files)
+
+
+def find_latest(run_dir: str | Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None; broken ones are reported and skipped."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    for d in sorted(root.glob("ckpt-????????"), reverse=True):
+        try:
+            return open_checkpoint(d)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("skipping checkpoint %s: %s", d, exc)
+    return None
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` committed checkpoints; remove older ones and stale .tmp dirs."""
+    root = checkpoint_root(run_dir)
+    done = sorted(root.glob("ckpt-????????"))
+    for d in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+    newest = int(done[-1].name[5:]) if done else -1
+    for d in root.glob("ckpt-????????.tmp"):
+        if int(d.name[5:13]) <= newest:
+            shutil.rmtree(d, ignore_errors=True)

@@ -94,6 +94,20 @@ class DownpourConfig:
     eval_every_s: float = 5.0
     read_own_pushes: bool = False
     log_every: int = 50
+    # Test and benchmark knobs: replica `straggler_replica` sleeps so that each of its steps
+    # takes `straggler_factor` times as long (-1: none).
+    straggler_replica: int = -1
+    straggler_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Shards write their blocks and optimizer state every ``every_s`` seconds and/or every
+    ``every_steps`` steps (summed over replicas; 0 disables either), keeping the newest ``keep``."""
+
+    every_s: float = 60.0
+    every_steps: int = 0
+    keep: int = 3
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -152,13 +167,13 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "algorithm"}
 _SECTION_CLASSES = {
     "topology": TopologyConfig,
     "model": ModelConfig,
     "data": DataConfig,
     "optimizer": OptimizerConfig,
     "downpour": DownpourConfig,
+    "checkpoint": CheckpointConfig,
     "sandblaster": SandblasterConfig,
     "run": RunConfig,
 }
@@ -329,6 +344,15 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be in [0, 1], got {p.target_accuracy}")
     _require(p.eval_every_s > 0, f"{s} downpour.eval_every_s", f"must be > 0, got {p.eval_every_s}")
     _require(p.log_every >= 1, f"{s} downpour.log_every", f"must be >= 1, got {p.log_every}")
+    _require(p.straggler_factor >= 1, f"{s} downpour.straggler_factor",
+             f"must be >= 1, got {p.straggler_factor}")
+    _require(-1 <= p.straggler_replica < t.replicas, f"{s} downpour.straggler_replica",
+             f"must be -1 (none) or a replica index below {t.replicas}, got {p.straggler_replica}")
+    c = cfg.checkpoint
+    _require(c.every_s >= 0, f"{s} checkpoint.every_s", f"must be >= 0 (0 = off), got {c.every_s}")
+    _require(c.every_steps >= 0, f"{s} checkpoint.every_steps",
+             f"must be >= 0 (0 = off), got {c.every_steps}")
+    _require(c.keep >= 1, f"{s} checkpoint.keep", f"must be >= 1, got {c.keep}")
     _validate_sandblaster(cfg, s)
     _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
 
@@ -355,7 +379,6 @@ def _validate_sandblaster(cfg: Config, s: str) -> None:
     _require(b.straggler_factor >= 1, f"{s} sandblaster.straggler_factor",
              f"must be >= 1, got {b.straggler_factor}")
     _require(b.slowdown >= 1, f"{s} sandblaster.slowdown", f"must be >= 1, got {b.slowdown}")
-
 
 
 def to_toml(cfg: Config) -> str:

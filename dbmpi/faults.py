@@ -27,3 +27,39 @@ class Fault:
     def check(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise InjectedFault(f"fault injected on rank {self.rank} by DBMPI_FAULT")
+
+
+class Termination:
+    """SIGTERM (what SLURM sends before it kills a job) sets a flag instead of killing the rank,
+    so training can stop in order and write a last checkpoint. A second SIGTERM exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> "Termination":
+        import signal
+
+        def handler(signum, frame):
+            if self.requested:
+                raise SystemExit(128 + signum)
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+TERMINATION = Termination()
+
+
+def checkpoint_delay() -> float:
+    """Test-only: ``DBMPI_CKPT_DELAY=SECONDS`` makes each shard sleep after writing its
+    checkpoint file, before acknowledging it, so a test can kill a job mid-checkpoint."""
+    return float(os.environ.get("DBMPI_CKPT_DELAY", "0") or 0)

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from . import checkpoint as ckpt_mod
 from . import config as config_mod
 from . import metrics as metrics_mod
 from .errors import DbmpiError
+from .faults import TERMINATION
 from .log import get_logger, setup_logging
 from .report import plot_learning_curve, write_json
 from .topology import Role, Topology, check_world_size
@@ -46,11 +48,25 @@ def agree(comm: MPI.Comm, fn, *args):
     return result
 
 
-def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm) -> Path:
-    """Rank 0 creates the run directory and saves the config; every rank gets its path."""
+def _latest_run(name: str) -> Path | None:
+    runs = sorted(p for p in Path("runs").glob(f"{name}-*") if (p / "checkpoints").is_dir())
+    return runs[-1] if runs else None
+
+
+def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm, resume: bool) -> Path:
+    """Rank 0 creates the run directory and saves the config; every rank gets its path.
+
+    With ``resume`` and no ``run.dir``, the newest ``runs/NAME-*`` that holds checkpoints.
+    """
     path, error = None, None
     if comm.Get_rank() == 0:
         name = cfg.run.dir or f"runs/{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        if resume and not cfg.run.dir:
+            latest = _latest_run(cfg.run.name)
+            if latest is None:
+                error = (f"--resume: no run directory runs/{cfg.run.name}-* holds a checkpoint; "
+                         f"start without --resume, or name the run with --set run.dir=PATH")
+            name = str(latest)
         path = Path(name)
         try:
             (path / "metrics").mkdir(parents=True, exist_ok=True)
@@ -62,6 +78,30 @@ def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm) -> Path:
     if error:
         raise DbmpiError(error)
     return Path(path)
+
+
+def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn):
+    """Rank 0 looks for the newest valid checkpoint in ``run_dir``; all ranks open it."""
+    found, error = None, None
+    if comm.Get_rank() == 0:
+        ck = ckpt_mod.find_latest(run_dir)
+        if ck is not None:
+            expected = num_params_fn()
+            if ck.num_params != expected:
+                error = (f"{ck.path}: checkpoint of a model with {ck.num_params} parameters, "
+                         f"but this config makes {expected}: use another run.dir")
+            found = str(ck.path)
+    found, error = comm.bcast((found, error), root=0)
+    if error:
+        raise DbmpiError(error)
+    return ckpt_mod.open_checkpoint(found, verify=False) if found else None
+
+
+def _num_params(cfg: config_mod.Config) -> int:
+    from .data import open_dataset
+    from .train.downpour import build_model
+
+    return build_model(cfg, open_dataset(cfg.data.path)).num_params
 
 
 def _check_data(cfg: config_mod.Config) -> None:
@@ -78,7 +118,8 @@ def _check_data(cfg: config_mod.Config) -> None:
                          f"'{cfg.data.eval_split}' (it has {sorted(ds.splits)})")
 
 
-def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORLD) -> int:
+def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORLD,
+          resume: bool = False) -> int:
     t0, cpu0 = time.time(), time.process_time()
     rank = comm.Get_rank()
     setup_logging(rank)
@@ -86,33 +127,45 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
         cfg = agree(comm, config_mod.load, config_path, overrides)
         agree(comm, check_world_size, cfg.topology, comm.Get_size())
         agree(comm, _check_data, cfg)
-        run_dir = agree(comm, _make_run_dir, cfg, comm)
+        run_dir = agree(comm, _make_run_dir, cfg, comm, resume)
+        checkpoint = agree(comm, _find_checkpoint, run_dir, comm, lambda: _num_params(cfg))
     except AgreedError as exc:
         if rank == 0:
             print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    if checkpoint is not None and checkpoint.final:
+        if rank == 0:
+            print(f"dbmpi: {run_dir} holds a finished run (checkpoint {checkpoint.sequence}, "
+                  f"{checkpoint.steps} steps): nothing to do; use another run.dir for a new run",
+                  file=sys.stderr, flush=True)
+        return 0
     topo = Topology.create(cfg.topology, comm)
     setup_logging(rank, topo.label)
     if rank == 0:
         log.info("%s: %d ranks = coordinator + %d shards + %d replicas x %d partitions; run "
                  "directory %s", cfg.algorithm, comm.Get_size(), cfg.topology.shards,
                  cfg.topology.replicas, cfg.topology.partitions, run_dir)
+        if checkpoint is not None:
+            log.info("resuming from %s (%d steps)", checkpoint.path, checkpoint.steps)
+    TERMINATION.install()
     try:
         if cfg.algorithm == "sandblaster":
             from .train import sandblaster
 
-            result = sandblaster.run(cfg, topo, run_dir, t0)
+            result = sandblaster.run(cfg, topo, run_dir, t0, checkpoint)
         else:
             from .train import downpour
 
-            result = downpour.run(cfg, topo, run_dir, t0)
+            result = downpour.run(cfg, topo, run_dir, t0, checkpoint)
     except BaseException as exc:  # one rank failing must end the whole job, never hang it
         label = topo.label
         msg = str(exc) if isinstance(exc, DbmpiError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, DbmpiError):
-            traceback.print_exc(file=sys.stderr)
         print(f"dbmpi: error on rank {rank} ({label}): {msg}; aborting the job",
               file=sys.stderr, flush=True)
+        if not isinstance(exc, DbmpiError):
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+        time.sleep(0.5)  # let mpiexec forward the message before MPI_Abort kills the job
         comm.Abort(exc.exit_code if isinstance(exc, DbmpiError) else 1)
         return 1  # not reached
     # CPU accounting: how much of its wall time each rank spent on a core.
@@ -123,7 +176,9 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
     if rank == 0:
         _finish(cfg, run_dir, result, table)
     topo.free()
-    return 0
+    TERMINATION.uninstall()
+    interrupted = comm.bcast(bool(result and result.get("interrupted")), root=0)
+    return 143 if interrupted else 0
 
 
 def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
@@ -148,6 +203,9 @@ def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
         plot_learning_curve(run_dir)
     except Exception as exc:  # a missing plot must not lose a finished run
         log.warning("could not draw the learning curve: %s", exc)
+    if result.get("interrupted"):
+        print(f"interrupted after {result['steps']} steps: a checkpoint was written; run the "
+              f"same command with --set run.dir={run_dir} (or --resume) to continue", flush=True)
     print(f"final test accuracy {result['final_test_accuracy']:.4f} after {result['steps']} "
           f"steps in {result['wall_s']:.1f} s", flush=True)
     print(f"run directory: {run_dir}", flush=True)

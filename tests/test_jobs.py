@@ -58,7 +58,7 @@ def _numpy_adagrad_reference(data_path, params0: np.ndarray) -> np.ndarray:
     return p
 
 
-def _config(tmp_path, data, shards, replicas, **downpour):
+def _config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpour):
     dp = {"n_fetch": 1, "n_push": 1, "steps": STEPS, "eval_every_s": 60.0,
           "read_own_pushes": True, **downpour}
     dp_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in dp.items())
@@ -67,13 +67,13 @@ def _config(tmp_path, data, shards, replicas, **downpour):
 shards = {shards}
 replicas = {replicas}
 [model]
-layers = [{{type = "dense", units = {HIDDEN}, activation = "relu"}}]
+layers = [{{type = "dense", units = {hidden}, activation = "relu"}}]
 [data]
 path = "{data}"
 batch_size = {BATCH}
 [optimizer]
 name = "adagrad"
-learning_rate = {LR}
+learning_rate = {lr}
 eps = {EPS}
 [downpour]
 {dp_lines}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import TrainingError
 from ..log import get_logger
 from ..topology import Role, Topology
 from .layout import ParamLayout
@@ -18,9 +19,10 @@ from .rma import Window
 
 log = get_logger("ps")
 
-# ctrl window layout on each shard: [STOP, APPLIED, then SEQ, DONE, BASE per worker]
-STOP, APPLIED = 0, 1
-_HEAD, _PER_WORKER = 2, 3
+# ctrl window layout on each shard:
+# [STOP, APPLIED, CKPT_REQ, CKPT_ACK, then SEQ, DONE, BASE per worker]
+STOP, APPLIED, CKPT_REQ, CKPT_ACK = 0, 1, 2, 3
+_HEAD, _PER_WORKER = 4, 3
 
 
 def seq_index(worker: int) -> int:
@@ -77,9 +79,15 @@ class ParameterServer:
 
 
 class ShardService:
-    """The loop run by one shard: apply posted pushes to its block, until told to stop."""
+    """The loop run by one shard: apply posted pushes to its block, until told to stop.
 
-    def __init__(self, ps: ParameterServer, optimizer, init_block: np.ndarray):
+    ``state`` (the optimizer's accumulator) and ``applied`` may come from a checkpoint.
+    ``on_checkpoint(sequence, service)``, if given, is called when the coordinator asks for
+    checkpoint ``sequence`` (by then every worker has paused with its pushes applied).
+    """
+
+    def __init__(self, ps: ParameterServer, optimizer, init_block: np.ndarray,
+                 state: np.ndarray | None = None, applied: int = 0, on_checkpoint=None):
         topo = ps.topo
         assert topo.role is Role.SHARD
         self.ps = ps
@@ -95,6 +103,13 @@ class ShardService:
         self.params[:] = init_block
         ps.params.sync()
         self.state = optimizer.init_state(self.block)
+        if state is not None and state.size:
+            if state.shape != self.state.shape:
+                raise ValueError(f"shard {self.shard}: optimizer state has shape {state.shape}, "
+                                 f"expected {self.state.shape}")
+            self.state[:] = state
+        self.on_checkpoint = on_checkpoint
+        self.checkpointed = 0
         self.grads = ps.grads.local
         self._ctrl = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
         # Per worker: (slot offset of its range in grads, local lo, local hi), or None.
@@ -105,13 +120,15 @@ class ShardService:
             a, b = ps.worker_ranges[part]
             a, b = max(a, lo) - lo, min(b, hi) - lo
             self.worker_slices.append((replica * self.block, a, b) if a < b else None)
-        self.applied = 0
+        self.applied = applied
         self.busy_s = 0.0
 
     def poll(self) -> int:
         """Apply every posted push once; return how many were applied."""
         ps = self.ps
         ctrl = ps.ctrl.read(self._ctrl, self.me)
+        if ctrl[CKPT_REQ] > self.checkpointed:
+            self._checkpoint(int(ctrl[CKPT_REQ]))
         pending = [w for w in range(ps.num_workers)
                    if ctrl[seq_index(w)] > ctrl[seq_index(w) + 1]]
         if not pending:
@@ -122,7 +139,13 @@ class ShardService:
             sl = self.worker_slices[w]
             if sl is not None:
                 slot, a, b = sl
-                self.optimizer.step(self.params[a:b], self.grads[slot + a:slot + b],
+                g = self.grads[slot + a:slot + b]
+                if not np.isfinite(g).all():
+                    # Refuse it: the shard's parameters and checkpoints stay clean.
+                    raise TrainingError(
+                        f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf; "
+                        f"training diverged: lower optimizer.learning_rate")
+                self.optimizer.step(self.params[a:b], g,
                                     self.state[a:b] if self.state.size else self.state)
         ps.params.sync()  # updates visible to fetches from here on
         for w in pending:
@@ -133,6 +156,12 @@ class ShardService:
             ps.ctrl.store(int(ctrl[i]), self.me, i + 1)  # DONE_w = SEQ_w: acknowledged
         self.busy_s += time.perf_counter() - t0
         return len(pending)
+
+    def _checkpoint(self, sequence: int) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(sequence, self)
+        self.checkpointed = sequence
+        self.ps.ctrl.store(sequence, self.me, CKPT_ACK)
 
     def stop_requested(self) -> bool:
         return bool(self.ps.ctrl.load(self.me, STOP))
@@ -161,6 +190,22 @@ def request_stop(ps: ParameterServer) -> None:
     """Coordinator: tell every shard to finish (after all workers have been acknowledged)."""
     for s in range(ps.layout.num_shards):
         ps.ctrl.store(1, ps.topo.shard_rank(s), STOP)
+
+
+def request_checkpoint(ps: ParameterServer, sequence: int, heartbeat=None) -> None:
+    """Coordinator: have every shard write checkpoint ``sequence``; return when all have.
+
+    Call only while no push is in flight (workers paused or finished).
+    """
+    ranks = [ps.topo.shard_rank(s) for s in range(ps.layout.num_shards)]
+    for r in ranks:
+        ps.ctrl.store(sequence, r, CKPT_REQ)
+    backoff = Backoff(cap=0.01)
+    for r in ranks:
+        while ps.ctrl.load(r, CKPT_ACK) < sequence:
+            if heartbeat is not None:
+                heartbeat()
+            backoff.wait()
 
 
 @dataclass

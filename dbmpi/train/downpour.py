@@ -7,12 +7,20 @@ they arrive. Replicas never wait for each other. Warm start: replica 0 trains al
 ``warm_start_steps`` steps, then releases the others, which start from its parameters.
 
 The coordinator (rank 0) evaluates the current parameters on held-out data every
-``eval_every_s`` seconds, logs progress, and raises the STOP flag when ``target_accuracy`` is
-reached. A replica stops at its step or epoch budget or at STOP; when every worker is done
-(all its pushes acknowledged), the coordinator stops the shards and everyone frees the windows.
+``eval_every_s`` seconds, logs progress, and raises STOP when ``target_accuracy`` is reached or
+any rank received SIGTERM. A replica stops at its step or epoch budget or at STOP; when every
+worker is finished (all its pushes acknowledged), the coordinator has the shards write a last
+checkpoint, stops them, and everyone frees the windows.
 
-Control flags live in a small int64 window on the coordinator (see :data:`COORD_FIELDS`);
-every location has one writer op and NO_OP readers, as in :mod:`dbmpi.ps`.
+Checkpoints (:mod:`dbmpi.checkpoint`): every ``checkpoint.every_s`` seconds the coordinator
+raises CKPT_REQ = k; each worker, at its next step boundary, waits until its pushes are
+applied, publishes its step and data position, acknowledges k and pauses; when every worker
+has acknowledged (or finished), each shard writes its block and optimizer state, the
+coordinator commits the checkpoint directory and raises CKPT_DONE = k, and workers go on. The
+pause makes the checkpoint consistent: no push is in flight while the shards write.
+
+Control flags live in a small int64 window on the coordinator (layout below); every location
+has one writer op and NO_OP readers, as in :mod:`dbmpi.ps`.
 """
 
 from __future__ import annotations
@@ -23,61 +31,101 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import save_params
+from .. import checkpoint as ckpt_mod
 from ..config import Config
 from ..data import open_dataset
 from ..errors import TrainingError
-from ..faults import Fault
+from ..faults import TERMINATION, Fault, checkpoint_delay
 from ..log import get_logger
 from ..metrics import MetricsWriter
 from ..model import Model
 from ..optim import make_optimizer
 from ..ps import ParameterServer, ParamLayout, PSClient, ShardService
 from ..ps.rma import Window
-from ..ps.server import Backoff, request_stop
+from ..ps.server import Backoff, request_checkpoint, request_stop
 from ..topology import COORDINATOR_RANK, Role, Topology
+from . import partitioned
 
 log = get_logger("downpour")
 
-# Coordinator window: STOP (coordinator REPLACE), RELEASED (replica 0 REPLACE),
-# DONE (workers SUM), STEPS (workers SUM), all read by others with NO_OP.
-STOP, RELEASED, DONE, STEPS = 0, 1, 2, 3
-COORD_FIELDS = 4
+# Coordinator window: a head, then one row per worker.
+#   STOP, CKPT_REQ, CKPT_DONE (coordinator REPLACE), RELEASED (replica 0 REPLACE),
+#   TERM (any rank REPLACE), DONE, STEPS (workers SUM).
+STOP, CKPT_REQ, CKPT_DONE, RELEASED, TERM, DONE, STEPS = range(7)
+HEAD = 7
+#   per worker (the worker REPLACEs): ACK (last checkpoint answered), STEP, EPOCH, POSITION
+#   of its data reader, FINISHED.
+ACK, W_STEP, W_EPOCH, W_POS, FINISHED = range(5)
+ROW = 5
+
+
+def row(worker: int) -> int:
+    return HEAD + ROW * worker
 
 
 def build_model(cfg: Config, dataset) -> Model:
     return Model.from_config(cfg.model, dataset.feature_shape, dataset.num_classes)
 
 
-def run(cfg: Config, topo: Topology, run_dir: Path, t0: float) -> dict | None:
+def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
+        resume: ckpt_mod.Checkpoint | None = None) -> dict | None:
     """Run Downpour on this rank; the coordinator returns the summary, others None.
 
-    Collective over ``topo.comm``: every rank must call it.
+    Collective over ``topo.comm``: every rank must call it. ``resume`` continues from a
+    checkpoint (its parameters, optimizer state, step counts and data positions).
     """
     dataset = open_dataset(cfg.data.path)
     model = build_model(cfg, dataset)
     layout = ParamLayout.even(model.num_params, cfg.topology.shards)
-    ps = ParameterServer(topo, layout, [(0, model.num_params)])
-    coord = Window(topo.comm, COORD_FIELDS if topo.role is Role.COORDINATOR else 0, np.int64,
-                   "coord")
+    ps = ParameterServer(topo, layout, partitioned.param_ranges(cfg, model, dataset))
+    is_coord = topo.role is Role.COORDINATOR
+    coord = Window(topo.comm, HEAD + ROW * topo.num_workers if is_coord else 0, np.int64, "coord")
+    if is_coord and resume is not None:
+        coord.local[STEPS] = int(resume.workers[:, 0].sum()) // cfg.topology.partitions
+        coord.local[RELEASED] = 1  # no second warm start
+        for w in range(topo.num_workers):
+            coord.local[row(w) + W_STEP:row(w) + W_POS + 1] = resume.workers[w]
+        coord.sync()
     metrics = MetricsWriter(run_dir, topo.rank, t0)
-    result = None
     service = None
     if topo.role is Role.SHARD:
-        init = model.init_params(cfg.run.seed)
         lo, hi = layout.block(topo.index)
-        service = ShardService(ps, make_optimizer(cfg.optimizer), init[lo:hi].copy())
+        if resume is None:
+            init = partitioned.initial_params(cfg, model, dataset)[lo:hi].copy()
+            state, applied = None, 0
+        else:
+            (init, state), applied = resume.load_block(lo, hi), 0
+
+        delay = checkpoint_delay()
+
+        def write_checkpoint(sequence: int, svc: ShardService) -> None:
+            ckpt_mod.write_shard(run_dir, sequence, topo.index, lo, hi, svc.params, svc.state,
+                                 svc.applied)
+            if delay:
+                time.sleep(delay)
+
+        service = ShardService(ps, make_optimizer(cfg.optimizer), init, state, applied,
+                               on_checkpoint=write_checkpoint)
     topo.comm.Barrier()  # the shards hold the initial parameters before anyone fetches
+    result = None
     try:
         if service is not None:
-            applied = service.serve(heartbeat=Fault(topo.rank).check)
-            log.debug("applied %d pushes, busy %.2f s", applied, service.busy_s)
+            fault = Fault(topo.rank)
+            term = _TermReporter(coord)
+
+            def heartbeat():
+                fault.check()
+                term.check()
+
+            applied = service.serve(heartbeat=heartbeat)
             metrics.write("shard", shard=topo.index, pushes_applied=applied,
                           busy_s=round(service.busy_s, 3))
         elif topo.role is Role.REPLICA:
-            Worker(cfg, topo, model, dataset, ps, coord, metrics).run()
+            Worker(cfg, topo, partitioned.replica_model(cfg, topo, model, dataset), dataset, ps,
+                   coord, metrics, resume).run()
         else:
-            result = Coordinator(cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0).run()
+            result = Coordinator(cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0,
+                                 resume).run()
     finally:
         metrics.close()
     topo.comm.Barrier()  # nobody frees a window another rank still uses
@@ -86,67 +134,127 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float) -> dict | None:
     return result
 
 
+class _TermReporter:
+    """Forward this rank's SIGTERM to the coordinator's TERM flag, once."""
+
+    def __init__(self, coord: Window):
+        self.coord = coord
+        self.sent = False
+
+    def check(self) -> None:
+        if TERMINATION.requested and not self.sent:
+            self.coord.store(1, COORDINATOR_RANK, TERM)
+            self.sent = True
+
+
 class Worker:
     """One model replica (one partition rank per replica until model parallelism)."""
 
-    def __init__(self, cfg, topo, model, dataset, ps, coord, metrics):
+    def __init__(self, cfg, topo, model, dataset, ps, coord, metrics, resume=None):
         self.cfg, self.topo, self.model = cfg, topo, model
         self.dp = cfg.downpour
         self.coord = coord
         self.metrics = metrics
         self.replica = topo.index
+        self.worker = topo.worker_id
         self.fault = Fault(topo.rank)
-        self.client = PSClient(ps, 0, model.num_params, worker=topo.worker_id,
-                               replica=topo.index)
+        self.term = _TermReporter(coord)
+        self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
         self.reader = dataset.reader(
             "train", replica=topo.index, num_replicas=cfg.topology.replicas,
             batch_size=cfg.data.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.run.seed * 1000 + topo.index)
+        self.step = 0
+        self.answered = 0
+        self._head = np.zeros(HEAD, np.int64)
+        if resume is not None:
+            step, epoch, position = (int(v) for v in resume.workers[self.worker])
+            state = self.reader.state()
+            state.update(epoch=epoch, position=position)
+            self.reader.restore(state)
+            self.step = step
+            self.answered = resume.sequence
 
-    def _coord(self, field: int) -> int:
-        return self.coord.load(COORDINATOR_RANK, field)
+    def _read_head(self) -> np.ndarray:
+        if self.topo.partition == 0:  # the partitions of a replica act on one reading
+            self.coord.read(self._head, COORDINATOR_RANK, 0)
+        return partitioned.agree(self.topo, self._head)
+
+    def _publish_state(self) -> None:
+        base = row(self.worker)
+        st = self.reader.state()
+        for field, value in ((W_STEP, self.step), (W_EPOCH, st["epoch"]),
+                             (W_POS, st["position"])):
+            self.coord.store(int(value), COORDINATOR_RANK, base + field)
+
+    def _service(self, head: np.ndarray) -> None:
+        """Per-step control: faults, SIGTERM, and checkpoint requests (pause until done)."""
+        self.fault.check()
+        self.term.check()
+        k = int(head[CKPT_REQ])
+        if k <= self.answered:
+            return
+        self.client.wait_acknowledged()
+        self._publish_state()
+        self.coord.store(k, COORDINATOR_RANK, row(self.worker) + ACK)
+        self.answered = k
+        backoff = Backoff(cap=0.005)
+        while True:
+            head = self._read_head()
+            if head[CKPT_DONE] >= k or head[STOP]:
+                return
+            self.fault.check()
+            backoff.wait()
 
     def _wait_release(self) -> bool:
         """Replicas other than 0 wait for the warm start to end; False if STOP came first."""
         backoff = Backoff(cap=0.01)
-        while not self._coord(RELEASED):
-            if self._coord(STOP):
+        while True:
+            head = self._read_head()
+            if head[RELEASED]:
+                return True
+            if head[STOP]:
                 return False
+            self._service(head)
             backoff.wait()
-        return True
 
     def _release(self) -> None:
         self.client.wait_acknowledged()
+        if self.topo.cfg.partitions > 1:
+            self.topo.comm_replica.Barrier()  # every partition's pushes are applied
         self.coord.store(1, COORDINATOR_RANK, RELEASED)
         log.info("warm start over: other replicas released")
+
+    def _budget_spent(self) -> bool:
+        dp = self.dp
+        return bool((dp.steps and self.step >= dp.steps)
+                    or (dp.epochs and self.reader.epochs_done >= dp.epochs))
 
     def run(self) -> None:
         dp, model, client = self.dp, self.model, self.client
         warm = dp.warm_start_steps > 0 and self.cfg.topology.replicas > 1
         if warm and self.replica != 0 and not self._wait_release():
-            self._finish(0)
+            self._finish()
             return
         client.fetch(model.params)
         accum = np.zeros_like(model.grads) if dp.n_push > 1 else None
-        step, pending = 0, 0
-        self.step = 0
+        pending, start_step = 0, self.step
+        slow = self.replica == dp.straggler_replica and dp.straggler_factor > 1
         win_loss, win_correct, win_n, win_t = 0.0, 0, 0, time.perf_counter()
-        while True:
-            if dp.steps and step >= dp.steps:
+        while not self._budget_spent():
+            head = self._read_head()
+            if head[STOP]:
                 break
-            if dp.epochs and self.reader.epochs_done >= dp.epochs:
-                break
-            if self._coord(STOP):
-                break
-            self.fault.check()
-            if step and step % dp.n_fetch == 0:
+            self._service(head)
+            t_step = time.perf_counter()
+            if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
                 client.fetch(model.params, read_own_pushes=dp.read_own_pushes)
             x, y = self.reader.next_batch()
             loss, correct = model.forward_backward(x, y)
             if not math.isfinite(loss):
                 raise TrainingError(
-                    f"replica {self.replica}: the training loss is {loss} at step {step}: lower "
-                    f"optimizer.learning_rate (now {self.cfg.optimizer.learning_rate})")
+                    f"replica {self.replica}: the training loss is {loss} at step {self.step}: "
+                    f"lower optimizer.learning_rate (now {self.cfg.optimizer.learning_rate})")
             if accum is None:
                 client.push(model.grads)
             else:
@@ -156,31 +264,37 @@ class Worker:
                     client.push(accum)
                     accum[:] = 0
                     pending = 0
-            step += 1
-            self.step = step
+            self.step += 1
+            if slow:
+                time.sleep((dp.straggler_factor - 1) * (time.perf_counter() - t_step))
             win_loss += loss * len(y)
             win_correct += correct
             win_n += len(y)
-            if warm and self.replica == 0 and step == dp.warm_start_steps:
+            if warm and self.replica == 0 and self.step == dp.warm_start_steps:
                 self._release()
-            if step % dp.log_every == 0:
+            if self.step % dp.log_every == 0:
                 now = time.perf_counter()
-                self.metrics.write("train", replica=self.replica, step=step,
-                                   epoch=round(self.reader.epochs_done, 4),
-                                   loss=win_loss / win_n, accuracy=win_correct / win_n,
-                                   samples_per_s=win_n / (now - win_t))
-                self.coord.accumulate(np.array([dp.log_every], np.int64), COORDINATOR_RANK,
-                                      STEPS)
-                self.coord.flush(COORDINATOR_RANK)
+                extra = partitioned.train_fields(model, self.topo, win_n // len(y))
+                if extra is not None:  # one record and one STEPS count per replica
+                    self.metrics.write("train", replica=self.replica, step=self.step,
+                                       epoch=round(self.reader.epochs_done, 4),
+                                       loss=win_loss / win_n, accuracy=win_correct / win_n,
+                                       samples_per_s=win_n / (now - win_t), **extra)
+                    self.coord.accumulate(np.array([win_n // len(y)], np.int64),
+                                          COORDINATOR_RANK, STEPS)
+                    self.coord.flush(COORDINATOR_RANK)
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
                 self._log_staleness()
         if accum is not None and pending:
             client.push(accum)
         client.wait_acknowledged()
         self._log_staleness()
-        if warm and self.replica == 0 and step < dp.warm_start_steps:
+        if warm and self.replica == 0 and self.step < dp.warm_start_steps:
             self._release()  # never leave the others waiting
-        self._finish(step)
+        if win_n and self.topo.partition == 0:
+            self.coord.accumulate(np.array([win_n // self.cfg.data.batch_size], np.int64),
+                                  COORDINATOR_RANK, STEPS)
+        self._finish()
 
     def _log_staleness(self) -> None:
         """One ``push`` record per acknowledged push: its staleness on each shard."""
@@ -190,30 +304,39 @@ class Worker:
             for push, staleness in records:
                 by_push.setdefault(push, [None] * len(per_shard))[i] = staleness
         for push in sorted(by_push):
-            self.metrics.write("push", replica=self.replica, push=push,
-                               step=min(push * self.dp.n_push, self.step),
+            self.metrics.write("push", replica=self.replica, partition=self.topo.partition,
+                               push=push, step=min(push * self.dp.n_push, self.step),
                                staleness=by_push[push])
 
-    def _finish(self, step: int) -> None:
-        self.coord.accumulate(np.array([step % self.dp.log_every], np.int64), COORDINATOR_RANK,
-                              STEPS)
+    def _finish(self) -> None:
+        """Publish the final state, then tell the coordinator this worker is done."""
+        self._publish_state()
+        self.coord.store(1, COORDINATOR_RANK, row(self.worker) + FINISHED)
         self.coord.accumulate(np.array([1], np.int64), COORDINATOR_RANK, DONE)
         self.coord.flush(COORDINATOR_RANK)
-        self.metrics.write("worker_done", replica=self.replica, steps=step,
+        self.metrics.write("worker_done", replica=self.replica, partition=self.topo.partition,
+                           steps=self.step,
                            fetch_push_wait_s=round(self.client.wait_s, 3))
 
 
 class Coordinator:
-    """Evaluates, reports progress, decides when to stop, writes the results."""
+    """Evaluates, reports progress, checkpoints, decides when to stop, writes the results."""
 
-    def __init__(self, cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0):
+    def __init__(self, cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0, resume):
         self.cfg, self.topo, self.model, self.ps = cfg, topo, model, ps
         self.coord, self.metrics, self.run_dir, self.t0 = coord, metrics, run_dir, t0
         limit = cfg.data.eval_limit or None
         self.x_eval, self.y_eval = dataset.load(cfg.data.eval_split, limit=limit)
-        self.client = PSClient(ps, 0, model.num_params)
-        self.best = 0.0
+        self.client = partitioned.coordinator_client(PSClient(ps, 0, model.num_params), cfg,
+                                                     dataset)
         self.history: list[dict] = []
+        self.resume = resume
+        self.sequence = resume.sequence if resume is not None else 0
+        self.fault = Fault(topo.rank)
+        self.me = COORDINATOR_RANK
+
+    def _get(self, field: int) -> int:
+        return self.coord.load(self.me, field)
 
     def evaluate(self, steps: int) -> dict:
         self.client.fetch(self.model.params)
@@ -221,30 +344,71 @@ class Coordinator:
             raise TrainingError("the parameters on the shards hold NaN or Inf: training "
                                 "diverged; lower optimizer.learning_rate")
         loss, acc = self.model.evaluate(self.x_eval, self.y_eval)
-        rec = {"step": steps, "loss": loss, "accuracy": acc,
-               "wall_s": time.time() - self.t0}
+        rec = {"step": steps, "loss": loss, "accuracy": acc, "wall_s": time.time() - self.t0}
         self.metrics.write("eval", **rec)
         self.history.append(rec)
         return rec
 
+    def checkpoint(self, final: bool) -> None:
+        """Pause the workers (unless finished), have the shards write, commit."""
+        t = time.time()
+        self.sequence += 1
+        k = self.sequence
+        workers = self.topo.num_workers
+        self.coord.store(k, self.me, CKPT_REQ)
+        backoff = Backoff(cap=0.005)
+        rows = np.zeros(ROW * workers, np.int64)
+        while True:
+            self.fault.check()
+            self.coord.read(rows, self.me, HEAD)
+            r = rows.reshape(workers, ROW)
+            if np.all((r[:, ACK] >= k) | (r[:, FINISHED] == 1)):
+                break
+            backoff.wait()
+        request_checkpoint(self.ps, k, heartbeat=self.fault.check)
+        # exact (STEPS lags by up to log_every per worker); each partition counts its replica
+        steps = int(r[:, W_STEP].sum()) // self.cfg.topology.partitions
+        ckpt_mod.commit(self.run_dir, k, steps=steps, num_params=self.model.num_params,
+                        num_shards=self.cfg.topology.shards,
+                        workers=r[:, W_STEP:W_POS + 1], final=final,
+                        model=self.cfg.to_dict()["model"], config=self.cfg.to_dict(),
+                        keep=self.cfg.checkpoint.keep)
+        self.coord.store(k, self.me, CKPT_DONE)
+        self.metrics.write("checkpoint", sequence=k, steps=steps, final=final,
+                           seconds=round(time.time() - t, 3))
+        log.info("checkpoint %d written (%d steps, %.2f s)%s", k, steps, time.time() - t,
+                 " (final)" if final else "")
+
     def run(self) -> dict:
-        dp = self.cfg.downpour
+        dp, ck = self.cfg.downpour, self.cfg.checkpoint
         R = self.cfg.topology.replicas
         workers = self.topo.num_workers
         total = dp.steps * R if dp.steps else 0
-        next_eval = time.time() + dp.eval_every_s
-        last_steps, last_t = 0, time.time()
-        stopped_early = False
-        fault = Fault(self.topo.rank)
+        now = time.time()
+        next_eval = now + dp.eval_every_s
+        next_ckpt = now + ck.every_s if ck.every_s else math.inf
+        next_ckpt_steps = ((self.resume.steps if self.resume else 0) + ck.every_steps
+                           if ck.every_steps else math.inf)
+        last_steps, last_t = self._get(STEPS), now
+        stopped_early = interrupted = False
         while True:
-            fault.check()
-            if self.coord.load(COORDINATOR_RANK, DONE) >= workers:
+            self.fault.check()
+            if self._get(DONE) >= workers:
                 break
+            if not interrupted and (TERMINATION.requested or self._get(TERM)):
+                log.warning("SIGTERM received: stopping after a last checkpoint")
+                interrupted = True
+                self.coord.store(1, self.me, STOP)
             now = time.time()
+            steps = self._get(STEPS)
+            if not interrupted and (now >= next_ckpt or steps >= next_ckpt_steps):
+                self.checkpoint(final=False)
+                next_ckpt = time.time() + ck.every_s if ck.every_s else math.inf
+                while next_ckpt_steps <= self._get(STEPS):
+                    next_ckpt_steps += ck.every_steps
             if now >= next_eval:
-                steps = self.coord.load(COORDINATOR_RANK, STEPS)
                 rec = self.evaluate(steps)
-                rate = (steps - last_steps) * self.cfg.data.batch_size / (now - last_t)
+                rate = (steps - last_steps) * self.cfg.data.batch_size / max(now - last_t, 1e-9)
                 last_steps, last_t = steps, now
                 pct = f" ({100 * steps / total:.0f}%)" if total else ""
                 log.info("step %d%s | %.0f samples/s | test loss %.4f accuracy %.4f | %.1f s",
@@ -252,22 +416,28 @@ class Coordinator:
                 if dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
                         and not stopped_early:
                     log.info("target accuracy %.4f reached: stopping", dp.target_accuracy)
-                    self.coord.store(1, COORDINATOR_RANK, STOP)
+                    self.coord.store(1, self.me, STOP)
                     stopped_early = True
                 next_eval = time.time() + dp.eval_every_s
             time.sleep(0.02)
         # Every worker's pushes are acknowledged: the shards hold the final parameters.
-        steps = self.coord.load(COORDINATOR_RANK, STEPS)
+        steps = self._get(STEPS)
         final = self.evaluate(steps)
+        self.checkpoint(final=not interrupted)
         request_stop(self.ps)
-        save_params(self.run_dir / "params.h5", self.model.params, self.cfg.to_dict()["model"],
-                    steps)
+        ckpt_mod.save_params(self.run_dir / "params.h5", self.model.params,
+                    self.cfg.to_dict()["model"], steps)
         wall = time.time() - self.t0
-        log.info("done: %d steps in %.1f s | final test loss %.4f accuracy %.4f",
-                 steps, wall, final["loss"], final["accuracy"])
+        log.info("%s: %d steps in %.1f s | final test loss %.4f accuracy %.4f",
+                 "interrupted" if interrupted else "done", steps, wall, final["loss"],
+                 final["accuracy"])
         return {"steps": steps, "wall_s": wall, "final_test_loss": final["loss"],
                 "final_test_accuracy": final["accuracy"],
                 "best_test_accuracy": max(r["accuracy"] for r in self.history),
                 "target_reached": bool(dp.target_accuracy and (
                     stopped_early or final["accuracy"] >= dp.target_accuracy)),
+                "interrupted": interrupted,
+                "resumed_from": ({"sequence": self.resume.sequence, "steps": self.resume.steps}
+                                 if self.resume else None),
                 "num_params": self.model.num_params}
+
