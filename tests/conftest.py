@@ -24,6 +24,35 @@ JOB_ENV = {
 }
 
 
+def remove_stale_mpich_segments() -> int:
+    """Delete MPICH shared-memory segments that no live process maps.
+
+    An aborted MPICH job (these tests abort jobs on purpose) leaves /dev/shm/mpich_shm_*
+    behind; a later job whose id hashes to the same name can then fail or hang in MPI_Init.
+    """
+    shm = Path("/dev/shm")
+    stale = set(shm.glob("mpich_shm_*")) if shm.is_dir() else set()
+    if not stale:
+        return 0
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        if "mpich_shm_" in text:
+            stale = {p for p in stale if str(p) not in text}
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_shared_memory():
+    remove_stale_mpich_segments()
+    yield
+    remove_stale_mpich_segments()
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """Synthetic 28x28 10-class data (2400 train in 4 shards, 400 test), made here."""
@@ -42,5 +71,8 @@ def run_job(nranks: int, args: list[str], timeout: float = 120, env: dict | None
     """``mpiexec -n N python -m mpi4py -m dbmpi ARGS`` under a timeout; never hangs a test."""
     full_env = {**os.environ, **JOB_ENV, **(env or {})}
     cmd = [MPIEXEC, "-n", str(nranks), sys.executable, "-m", "mpi4py", "-m", "dbmpi", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=cwd)
+    if proc.returncode != 0:
+        remove_stale_mpich_segments()
+    return proc
