@@ -142,3 +142,40 @@ def test_one_partition_on_comm_self_equals_the_model(layers, shape):
     assert pm.stats()["bytes_sent"] == 0
     assert pm.evaluate(x, y) == model.evaluate(x, y)
     pm.free()
+
+
+def test_downpour_helpers_convert_between_layouts():
+    """dbmpi.train.partitioned: shard ranges, initial global vector, the coordinator's fetch."""
+    from types import SimpleNamespace as NS
+
+    from dbmpi.train import partitioned
+
+    ds = NS(feature_shape=(3, 4), num_classes=4)
+
+    def cfg(P):
+        return NS(topology=NS(partitions=P), model=NS(layers=DENSE, loss="softmax"),
+                  run=NS(seed=3))
+
+    model = Model.from_spec((3, 4), DENSE, 4)
+    init = model.init_params(3).copy()
+    plan = PartitionPlan((3, 4), DENSE, 4, 2)
+    assert partitioned.plan_for(cfg(1), ds) is None
+    assert partitioned.param_ranges(cfg(1), model, ds) == [(0, model.num_params)]
+    assert partitioned.param_ranges(cfg(2), model, ds) == plan.ranges
+    np.testing.assert_array_equal(partitioned.initial_params(cfg(1), model, ds), init)
+    g = partitioned.initial_params(cfg(2), model, ds)
+    np.testing.assert_array_equal(g, plan.from_model(init))
+
+    class Client:
+        wait_s = 1.5
+
+        def fetch(self, params, read_own_pushes=False):
+            params[:] = g
+
+    client = Client()
+    assert partitioned.coordinator_client(client, cfg(1), ds) is client
+    view = partitioned.coordinator_client(client, cfg(2), ds)
+    out = np.zeros(model.num_params, np.float32)
+    view.fetch(out)
+    np.testing.assert_array_equal(out, init)
+    assert view.wait_s == 1.5

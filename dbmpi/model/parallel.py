@@ -11,10 +11,10 @@ deadline (``DBMPI_PARTITION_TIMEOUT_S``, default 120 s), sleeping with backoff a
 spin so that oversubscribed ranks give up the core, and a message that never arrives, or a
 send that is never received, raises :class:`PartitionError` naming both partitions instead
 of hanging. At the end of the forward pass and of the backward pass each partition probes for
-messages of that phase still pending from any peer: a message nobody expected (the partitions
-disagree on the plan) is an error too. No stale message can be legitimately pending there: a
-peer cannot start the next phase before this partition has sent it what that phase needs
-(the logits all-gather and the output layer's gradient reduce-scatter involve every pair).
+messages of that pass still pending from any peer: a message nobody expected (the partitions
+disagree on the plan) is an error too. Tags carry the parity of the pass: a peer may already
+be one pass ahead (its next batch's first halo can arrive while this partition checks), never
+two, because every forward pass all-gathers the logits between every pair of partitions.
 
 Bytes sent between partitions are counted per message (``bytes_sent``, ``messages_sent``;
 cumulative, read and reset by the caller).
@@ -55,7 +55,7 @@ class Exchange:
     """
 
     def __init__(self, comm: MPI.Comm, names: list[str], timeout_s: float | None = None,
-                 spin_s: float = 2e-4, max_sleep_s: float = 1e-3, label: str = ""):
+                 spin_s: float = 2e-4, max_sleep_s: float = 2e-4, label: str = ""):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.names = names  # layer names by index, for messages

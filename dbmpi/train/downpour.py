@@ -148,7 +148,7 @@ class _TermReporter:
 
 
 class Worker:
-    """One model replica (one partition rank per replica until model parallelism)."""
+    """One rank of a model replica: the whole model, or one partition of it (P > 1)."""
 
     def __init__(self, cfg, topo, model, dataset, ps, coord, metrics, resume=None):
         self.cfg, self.topo, self.model = cfg, topo, model
