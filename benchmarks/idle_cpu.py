@@ -11,34 +11,17 @@ Runs the same Downpour job twice, side by side in one invocation: once with the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine_info, print_table, write_json  # noqa: E402
-
-from dbmpi import config as config_mod  # noqa: E402
-from dbmpi.launch import MPICH_YIELD, command, find_mpiexec, launch_env  # noqa: E402
+from _common import machine_info, print_table, write_json
+from _jobs import run_job
 
 
-def run(cfg_path: str, overrides: list[str], yield_cpu: bool, run_dir: Path) -> dict:
-    cfg = config_mod.load(cfg_path, overrides)
-    n = cfg.topology.world_size
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MPIR_CVAR_")}
-    env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions, env=base)
-    if not yield_cpu:
-        for key in MPICH_YIELD:
-            env.pop(key, None)
-    cmd = command(cfg_path, [*overrides, f"run.dir={json.dumps(str(run_dir))}"], n,
-                  find_mpiexec())
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+def run(cfg_path: str, overrides: list[str], yield_cpu: bool) -> dict:
+    return run_job(cfg_path, overrides, yield_cpu)[0]
 
 
 def main() -> None:
@@ -46,11 +29,10 @@ def main() -> None:
     ap.add_argument("--config", default="jobs/configs/demo.toml")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        results = {
-            "yield": run(args.config, args.overrides, True, Path(tmp) / "yield"),
-            "default": run(args.config, args.overrides, False, Path(tmp) / "default"),
-        }
+    results = {
+        "yield": run(args.config, args.overrides, True),
+        "default": run(args.config, args.overrides, False),
+    }
     rows = []
     for a, b in zip(results["yield"]["ranks"], results["default"]["ranks"]):
         rows.append([a["rank"], f"{a['role']} {a['index']}", f"{a['cpu_fraction']:.3f}",
