@@ -294,6 +294,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(t.shards >= 1, f"{s} topology.shards", f"must be >= 1, got {t.shards}")
     _require(t.replicas >= 1, f"{s} topology.replicas", f"must be >= 1, got {t.replicas}")
     _require(t.partitions >= 1, f"{s} topology.partitions", f"must be >= 1, got {t.partitions}")
+    _require(t.partitions == 1 or cfg.algorithm == "downpour", f"{s} topology.partitions",
+             f"must be 1 for {cfg.algorithm!r} (model parallelism runs with downpour), "
+             f"got {t.partitions}")
     m = cfg.model
     _require(m.loss in ("softmax", "hinge"), f"{s} model.loss",
              f"must be 'softmax' or 'hinge', got {m.loss!r}")

@@ -179,3 +179,38 @@ def test_downpour_helpers_convert_between_layouts():
     view.fetch(out)
     np.testing.assert_array_equal(out, init)
     assert view.wait_s == 1.5
+
+
+@pytest.mark.parametrize("text,field", [
+    ('[topology]\npartitions = 0\n', "topology.partitions"),
+    ('algorithm = "sandblaster"\n[topology]\npartitions = 2\n', "topology.partitions"),
+    ('[model]\nlayers = [{type = "local", filters = 4}]\n', "model.layers[0].kernel"),
+    ('[model]\nlayers = [{type = "local", filters = 4, kernel = 3, size = 2}]\n',
+     "model.layers[0]"),
+    ('[model]\nlayers = [{type = "l2pool", size = 2, stride = 0}]\n', "model.layers[0].stride"),
+    ('[model]\nlayers = [{type = "lcn", size = 4}]\n', "model.layers[0].size"),
+    ('[model]\nlayers = [{type = "lcn", size = 3, activation = "relu"}]\n', "model.layers[0]"),
+    ('[model]\nlayers = [{type = "dense", units = 8}, {type = "lcn", size = 3}]\n',
+     "model.layers[1]"),
+])
+def test_config_checks_image_layers_and_partitions(tmp_path, text, field):
+    from dbmpi import config
+
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(p)
+    assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_accepts_an_image_model_over_partitions(tmp_path):
+    from dbmpi import config
+
+    p = tmp_path / "c.toml"
+    p.write_text('[topology]\npartitions = 3\n[model]\nlayers = [{type = "local", filters = 4, '
+                 'kernel = 5, stride = 2, activation = "relu"}, {type = "l2pool", size = 2}, '
+                 '{type = "lcn", size = 3}, {type = "dense", units = 8}]\n')
+    cfg = config.load(p)
+    assert cfg.topology.world_size == 1 + 2 + 2 * 3
+    assert config.load(p, []) == config.from_dict(
+        __import__("tomllib").loads(config.to_toml(cfg)))
