@@ -392,3 +392,25 @@ def test_scheduler_counts_every_portion_once(seed, replicas, push_every, backups
                 deliver(r)
         np.testing.assert_array_equal(pushed[e], np.ones(10, int))
     assert REQUEST_HEAD == 5
+
+
+@pytest.mark.parametrize("rank,label", [(0, "coordinator"), (1, "shard 0"), (3, "replica 0")])
+def test_exception_on_one_rank_ends_the_job(tmp_path, small_data, rank, label):
+    cfg = _config(tmp_path, small_data, 2, 2, iterations=1_000_000, record_iterates=False)
+    proc = run_job(5, ["train", str(cfg)], env={"DBMPI_FAULT": f"{rank}:1.0"}, timeout=90)
+    assert proc.returncode != 0
+    assert f"error on rank {rank} ({label}): InjectedFault" in proc.stderr
+
+
+@pytest.mark.parametrize("override,field", [
+    ("sandblaster.c2=0.00001", "sandblaster.c2"),
+    ("sandblaster.line_search='exact'", "sandblaster.line_search"),
+    ("sandblaster.straggler_replica=2", "sandblaster.straggler_replica"),
+    ("sandblaster.portion_sise=10", "sandblaster.portion_sise"),
+])
+def test_bad_sandblaster_config_is_one_line_error(tmp_path, small_data, override, field):
+    cfg = _config(tmp_path, small_data, 1, 2)
+    proc = run_job(4, ["train", str(cfg), "--set", override], timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error:")]
+    assert len(lines) == 1 and field in lines[0], proc.stderr
