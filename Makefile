@@ -25,7 +25,7 @@ export MPIR_CVAR_CH4_PROGRESS_THROTTLE := true
 export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build demo test test-serial test-mpi lint bench clean
+.PHONY: setup build demo test test-serial test-mpi lint bench clean slurm-up slurm-down
 
 setup: $(STAMP)
 
@@ -62,6 +62,14 @@ test-mpi: build
 lint: setup
 	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check dbmpi data_tools tests benchmarks
+
+SLURM_DIR ?= /tmp/dbmpi-slurm
+slurm-up:   # one-node SLURM cluster on this machine (root); then: export SLURM_CONF=$(SLURM_DIR)/slurm.conf
+	test -x /usr/sbin/slurmd || jobs/slurm/cluster.sh install
+	jobs/slurm/cluster.sh up $(SLURM_DIR)
+
+slurm-down:
+	jobs/slurm/cluster.sh down $(SLURM_DIR)
 
 clean:
 	rm -rf build .kernels-built cython_kernels/*.so cython_kernels/*.c
