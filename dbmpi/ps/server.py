@@ -19,10 +19,13 @@ from .rma import Window
 
 log = get_logger("ps")
 
+# Gradient slots per replica: a worker Puts push q+1 into one slot while the shard still
+# applies push q from the other, so pushing overlaps with the shard's optimizer step.
+NSLOTS = 2
 # ctrl window layout on each shard:
-# [STOP, APPLIED, CKPT_REQ, CKPT_ACK, then SEQ, DONE, BASE per worker]
+# [STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker SEQ, DONE, BASE of each slot]
 STOP, APPLIED, CKPT_REQ, CKPT_ACK = 0, 1, 2, 3
-_HEAD, _PER_WORKER = 4, 3
+_HEAD, _PER_WORKER = 4, 2 + NSLOTS
 
 
 def seq_index(worker: int) -> int:
@@ -69,7 +72,7 @@ class ParameterServer:
         block = layout.block_size(topo.index) if is_shard else 0
         comm = topo.comm
         self.params = Window(comm, block, np.float32, "params")
-        self.grads = Window(comm, topo.cfg.replicas * block, np.float32, "grads")
+        self.grads = Window(comm, topo.cfg.replicas * NSLOTS * block, np.float32, "grads")
         self.ctrl = Window(comm, ctrl_size(self.num_workers) if is_shard else 0, np.int64, "ctrl")
 
     def free(self) -> None:
@@ -112,14 +115,14 @@ class ShardService:
         self.checkpointed = 0
         self.grads = ps.grads.local
         self._ctrl = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
-        # Per worker: (slot offset of its range in grads, local lo, local hi), or None.
+        # Per worker: (offset of its replica's first slot in grads, local lo, local hi), or None.
         self.worker_slices: list[tuple[int, int] | None] = []
         P = topo.cfg.partitions
         for w in range(ps.num_workers):
             replica, part = divmod(w, P)
             a, b = ps.worker_ranges[part]
             a, b = max(a, lo) - lo, min(b, hi) - lo
-            self.worker_slices.append((replica * self.block, a, b) if a < b else None)
+            self.worker_slices.append((replica * NSLOTS * self.block, a, b) if a < b else None)
         self.applied = applied
         self.busy_s = 0.0
 
@@ -135,27 +138,33 @@ class ShardService:
             return 0
         t0 = time.perf_counter()
         ps.grads.sync()  # the slots' Puts completed before SEQ moved; see them locally
-        for w in pending:
-            sl = self.worker_slices[w]
-            if sl is not None:
-                slot, a, b = sl
-                g = self.grads[slot + a:slot + b]
-                if not np.isfinite(g).all():
-                    # Refuse it: the shard's parameters and checkpoints stay clean.
-                    raise TrainingError(
-                        f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf; "
-                        f"training diverged: lower optimizer.learning_rate")
-                self.optimizer.step(self.params[a:b], g,
-                                    self.state[a:b] if self.state.size else self.state)
-        ps.params.sync()  # updates visible to fetches from here on
+        applied = 0
         for w in pending:
             i = seq_index(w)
-            ps.ctrl.store(self.applied, self.me, i + 2)  # BASE_w
-            self.applied += 1
-            ps.ctrl.store(self.applied, self.me, APPLIED)
+            sl = self.worker_slices[w]
+            for push in range(int(ctrl[i + 1]) + 1, int(ctrl[i]) + 1):  # in push order
+                slot = (push - 1) % NSLOTS
+                if sl is not None:
+                    first, a, b = sl
+                    off = first + slot * self.block
+                    g = self.grads[off + a:off + b]
+                    if not np.isfinite(g).all():
+                        # Refuse it: the shard's parameters and checkpoints stay clean.
+                        raise TrainingError(
+                            f"shard {self.shard}: worker {w} pushed a gradient holding NaN or "
+                            f"Inf; training diverged: lower optimizer.learning_rate")
+                    self.optimizer.step(self.params[a:b], g,
+                                        self.state[a:b] if self.state.size else self.state)
+                ps.ctrl.store(self.applied, self.me, i + 2 + slot)  # BASE of this push
+                self.applied += 1
+                applied += 1
+        ps.params.sync()  # updates visible to fetches from here on
+        ps.ctrl.store(self.applied, self.me, APPLIED)
+        for w in pending:
+            i = seq_index(w)
             ps.ctrl.store(int(ctrl[i]), self.me, i + 1)  # DONE_w = SEQ_w: acknowledged
         self.busy_s += time.perf_counter() - t0
-        return len(pending)
+        return applied
 
     def _checkpoint(self, sequence: int) -> None:
         if self.on_checkpoint is not None:
@@ -227,7 +236,7 @@ class PSClient:
         self.replica = replica
         self.segments = ps.layout.segments(start, stop)
         self.counters = {seg.shard: _ShardCounters() for seg in self.segments}
-        self._three = np.zeros(3, dtype=np.int64)
+        self._mine = np.zeros(_PER_WORKER, dtype=np.int64)
         self._one = np.zeros(1, dtype=np.int64)
         self.wait_s = 0.0
 
@@ -253,17 +262,19 @@ class PSClient:
     def push(self, grads: np.ndarray) -> None:
         """Post the gradient of my range (length stop - start) to the shards.
 
-        Waits only while a shard has not yet consumed my previous push (one in flight).
+        Waits only while the slot it goes to still holds a push the shard has not consumed
+        (at most NSLOTS pushes of mine are in flight).
         """
         assert self.worker is not None, "only workers push"
         ps = self.ps
-        slot0 = self.replica
         for seg in self.segments:
             target = ps.topo.shard_rank(seg.shard)
-            self._wait_slot(seg.shard, target)
+            push = self.counters[seg.shard].pushes + 1
+            self._wait_slot(seg.shard, target, push - NSLOTS)
             lo = seg.start - self.start
             block = ps.layout.block_size(seg.shard)
-            ps.grads.put(grads[lo:lo + seg.count], target, slot0 * block + seg.offset)
+            slot = self.replica * NSLOTS + (push - 1) % NSLOTS
+            ps.grads.put(grads[lo:lo + seg.count], target, slot * block + seg.offset)
         for seg in self.segments:
             target = ps.topo.shard_rank(seg.shard)
             ps.grads.flush(target)
@@ -273,7 +284,8 @@ class PSClient:
     def wait_acknowledged(self) -> None:
         """Block until every shard has applied all my pushes."""
         for seg in self.segments:
-            self._wait_slot(seg.shard, self.ps.topo.shard_rank(seg.shard))
+            self._wait_slot(seg.shard, self.ps.topo.shard_rank(seg.shard),
+                            self.counters[seg.shard].pushes)
 
     def drain_staleness(self) -> list[list[tuple[int, int]]]:
         """(push number, staleness) of my pushes acknowledged since the last call, per shard."""
@@ -285,22 +297,25 @@ class PSClient:
         return out
 
     def _read_worker(self, target: int) -> np.ndarray:
-        return self.ps.ctrl.read(self._three, target, seq_index(self.worker))
+        """[SEQ, DONE, BASE of each slot] of my row on ``target``."""
+        return self.ps.ctrl.read(self._mine, target, seq_index(self.worker))
 
-    def _wait_slot(self, shard: int, target: int) -> None:
+    def _wait_slot(self, shard: int, target: int, need: int) -> None:
+        """Wait until the shard has consumed my pushes up to number ``need``."""
         c = self.counters[shard]
-        seq, done, base = self._read_worker(target)
-        if done < seq:
+        mine = self._read_worker(target)
+        if mine[1] < need:
             t0 = time.perf_counter()
             backoff = Backoff(cap=0.0005)
-            while done < seq:
+            while mine[1] < need:
                 backoff.wait()
-                seq, done, base = self._read_worker(target)
+                mine = self._read_worker(target)
             self.wait_s += time.perf_counter() - t0
-        if c.pushes > c.last_recorded:
-            # My latest push (number c.pushes) is acknowledged: BASE pushes were applied
-            # before it, c.pushes - 1 of them mine. Counters are read one element at a time,
-            # so a fetch racing my own acknowledgement can make this 1 too small: clip at 0.
-            others_before = int(base) - (c.pushes - 1)
-            c.staleness.append((c.pushes, max(0, others_before - c.others_at_fetch)))
-            c.last_recorded = c.pushes
+        for push in range(c.last_recorded + 1, int(mine[1]) + 1):
+            # Push number `push` is acknowledged and its slot not yet reused: its BASE pushes
+            # were applied before it, push - 1 of them mine. Counters are read one element at
+            # a time, so a fetch racing my own acknowledgement can make this 1 too small.
+            base = int(mine[2 + (push - 1) % NSLOTS])
+            others_before = base - (push - 1)
+            c.staleness.append((push, max(0, others_before - c.others_at_fetch)))
+            c.last_recorded = push

@@ -241,6 +241,7 @@ class Worker:
         pending, start_step = 0, self.step
         slow = self.replica == dp.straggler_replica and dp.straggler_factor > 1
         win_loss, win_correct, win_n, win_t = 0.0, 0, 0, time.perf_counter()
+        win_fetch = win_push = 0.0  # seconds spent in fetch and push this window
         while not self._budget_spent():
             head = self._read_head()
             if head[STOP]:
@@ -249,12 +250,14 @@ class Worker:
             t_step = time.perf_counter()
             if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
                 client.fetch(model.params, read_own_pushes=dp.read_own_pushes)
+                win_fetch += time.perf_counter() - t_step
             x, y = self.reader.next_batch()
             loss, correct = model.forward_backward(x, y)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"replica {self.replica}: the training loss is {loss} at step {self.step}: "
                     f"lower optimizer.learning_rate (now {self.cfg.optimizer.learning_rate})")
+            t_push = time.perf_counter()
             if accum is None:
                 client.push(model.grads)
             else:
@@ -264,6 +267,7 @@ class Worker:
                     client.push(accum)
                     accum[:] = 0
                     pending = 0
+            win_push += time.perf_counter() - t_push
             self.step += 1
             if slow:
                 time.sleep((dp.straggler_factor - 1) * (time.perf_counter() - t_step))
@@ -279,11 +283,15 @@ class Worker:
                     self.metrics.write("train", replica=self.replica, step=self.step,
                                        epoch=round(self.reader.epochs_done, 4),
                                        loss=win_loss / win_n, accuracy=win_correct / win_n,
-                                       samples_per_s=win_n / (now - win_t), **extra)
+                                       samples_per_s=win_n / (now - win_t),
+                                       fetch_fraction=round(win_fetch / (now - win_t), 4),
+                                       push_fraction=round(win_push / (now - win_t), 4),
+                                       **extra)
                     self.coord.accumulate(np.array([win_n // len(y)], np.int64),
                                           COORDINATOR_RANK, STEPS)
                     self.coord.flush(COORDINATOR_RANK)
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
+                win_fetch = win_push = 0.0
                 self._log_staleness()
         if accum is not None and pending:
             client.push(accum)

@@ -1,0 +1,97 @@
+"""PS path bandwidth, run under mpiexec by benchmarks/downpour.py (1 coordinator, S shards,
+1 worker): fetch and push through the shards against raw one-sided Get / Put / Accumulate of
+the same bytes on the same windows (Win.Allocate, Lock_all(MODE_NOCHECK), Flush).
+
+    mpiexec -n 4 python -m mpi4py benchmarks/_ps_bandwidth.py --params 41777152 --shards 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from dbmpi.config import TopologyConfig
+from dbmpi.optim import Adagrad
+from dbmpi.ps import ParameterServer, ParamLayout, PSClient, ShardService
+from dbmpi.ps.server import request_stop
+from dbmpi.topology import Role, Topology
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=int, default=41_777_152)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    comm = MPI.COMM_WORLD
+    topo = Topology.create(TopologyConfig(shards=args.shards, replicas=1), comm)
+    n = args.params
+    layout = ParamLayout.even(n, args.shards)
+    ps = ParameterServer(topo, layout, [(0, n)])
+    service = None
+    if topo.role is Role.SHARD:
+        lo, hi = layout.block(topo.index)
+        service = ShardService(ps, Adagrad(1e-4), np.zeros(hi - lo, np.float32))
+    comm.Barrier()
+    out = None
+    if service is not None:
+        service.serve()
+    elif topo.role is Role.REPLICA:
+        client = PSClient(ps, 0, n, worker=0, replica=0)
+        params = np.empty(n, np.float32)
+        grads = np.random.default_rng(0).standard_normal(n).astype(np.float32) * 1e-3
+        segs = layout.segments(0, n)
+
+        def raw(op):
+            for seg in segs:
+                target = topo.shard_rank(seg.shard)
+                part = (params if op == "get" else grads)[seg.start:seg.stop]
+                if op == "get":
+                    ps.params.get(part, target, seg.offset)
+                elif op == "put":
+                    ps.grads.put(part, target, seg.offset)
+                else:
+                    ps.grads.accumulate(part, target, seg.offset)
+            for seg in segs:
+                (ps.params if op == "get" else ps.grads).flush(topo.shard_rank(seg.shard))
+
+        def timed(fn):
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+
+        pushes = 4
+        samples = {k: [] for k in ("raw_get", "fetch", "raw_put", "raw_accumulate", "push")}
+        for _ in range(args.repeats):
+            samples["raw_get"].append(timed(lambda: raw("get")))
+            samples["fetch"].append(timed(lambda: client.fetch(params)))
+            samples["raw_put"].append(timed(lambda: raw("put")))
+            samples["raw_accumulate"].append(timed(lambda: raw("accumulate")))
+
+            def push_many():
+                for _ in range(pushes):
+                    client.push(grads)
+                client.wait_acknowledged()
+            samples["push"].append(timed(push_many) / pushes)
+        request_stop(ps)
+        nbytes = 4 * n
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        out = {"params": n, "bytes": nbytes, "shards": args.shards,
+               "seconds": med, "GB_per_s": {k: nbytes / v / 1e9 for k, v in med.items()},
+               "fetch_vs_raw_get": med["raw_get"] / med["fetch"],
+               "push_vs_raw_accumulate": med["raw_accumulate"] / med["push"],
+               "push_vs_raw_put": med["raw_put"] / med["push"]}
+    comm.Barrier()
+    ps.free()
+    results = comm.gather(out, root=0)
+    if comm.Get_rank() == 0:
+        print(json.dumps(next(r for r in results if r)))
+
+
+if __name__ == "__main__":
+    main()
