@@ -14,6 +14,11 @@ log-probabilities, as a recogniser adds acoustic log-likelihoods along a word. W
 ``--frames speech`` only the frames the model itself does not put in silence vote (all of
 them if it puts every frame there). The true word of an utterance is the word of its
 non-silence frame labels.
+
+``--iterates``: Sandblaster's coordinator evaluates the test set once, at the end. For a
+time-to-accuracy curve, run it with ``sandblaster.record_iterates = true`` (every iterate is
+appended to ``iterates.h5``) and ``python -m dbmpi eval RUN_DIR --iterates`` scores each one,
+timed at the end of its L-BFGS iteration, into ``eval_iterates.jsonl``.
 """
 
 from __future__ import annotations
@@ -112,15 +117,13 @@ def _run_config(run_dir: Path) -> dict:
                          "`python -m dbmpi train`") from None
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None,
-                 frames: str = "all", batch: int = 4096, write: bool = True) -> dict:
-    """Evaluate ``RUN_DIR/params.h5`` on ``split``; return (and write to eval.json) a dict."""
+def _load_run(run_dir: Path, split: str, data: str | None):
+    """The run's model (from params.h5) and the split: ``(model, params, ds, data_path, x, y,
+    groups or None)``."""
     from .checkpoint import load_params
     from .data import open_dataset
     from .model import Model
 
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
     data_path = data or cfg.get("data", {}).get("path")
     if not data_path:
@@ -136,18 +139,33 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
         raise DbmpiError(f"{run_dir / 'params.h5'} holds {params.size} parameters but its "
                          f"model on {data_path} has {model.num_params}: pass the data set the "
                          "run was trained on with --data")
-    model.params[:] = params
-    try:
+    g = None
+    if all(_has_groups(p) for p in ds.splits.get(split, [])):
         x, y, g = ds.load(split, with_groups=True)
-    except DbmpiError:
+    else:
         x, y = ds.load(split)
-        g = None
+    return model, params, ds, str(data_path), x, y, g
+
+
+def _has_groups(path: Path) -> bool:
+    import h5py
+
+    from .data.schema import GROUPS
+
+    with h5py.File(path, "r", locking=False) as f:
+        return GROUPS in f
+
+
+def score(model, params: np.ndarray, ds, x: np.ndarray, y: np.ndarray, g: np.ndarray | None,
+          frames: str = "all", batch: int = 4096) -> dict:
+    """Frame accuracy and loss of ``params`` on ``(x, y)``; with groups, utterance accuracy,
+    the word confusion matrix and the wrong utterances (by group)."""
+    model.params[:] = params
     log_probs = np.empty((len(y), ds.num_classes))
     for lo in range(0, len(y), batch):
         log_probs[lo:lo + batch] = log_softmax(model.forward(x[lo:lo + batch]))
     pred = log_probs.argmax(axis=1)
     out: dict = {
-        "run_dir": str(run_dir), "data": str(data_path), "split": split,
         "frames": len(y),
         "frame_accuracy": float(np.mean(pred == y)),
         "frame_loss": float(-log_probs[np.arange(len(y)), y].mean()),
@@ -160,24 +178,75 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
         known = truth >= 0
         confusion = np.zeros((len(words), len(words)), np.int64)
         np.add.at(confusion, (truth[known], decided[known]), 1)
-        files = _utterance_files(Path(data_path), split)
-        errors = [{"group": int(ids[i]), "file": files.get(int(ids[i])),
-                   "word": words[truth[i]], "decided": words[decided[i]]}
-                  for i in np.flatnonzero(known & (truth != decided))]
         out.update({
             "utterance_frames": frames,
             "utterances": int(known.sum()),
             "utterance_accuracy": float(np.mean(decided[known] == truth[known])),
             "words": words,
             "confusion": confusion.tolist(),
-            "utterance_errors": errors,
+            "utterance_errors": [{"group": int(ids[i]), "word": words[truth[i]],
+                                  "decided": words[decided[i]]}
+                                 for i in np.flatnonzero(known & (truth != decided))],
         })
+    return out
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None,
+                 frames: str = "all", batch: int = 4096, write: bool = True) -> dict:
+    """Evaluate ``RUN_DIR/params.h5`` on ``split``; return (and write to eval.json) a dict."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    model, params, ds, data_path, x, y, g = _load_run(run_dir, split, data)
+    out = {"run_dir": str(run_dir), "data": data_path, "split": split,
+           **score(model, params, ds, x, y, g, frames, batch)}
+    files = _utterance_files(Path(data_path), split)
+    for e in out.get("utterance_errors", []):
+        e["file"] = files.get(e["group"])
     out["eval_s"] = round(time.perf_counter() - t0, 3)
     if write:
-        tmp = run_dir / "eval.json.tmp"
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(run_dir / "eval.json")
+        _write_json(run_dir / "eval.json", out)
     return out
+
+
+def evaluate_iterates(run_dir: str | Path, split: str = "test", data: str | None = None,
+                      frames: str = "all") -> Path:
+    """Test accuracy of every iterate a Sandblaster run recorded (``sandblaster.record_iterates``
+    writes ``iterates.h5``), timed by the wall time of its ``lbfgs`` record: written as
+    ``eval`` records to ``RUN_DIR/eval_iterates.jsonl``, which ``python -m dbmpi plot`` draws
+    instead of the run's single final evaluation."""
+    import h5py
+
+    from . import metrics as metrics_mod
+
+    run_dir = Path(run_dir)
+    path = run_dir / "iterates.h5"
+    if not path.is_file():
+        raise DbmpiError(f"{path}: not found; run Sandblaster with --set "
+                         "sandblaster.record_iterates=true")
+    model, _, ds, _, x, y, g = _load_run(run_dir, split, data)
+    when = {r["iteration"]: r["time"] for r in metrics_mod.read(run_dir) if r["kind"] == "lbfgs"}
+    out = run_dir / "eval_iterates.jsonl"
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(path, "r") as f, tmp.open("w") as fh:
+        its = f["iterates"]
+        for k in range(its.shape[0]):
+            if k not in when:
+                raise DbmpiError(f"{run_dir}/metrics.jsonl has no lbfgs record for iteration "
+                                 f"{k} of {path}")
+            r = score(model, its[k].astype(np.float32), ds, x, y, g, frames)
+            rec = {"kind": "eval", "iteration": k, "step": k, "loss": r["frame_loss"],
+                   "accuracy": r["frame_accuracy"], "wall_s": when[k]}
+            if "utterance_accuracy" in r:
+                rec["utterance_accuracy"] = r["utterance_accuracy"]
+            fh.write(json.dumps(rec) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _utterance_files(data_path: Path, split: str) -> dict[int, str]:

@@ -75,8 +75,9 @@ def plot_time_to_accuracy(run_dirs: list[Path], out: Path, metric: str = "accura
                           target: float | None = None, title: str | None = None
                           ) -> tuple[Path, list[str]]:
     """The paper's Figure 4 for our runs: each run's test ``metric`` (from its ``eval``
-    records) against wall time, one line per run, in one PNG. Returns the PNG path and one
-    line of text per run (time to ``target``, best and last value)."""
+    records, or ``eval_iterates.jsonl`` where ``python -m dbmpi eval --iterates`` wrote one)
+    against wall time, one line per run, in one PNG. Returns the PNG path and one line of
+    text per run (time to ``target``, best and last value)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +92,11 @@ def plot_time_to_accuracy(run_dirs: list[Path], out: Path, metric: str = "accura
         if labels.count(label) > 1:
             label = f"{label} {d.name}"
         try:
-            evals = [r for r in metrics_mod.read(d) if r["kind"] == "eval"]
+            iterates = d / "eval_iterates.jsonl"  # a Sandblaster run scored afterwards
+            if iterates.is_file():
+                evals = [json.loads(line) for line in iterates.open() if line.strip()]
+            else:
+                evals = [r for r in metrics_mod.read(d) if r["kind"] == "eval"]
         except FileNotFoundError:
             raise DbmpiError(f"{d}/metrics.jsonl: not found; pass run directories of finished "
                              "`python -m dbmpi train` jobs") from None

@@ -137,3 +137,26 @@ def test_speech_job_then_eval(speech_shards, tmp_path):
     assert e["utterances"] == 12 and 0 <= e["utterance_accuracy"] <= 1
     summary = json.loads((run / "summary.json").read_text())
     assert e["frame_accuracy"] == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
+
+
+def test_sandblaster_speech_job_then_eval_iterates(speech_shards, tmp_path, capsys):
+    """The shipped Sandblaster config, shrunk: its recorded iterates become a curve."""
+    run = tmp_path / "sb"
+    r = run_job(3, ["train", "jobs/configs/speech_sandblaster.toml",
+                    "--set", f"data.path={speech_shards}", "--set", "topology.shards=1",
+                    "--set", "topology.replicas=1", "--set", "sandblaster.iterations=3",
+                    "--set", "sandblaster.batch_size=512",
+                    "--set", 'model.layers=[{type = "dense", units = 16}]',
+                    "--set", f"run.dir={run}"], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert dbmpi_main(["eval", str(run), "--iterates"]) == 0
+    recs = [json.loads(line) for line in (run / "eval_iterates.jsonl").open()]
+    assert [x["iteration"] for x in recs] == list(range(len(recs))) and len(recs) >= 2
+    assert all(0 <= x["accuracy"] <= 1 and x["wall_s"] > 0 for x in recs)
+    assert recs == sorted(recs, key=lambda x: x["wall_s"])
+    # the last iterate is the final parameters: the same frame accuracy as eval.json
+    e = json.loads((run / "eval.json").read_text())
+    assert recs[-1]["accuracy"] == pytest.approx(e["frame_accuracy"], abs=1e-6)
+    out = tmp_path / "f.png"
+    assert dbmpi_main(["plot", str(run), "--out", str(out)]) == 0
+    assert "Sandblaster L-BFGS [1]" in capsys.readouterr().out
