@@ -16,11 +16,17 @@ from dbmpi.launch import MPICH_YIELD, command, find_mpiexec, launch_env
 
 
 def run_job(cfg_path: str, overrides: list[str], yield_cpu: bool = True,
-            timeout: float = 1800) -> tuple[dict, list[dict]]:
-    """Run ``train`` like ``python -m dbmpi launch``; return (summary, metrics records)."""
+            timeout: float = 1800, threads: int | None = None) -> tuple[dict, list[dict]]:
+    """Run ``train`` like ``python -m dbmpi launch``; return (summary, metrics records).
+
+    ``threads`` fixes the BLAS threads per rank (default: the launcher's choice).
+    """
     cfg = config_mod.load(cfg_path, overrides)
     n = cfg.topology.world_size
     base = {k: v for k, v in os.environ.items() if not k.startswith("MPIR_CVAR_")}
+    if threads is not None:
+        for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            base[key] = str(threads)
     env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions, env=base)
     if not yield_cpu:
         for key in MPICH_YIELD:

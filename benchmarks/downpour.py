@@ -1,0 +1,205 @@
+"""Downpour at full speed: three tables from one command, written to benchmarks/results/.
+
+1. PS path: fetch and push through the shards (1 worker, S shards, the acoustic model's 41.8M
+   parameters) as a ratio to raw one-sided Get / Accumulate of the same bytes on the same
+   windows (Win.Allocate, Lock_all(MODE_NOCHECK) + Flush), medians of interleaved repeats.
+2. Replica scaling: samples/s of R = 1 and 2 replicas (single-threaded ranks) of the
+   440-2000x4-8000 model on random data, n_fetch = n_push = 1 and 4; the fraction of step time
+   spent in fetch and in push; the staleness distribution.
+3. Time to accuracy on Fashion-MNIST (784-512-256-10 ReLU MLP, batch 64 per replica): wall
+   time until the test accuracy first reaches the target, for Downpour + Adagrad with 1 and 2
+   replicas, and PyTorch DDP (gloo, 2 processes x 1 thread, the same MLP, data and batch per
+   process) with each of a few optimizers (the best one counts).
+
+    python benchmarks/downpour.py --fmnist data/fmnist --fmnist-idx /work/shared/data/fashion-mnist
+    python benchmarks/downpour.py --quick        # small sizes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine_info, print_table, write_json
+from _jobs import run_job
+
+from dbmpi.launch import MPICH_YIELD, find_mpiexec
+
+HERE = Path(__file__).resolve().parent
+
+
+def ps_bandwidth(params: int, shards: int, repeats: int) -> dict:
+    env = {**os.environ, **MPICH_YIELD, "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [find_mpiexec(), "-n", str(2 + shards), sys.executable, "-m", "mpi4py",
+           str(HERE / "_ps_bandwidth.py"), "--params", str(params), "--shards", str(shards),
+           "--repeats", str(repeats)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def make_random_data(out: Path, features: int, classes: int, n: int) -> Path:
+    """Random features and labels in the shard format (throughput only: nothing to learn)."""
+    from data_tools.shards import build_manifest, write_split
+
+    rng = np.random.default_rng(0)
+    for split, count, shards in (("train", n, 4), ("test", max(64, n // 8), 1)):
+        x = rng.standard_normal((count, features), dtype=np.float32)
+        y = rng.integers(0, classes, count)
+        write_split(out, split, x, y, num_shards=shards, seed=0, num_classes=classes,
+                    source="random", normalization="none",
+                    command="benchmarks/downpour.py")
+    build_manifest(out)
+    return out
+
+
+def scaling(data: Path, layers: str, batch: int, steps: int, replicas: list[int],
+            cadences: list[int]) -> list[dict]:
+    rows = []
+    for cadence in cadences:
+        for R in replicas:
+            over = [f"data.path={json.dumps(str(data))}", f"topology.replicas={R}",
+                    "topology.shards=2", f"model.layers={layers}", f"data.batch_size={batch}",
+                    f"downpour.steps={steps}", "downpour.epochs=0", "downpour.warm_start_steps=0",
+                    f"downpour.n_fetch={cadence}", f"downpour.n_push={cadence}",
+                    "downpour.log_every=5", "downpour.eval_every_s=10000.0",
+                    "data.eval_limit=64", "checkpoint.every_s=0",
+                    "optimizer.learning_rate=0.001"]
+            summary, recs = run_job("jobs/configs/demo.toml", over, threads=1)
+            train = [r for r in recs if r["kind"] == "train"]
+            per = []
+            for rep in range(R):
+                mine = [r for r in train if r["replica"] == rep][1:]  # drop start-up window
+                per.append(statistics.median(r["samples_per_s"] for r in mine))
+            stale = collections.Counter(s for r in recs if r["kind"] == "push"
+                                        for s in r["staleness"] if s is not None)
+            rows.append({
+                "replicas": R, "n_fetch_push": cadence, "samples_per_s": sum(per),
+                "per_replica": per,
+                "fetch_fraction": statistics.median(r["fetch_fraction"] for r in train),
+                "push_fraction": statistics.median(r["push_fraction"] for r in train),
+                "staleness": dict(sorted(stale.items())),
+                "params": summary["num_params"]})
+    for row in rows:
+        one = next(r for r in rows if r["replicas"] == 1
+                   and r["n_fetch_push"] == row["n_fetch_push"])
+        row["speedup"] = row["samples_per_s"] / one["samples_per_s"]
+    return rows
+
+
+def time_to_accuracy_dbmpi(fmnist: Path, replicas: int, target: float, max_epochs: float) -> dict:
+    over = [f"data.path={json.dumps(str(fmnist))}", f"topology.replicas={replicas}",
+            "downpour.steps=0", f"downpour.epochs={max_epochs / replicas}",
+            f"downpour.target_accuracy={target}", "downpour.eval_every_s=1.0",
+            "checkpoint.every_s=0"]
+    summary, recs = run_job("jobs/configs/fashion_mnist.toml", over, threads=1)
+    evals = [r for r in recs if r["kind"] == "eval"]
+    hit = next((r for r in evals if r["accuracy"] >= target), None)
+    return {"system": f"dbmpi Downpour+Adagrad, {replicas} replica(s)",
+            "seconds": hit["wall_s"] if hit else None, "best_accuracy": summary[
+                "best_test_accuracy"], "samples": hit["step"] * 64 if hit else None}
+
+
+def time_to_accuracy_ddp(idx: Path, target: float, max_epochs: float, optim: str,
+                         lr: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ddp.json"
+        cmd = [sys.executable, str(HERE / "_ddp_fmnist.py"), "--src", str(idx), "--target",
+               str(target), "--epochs", str(max_epochs), "--optim", optim, "--lr", str(lr),
+               "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600,
+                           check=False)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-3000:])
+        res = json.loads(out.read_text())
+    res["system"] = f"PyTorch DDP gloo 2x1 thread, {optim} lr {lr}"
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fmnist", default="data/fmnist", help="Fashion-MNIST shards (data_tools)")
+    ap.add_argument("--fmnist-idx", default="/work/shared/data/fashion-mnist",
+                    help="Fashion-MNIST idx files (for the PyTorch side)")
+    ap.add_argument("--target", type=float, default=0.89)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ps", "scaling", "accuracy"])
+    args = ap.parse_args()
+    result = {"machine": machine_info()}
+
+    if "ps" not in args.skip:
+        n = 2_000_000 if args.quick else 41_777_152
+        bw = ps_bandwidth(n, 2, 3 if args.quick else 7)
+        result["ps_bandwidth"] = bw
+        g = bw["GB_per_s"]
+        print_table(["path", "GB/s", "raw GB/s", "ratio"], [
+            ["fetch (Get)", f"{g['fetch']:.2f}", f"{g['raw_get']:.2f}",
+             f"{bw['fetch_vs_raw_get']:.2f}"],
+            ["push (Put + apply)", f"{g['push']:.2f}", f"{g['raw_accumulate']:.2f} (Accumulate)",
+             f"{bw['push_vs_raw_accumulate']:.2f}"],
+            ["push vs raw Put", f"{g['push']:.2f}", f"{g['raw_put']:.2f}",
+             f"{bw['push_vs_raw_put']:.2f}"]],
+            title=f"1. PS path, {bw['bytes'] / 1e6:.0f} MB over {bw['shards']} shards")
+
+    if "scaling" not in args.skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.quick:
+                data = make_random_data(Path(tmp) / "rand", 440, 800, 2048)
+                layers, batch, steps = "[{units=200},{units=200}]", 64, 20
+            else:
+                data = make_random_data(Path(tmp) / "rand", 440, 8000, 8192)
+                layers = ",".join(["{units=2000, activation='relu'}"] * 4)
+                layers, batch, steps = f"[{layers}]", 128, 40
+            rows = scaling(data, layers, batch, steps, [1, 2], [1, 4])
+        result["scaling"] = rows
+        print_table(["R", "n_fetch=n_push", "samples/s", "x one replica", "goal 0.9R",
+                     "fetch frac", "push frac", "staleness counts"],
+                    [[r["replicas"], r["n_fetch_push"], f"{r['samples_per_s']:.0f}",
+                      f"{r['speedup']:.2f}", f"{0.9 * r['replicas']:.1f}",
+                      f"{r['fetch_fraction']:.3f}", f"{r['push_fraction']:.3f}",
+                      " ".join(f"{k}:{v}" for k, v in r["staleness"].items())] for r in rows],
+                    title=f"2. Replica scaling ({rows[0]['params']:,} parameters, 2 shards)")
+
+    if "accuracy" not in args.skip:
+        target = 0.80 if args.quick else args.target
+        epochs = 2.0 if args.quick else 60.0
+        runs = [time_to_accuracy_dbmpi(Path(args.fmnist), 1, target, epochs),
+                time_to_accuracy_dbmpi(Path(args.fmnist), 2, target, epochs)]
+        ddp_opts = [("adagrad", 0.01)] if args.quick else [
+            ("adagrad", 0.01), ("adam", 0.001), ("sgd", 0.05)]
+        ddp = [time_to_accuracy_ddp(Path(args.fmnist_idx), target, epochs, o, lr)
+               for o, lr in ddp_opts]
+        runs += ddp
+        result["time_to_accuracy"] = runs
+        one, two = runs[0]["seconds"], runs[1]["seconds"]
+        best_ddp = min((r["seconds"] for r in ddp if r["seconds"]), default=None)
+        rows = [[r["system"], f"{r['seconds']:.1f}" if r["seconds"] else "not reached",
+                 f"{r['best_accuracy']:.4f}"] for r in runs]
+        print_table(["system", f"seconds to {target:.0%}", "best accuracy"], rows,
+                    title="3. Time to accuracy, Fashion-MNIST")
+        if one and two:
+            print(f"2 replicas / 1 replica: {two / one:.2f} (goal <= 0.6)")
+        if two and best_ddp:
+            print(f"2 replicas / best DDP: {two / best_ddp:.2f} (goal <= 1.0)")
+        result["ratios"] = {"two_vs_one": two / one if one and two else None,
+                            "two_vs_best_ddp": two / best_ddp if two and best_ddp else None}
+    path = write_json("downpour" + ("_quick" if args.quick else ""), result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
