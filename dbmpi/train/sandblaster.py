@@ -26,9 +26,10 @@ reply, coordinator -> replica (:data:`TAG_REPLY`)
     (:class:`Decision`: keep accumulating, GRANT = push them now, REJECT = discard them, STOP)
     and the next portion (-1: none).
 
-A free replica asks for work; the coordinator answers with an unassigned portion. When a
-replica fetches the parameters: on the first portion of each evaluation (a ``Get`` of ``W``
-from every shard). It adds ``n * grad(mean loss)`` of each portion to a float64 accumulator.
+A free replica asks for work; the coordinator answers with an unassigned portion. A replica
+fetches the parameters (a ``Get`` of ``W`` from every shard) when it receives its first
+portion of an evaluation, and adds ``n * grad(mean loss)`` of each portion of ``n`` examples
+to a float64 accumulator.
 Every ``push_every`` portions, and for every request once no unassigned portion is left
 (the end of the batch), the coordinator decides on the pending set: GRANT if none of its
 portions has been granted to anyone (they are marked done, their loss is added), REJECT
