@@ -64,18 +64,29 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def interleaved(fns: dict, repeats: int, number: int = 1, warmup: int = 1) -> dict[str, list]:
-    """Time several callables side by side (A B A B ...), so drift hits all of them alike."""
+def interleaved(fns: dict, repeats: int, number: int = 1, warmup: int = 1,
+                cpu_out: dict | None = None) -> dict[str, list]:
+    """Time several callables side by side (A B A B ...), so drift hits all of them alike.
+
+    Returns wall-clock seconds per call. If ``cpu_out`` is a dict it receives the calling
+    thread's CPU seconds per call too: with one thread per side that figure ignores time lost
+    to other processes on a shared machine (not cache or memory-bandwidth contention).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            c0 = time.thread_time()
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
             samples[name].append((time.perf_counter() - t0) / number)
+            cpu[name].append((time.thread_time() - c0) / number)
+    if cpu_out is not None:
+        cpu_out.update(cpu)
     return samples
 
 

@@ -12,6 +12,7 @@ side by side in one process. The ratio is our GFLOP/s over the faster raw sgemm.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -83,9 +84,11 @@ def worker(threads: int, quick: bool) -> dict:
     for shape in SHAPES:
         case = _Dense(*shape, rng)
         for act in ACTS:
+            cpu = {}
             s = C.interleaved({"dbmpi": case.ours(act), "numpy": case.raw_numpy,
-                               "scipy": case.raw_scipy}, repeats, number)
+                               "scipy": case.raw_scipy}, repeats, number, cpu_out=cpu)
             t = {k: C.median(v) for k, v in s.items()}
+            tc = {k: C.median(v) for k, v in cpu.items()}
             raw = min(t["numpy"], t["scipy"])
             dense.append({
                 "shape": case.shape, "activation": act,
@@ -93,7 +96,10 @@ def worker(threads: int, quick: bool) -> dict:
                 "sgemm_scipy_ms": 1e3 * t["scipy"],
                 "dbmpi_gflops": case.flops / t["dbmpi"] / 1e9,
                 "sgemm_gflops": case.flops / raw / 1e9,
-                "ratio": raw / t["dbmpi"], "samples_s": s,
+                "ratio": raw / t["dbmpi"],
+                # one thread: from the caller's CPU time (robust to a busy machine)
+                "cpu_ratio": min(tc["numpy"], tc["scipy"]) / tc["dbmpi"] if threads == 1 else None,
+                "samples_s": s, "cpu_samples_s": cpu,
             })
 
     # memory-bound kernels against the obvious numpy code (GB/s of compulsory traffic)
@@ -173,12 +179,13 @@ def main() -> None:
         for d in r["dense"]:
             rows.append([r["threads"], d["shape"], d["activation"], d["dbmpi_ms"],
                          d["sgemm_numpy_ms"], d["sgemm_scipy_ms"], d["dbmpi_gflops"],
-                         d["sgemm_gflops"], d["ratio"]])
+                         d["sgemm_gflops"], d["ratio"],
+                         "-" if d["cpu_ratio"] is None else d["cpu_ratio"]])
         for e in r["elementwise"]:
             erows.append([r["threads"], e["kernel"], e["dbmpi_ms"], e["numpy_ms"],
                           e["dbmpi_GBs"], e["speedup_vs_numpy"]])
     t1 = C.print_table(["threads", "shape", "act", "dbmpi ms", "sgemm np ms", "sgemm sp ms",
-                        "dbmpi GFLOP/s", "sgemm GFLOP/s", "ratio"], rows,
+                        "dbmpi GFLOP/s", "sgemm GFLOP/s", "ratio", "cpu-time ratio"], rows,
                        "dense forward+backward (3 GEMMs + fused passes) vs the same 3 raw sgemm")
     t2 = C.print_table(["threads", "kernel", "dbmpi ms", "numpy ms", "dbmpi GB/s", "x numpy"],
                        erows, "memory-bound kernels")
@@ -190,7 +197,9 @@ def main() -> None:
             [[r["threads"], sw["shape"], *(sw["gflops"][n] for n in names)]
              for r in results for sw in r["sweep"]],
             "GEMM routes (forward/backward), dense fwd+bwd GFLOP/s"))
-    C.write_json("kernels", {"quick": args.quick, "machine": C.machine_info(),
+    machine = C.machine_info()
+    machine["loadavg_at_end"] = os.getloadavg()
+    C.write_json("kernels", {"quick": args.quick, "machine": machine,
                              "results": results, "tables": tables})
 
 
