@@ -53,17 +53,21 @@ def _clean_shared_memory():
     remove_stale_mpich_segments()
 
 
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory) -> Path:
-    """Synthetic 28x28 10-class data (2400 train in 4 shards, 400 test), made here."""
+def make_synth_shards(root: Path, n_train: int, n_test: int, seed: int) -> Path:
+    """Synthetic 28x28 10-class data made here, in 4 train shards and 1 test shard."""
     from data_tools.synth import write_synth
 
-    root = tmp_path_factory.mktemp("data")
-    write_synth(root / "idx", n_train=2400, n_test=400, seed=1)
+    write_synth(root / "idx", n_train=n_train, n_test=n_test, seed=seed)
     subprocess.run([sys.executable, "-m", "data_tools", "shard", "idx", "--src", str(root / "idx"),
                     "--out", str(root / "shards"), "--shards", "4"], check=True, cwd=ROOT,
                    capture_output=True)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """2400 train examples in 4 shards, 400 test."""
+    return make_synth_shards(tmp_path_factory.mktemp("data"), 2400, 400, seed=1)
 
 
 def run_job(nranks: int, args: list[str], timeout: float = 120, env: dict | None = None,

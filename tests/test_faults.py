@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_ENV, MPIEXEC, ROOT, run_job
+from conftest import JOB_ENV, MPIEXEC, ROOT, make_synth_shards, run_job
 from dbmpi import checkpoint as ckpt_mod
 from test_jobs import _config
 
@@ -28,14 +28,7 @@ def fault_data(tmp_path_factory) -> Path:
     """Synthetic data large enough (8000 train, 2000 test) that the final accuracy of the
     job below varies little between runs: 0.7085, 0.734, 0.7165, 0.7335 measured on a quiet
     machine; under heavy load (asynchronous replicas drift apart) 0.66-0.77 was seen."""
-    from data_tools.synth import write_synth
-
-    root = tmp_path_factory.mktemp("fault_data")
-    write_synth(root / "idx", n_train=8000, n_test=2000, seed=2)
-    subprocess.run([sys.executable, "-m", "data_tools", "shard", "idx", "--src", str(root / "idx"),
-                    "--out", str(root / "shards"), "--shards", "4"], check=True, cwd=ROOT,
-                   capture_output=True)
-    return root / "shards"
+    return make_synth_shards(tmp_path_factory.mktemp("fault_data"), 8000, 2000, seed=2)
 
 
 def _fault_config(tmp_path, data):
