@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 MODELS = {
     "fc": {
@@ -120,6 +120,29 @@ def worker(model_name: str, single: bool, number: int, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------------ driver
 
+def _idle_cores(interval: float = 0.5) -> float:
+    """Cores idle over ``interval`` seconds (from /proc/stat; the machine is shared)."""
+    def snap():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, total (without guest time)
+
+    i0, t0 = snap()
+    time.sleep(interval)
+    i1, t1 = snap()
+    return (i1 - i0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+
+
+def _wait_quiet(min_idle: float, timeout: float) -> float:
+    """Wait (up to ``timeout`` s) until ``min_idle`` cores are idle; return the last reading."""
+    t_end = time.time() + timeout
+    while True:
+        idle = _idle_cores()
+        if idle >= min_idle or time.time() > t_end:
+            return idle
+        time.sleep(1.0)
+
+
 def _launch(model: str, P: int, single: bool, number: int, repeats: int) -> dict:
     from dbmpi.launch import find_mpiexec, launch_env
 
@@ -128,7 +151,8 @@ def _launch(model: str, P: int, single: bool, number: int, repeats: int) -> dict
            "--model", model, "--number", str(number), "--repeats", str(repeats)]
     if single:
         cmd.append("--single")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
+                       timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -141,6 +165,9 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, nargs="*", default=None,
                     help="P values (default 1, 2, then powers of 2 up to the core count)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of taking turns")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="before each run wait up to this many seconds for idle cores (the "
+                         "machine is shared); 0: do not wait")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="fc", help=argparse.SUPPRESS)
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
@@ -165,13 +192,18 @@ def main() -> None:
     for model in args.models:
         runs: dict[str, list] = {"model": [], **{str(p): [] for p in parts}}
         for r in range(rounds):
-            for key in runs:
+            for key, outs in runs.items():
                 single = key == "model"
-                out = _launch(model, 1 if single else int(key), single, number[model], repeats)
-                runs[key].append(out)
+                P = 1 if single else int(key)
+                idle = _wait_quiet(0.9 * min(cores, max(P, 2)), args.quiet_wait) \
+                    if args.quiet_wait else _idle_cores()
+                out = _launch(model, P, single, number[model], repeats)
+                out["idle_cores_before"] = round(idle, 2)
+                outs.append(out)
                 print(f"[{model} round {r + 1}/{rounds}] {'unpartitioned' if single else 'P=' + key}"
                       f": {C.median(out['samples_s']) * 1e3:.1f} ms/step "
-                      f"(load {os.getloadavg()[0]:.2f})", flush=True)
+                      f"(idle cores before {idle:.2f}, load {os.getloadavg()[0]:.2f})",
+                      flush=True)
         results[model] = runs
 
     payload = {"quick": args.quick, "machine": info, "cores": cores, "partitions": parts,
