@@ -44,7 +44,10 @@ def _teardown(topo, ps):
 @pytest.mark.parametrize("shards,replicas", CONFIGS)
 def test_every_push_applied_exactly_once(shards, replicas):
     """Workers push integer gradients concurrently; with SGD(lr=1) from zero the final
-    parameters are exactly minus the sum of everything pushed: nothing lost, nothing doubled."""
+    parameters are exactly minus the sum of everything pushed: nothing lost, nothing doubled,
+    although each worker has up to NSLOTS (2) pushes in flight while the shards apply. Fetches
+    racing the updates only ever see whole multiples of the pattern: no NaN, no value that no
+    sequence of pushes produced."""
     n, pushes = 1237, 150  # n prime: shard edges fall at odd places
     pattern = (np.arange(n) % 7 + 1).astype(np.float32)
     topo, layout, ps, service = _setup(shards, replicas, n, SGD(1.0), np.zeros(n, np.float32))
