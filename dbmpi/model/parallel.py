@@ -227,12 +227,10 @@ class PartitionedModel:
         ex.wait_s = 0.0
 
     # -- buffers -----------------------------------------------------------------------------
-    def _buf(self, key, shape, zero: bool = False) -> np.ndarray:
+    def _buf(self, key, shape) -> np.ndarray:
         b = self._bufs.get((key, shape))
         if b is None:
             b = self._bufs[(key, shape)] = np.empty(shape, np.float32)
-        if zero:
-            b.fill(0)
         return b
 
     def _send_view(self, src: np.ndarray, cols: Range, base: int, key) -> np.ndarray:
@@ -278,10 +276,12 @@ class PartitionedModel:
         if need == own_in:
             D = dX
         else:
-            D = self._buf(("d", layer), (B, own_in[1] - own_in[0]), zero=True)
-            m = _meet(need, own_in)
-            if m is not None:
-                D[:, m[0] - own_in[0]:m[1] - own_in[0]] = dX[:, m[0] - need[0]:m[1] - need[0]]
+            D = self._buf(("d", layer), (B, own_in[1] - own_in[0]))
+            m = _meet(need, own_in) or (own_in[0], own_in[0])
+            a, b = m[0] - own_in[0], m[1] - own_in[0]
+            D[:, a:b] = dX[:, m[0] - need[0]:m[1] - need[0]]
+            D[:, :a] = 0  # rows I own that my own computation did not read
+            D[:, b:] = 0
         self.exchange.wait(pending)
         for t, (_, buf) in zip(back_recvs, recvs):
             D[:, t.cols[0] - own_in[0]:t.cols[1] - own_in[0]] += buf
@@ -330,8 +330,10 @@ class PartitionedModel:
             crop = part.crop
             if crop is not None:
                 c = part.computed
-                full = self._buf(("dyc", i), (B, c[1] - c[0]), zero=True)
+                full = self._buf(("dyc", i), (B, c[1] - c[0]))
                 full[:, crop[0]:crop[1]] = dy
+                full[:, :crop[0]] = 0  # the halo rows' outputs belong to my neighbours
+                full[:, crop[1]:] = 0
                 dy = full
             dX = layer.backward(dy, need_dx=i > 0)
             if i > 0:
