@@ -18,9 +18,9 @@ cdef extern from "_vecmath.h" nogil:
     double dbm_exp(double x)
     void dbm_bias_act_f32(float* y, const float* b, dbm_idx rows, dbm_idx n, int act)
     void dbm_bias_act_f64(double* y, const double* b, dbm_idx rows, dbm_idx n, int act)
-    void dbm_tbias_act_f32(const float* yT, float* y, const float* b, dbm_idx rows, dbm_idx n,
+    void dbm_tbias_act_f32(float* yT, float* y, const float* b, dbm_idx rows, dbm_idx n,
                            int act)
-    void dbm_tbias_act_f64(const double* yT, double* y, const double* b, dbm_idx rows,
+    void dbm_tbias_act_f64(double* yT, double* y, const double* b, dbm_idx rows,
                            dbm_idx n, int act)
     void dbm_act_grad_f32(const float* y, float* dy, float* db, dbm_idx rows, dbm_idx n, int act)
     void dbm_act_grad_f64(const double* y, double* dy, double* db, dbm_idx rows, dbm_idx n,

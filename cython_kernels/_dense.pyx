@@ -111,6 +111,27 @@ cdef void _dense_backward(real[:, ::1] x, real[:, ::1] W, real[:, ::1] y, real[:
                         n_out, <real>0, &dx[0, 0], n_in)
 
 
+def _tbias_act(yT, y, b, activation):
+    """y = act(yT.T + b) with yT overwritten: the transposed routes' pass alone (for timing)."""
+    dt = floats("yT", yT, (None, None), out=True)
+    floats("y", y, (yT.shape[1], yT.shape[0]), dt, "yT", out=True)
+    floats("b", b, (yT.shape[0],), dt, "yT")
+    cdef int act = _activation(activation)
+    cdef dbm_idx n = yT.shape[0], B = yT.shape[1]
+    cdef float[:, ::1] t32, y32
+    cdef float[::1] b32
+    cdef double[:, ::1] t64, y64
+    cdef double[::1] b64
+    if dt == np.float32:
+        t32, y32, b32 = yT, y, b
+        with nogil:
+            dbm_tbias_act_f32(&t32[0, 0], &y32[0, 0], &b32[0], B, n, act)
+    else:
+        t64, y64, b64 = yT, y, b
+        with nogil:
+            dbm_tbias_act_f64(&t64[0, 0], &y64[0, 0], &b64[0], B, n, act)
+
+
 def _forward_mode(B, n_out):
     mode = GEMM["forward"]
     if mode == "auto":

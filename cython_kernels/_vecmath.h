@@ -129,7 +129,7 @@ DBMPI_CLONES DBM_STATIC void dbm_bias_act_##SFX(T *restrict y, const T *restrict
                                                                                              \
 /* y (rows, n) = act(yT.T + b) from yT (n, rows): the bias/activation pass of a forward GEMM  \
  * done in transposed form; 32 x 64 tiles through an L1 buffer */                           \
-DBMPI_CLONES DBM_STATIC void dbm_tbias_act_##SFX(const T *restrict yT, T *restrict y,        \
+DBMPI_CLONES DBM_STATIC void dbm_tbias_act_generic_##SFX(const T *restrict yT, T *restrict y,\
                                                  const T *restrict b, dbm_idx rows,          \
                                                  dbm_idx n, int act)                         \
 {                                                                                            \
@@ -270,6 +270,29 @@ DBMPI_CLONES DBM_STATIC void dbm_add_##SFX(T *restrict a, const T *restrict g, d
     for (dbm_idx j = 0; j < n; ++j) a[j] += g[j];                                            \
 }                                                                                            \
                                                                                              \
+/* row = act(row + bias) for one contiguous row and a scalar bias; inlined into its callers \
+ * (a call through the clone resolver per short segment would cost more than the work) */  \
+static inline __attribute__((always_inline)) void dbm_row_bias_act_##SFX(T *restrict row,   \
+                                                    T bias, dbm_idx n, int act)              \
+{                                                                                            \
+    switch (act) {                                                                           \
+    case DBM_RELU:                                                                           \
+        for (dbm_idx j = 0; j < n; ++j) {                                                    \
+            T z = row[j] + bias;                                                             \
+            row[j] = z > (T)0 ? z : (T)0;                                                    \
+        }                                                                                    \
+        break;                                                                               \
+    case DBM_SIGMOID:                                                                        \
+        for (dbm_idx j = 0; j < n; ++j) row[j] = SIGF(row[j] + bias);                        \
+        break;                                                                               \
+    case DBM_TANH:                                                                           \
+        for (dbm_idx j = 0; j < n; ++j) row[j] = TANHF(row[j] + bias);                       \
+        break;                                                                               \
+    default:                                                                                 \
+        for (dbm_idx j = 0; j < n; ++j) row[j] += bias;                                      \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
 /* s = y.sum(0) for a (rows, n) row-major block */                                          \
 DBMPI_CLONES DBM_STATIC void dbm_colsum_##SFX(const T *restrict y, T *restrict s,            \
                                               dbm_idx rows, dbm_idx n)                       \
@@ -306,5 +329,93 @@ DBMPI_CLONES DBM_STATIC void dbm_sqrt_eps_##SFX(T *restrict a, dbm_idx n, T eps)
 
 DBM_DEFINE(float, f32, dbm_expf, dbm_sigmoidf, dbm_tanhf, sqrtf)
 DBM_DEFINE(double, f64, dbm_exp, dbm_sigmoid, dbm_tanh, sqrt)
+
+/* ------------------------------------------- transposed bias/activation pass, float32 */
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* the 32-byte vector helpers are always inlined: no ABI crosses a call */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#ifndef TBIAS_TJ
+#define TBIAS_TJ 64
+#define TBIAS_TI 32
+#endif
+typedef float dbm_v8sf __attribute__((vector_size(32)));
+typedef int32_t dbm_v8si __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) dbm_v8sf dbm_ld8(const float *p)
+{
+    dbm_v8sf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void dbm_st8(float *p, dbm_v8sf v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* dst (8 x 8, row stride ldd) = transpose of src (8 x 8, row stride lds); gcc lowers the
+ * shuffles to the unpack/shuffle/permute sequence of whatever SIMD the clone targets */
+static inline __attribute__((always_inline)) void dbm_transpose8(const float *src, dbm_idx lds,
+                                                                float *dst, dbm_idx ldd)
+{
+    const dbm_v8si lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const dbm_v8si p0 = {0, 1, 8, 9, 4, 5, 12, 13}, p1 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const dbm_v8si h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
+    dbm_v8sf r0 = dbm_ld8(src), r1 = dbm_ld8(src + lds), r2 = dbm_ld8(src + 2 * lds),
+             r3 = dbm_ld8(src + 3 * lds), r4 = dbm_ld8(src + 4 * lds),
+             r5 = dbm_ld8(src + 5 * lds), r6 = dbm_ld8(src + 6 * lds),
+             r7 = dbm_ld8(src + 7 * lds);
+    dbm_v8sf t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
+    dbm_v8sf t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
+    dbm_v8sf t4 = __builtin_shuffle(r4, r5, lo), t5 = __builtin_shuffle(r4, r5, hi);
+    dbm_v8sf t6 = __builtin_shuffle(r6, r7, lo), t7 = __builtin_shuffle(r6, r7, hi);
+    dbm_v8sf u0 = __builtin_shuffle(t0, t2, p0), u1 = __builtin_shuffle(t0, t2, p1);
+    dbm_v8sf u2 = __builtin_shuffle(t1, t3, p0), u3 = __builtin_shuffle(t1, t3, p1);
+    dbm_v8sf u4 = __builtin_shuffle(t4, t6, p0), u5 = __builtin_shuffle(t4, t6, p1);
+    dbm_v8sf u6 = __builtin_shuffle(t5, t7, p0), u7 = __builtin_shuffle(t5, t7, p1);
+    dbm_st8(dst, __builtin_shuffle(u0, u4, h0));
+    dbm_st8(dst + ldd, __builtin_shuffle(u1, u5, h0));
+    dbm_st8(dst + 2 * ldd, __builtin_shuffle(u2, u6, h0));
+    dbm_st8(dst + 3 * ldd, __builtin_shuffle(u3, u7, h0));
+    dbm_st8(dst + 4 * ldd, __builtin_shuffle(u0, u4, h1));
+    dbm_st8(dst + 5 * ldd, __builtin_shuffle(u1, u5, h1));
+    dbm_st8(dst + 6 * ldd, __builtin_shuffle(u2, u6, h1));
+    dbm_st8(dst + 7 * ldd, __builtin_shuffle(u3, u7, h1));
+}
+
+/* y (rows, n) = act(yT.T + b); yT (n, rows) is scratch and is overwritten. Tiles of 64 rows
+ * of yT x 32 of its columns: bias + activation in place while in L1, then out as 8 x 8
+ * transposes, 32 rows of y x 256 contiguous bytes each (few pages, whole cache lines: a
+ * long strip of y would touch one page per row at n = 8192 and thrash the TLB). */
+DBMPI_CLONES DBM_STATIC void dbm_tbias_act_f32(float *restrict yT, float *restrict y,
+                                               const float *restrict b, dbm_idx rows,
+                                               dbm_idx n, int act)
+{
+    enum { TJ = TBIAS_TJ, TI = TBIAS_TI };
+    for (dbm_idx j0 = 0; j0 < n; j0 += TJ) {
+        dbm_idx nj = n - j0 < TJ ? n - j0 : TJ;
+        for (dbm_idx i0 = 0; i0 < rows; i0 += TI) {
+            dbm_idx ni = rows - i0 < TI ? rows - i0 : TI;
+            for (dbm_idx jj = 0; jj < nj; ++jj)
+                dbm_row_bias_act_f32(yT + (j0 + jj) * rows + i0, b[j0 + jj], ni, act);
+            if (nj == TJ && ni == TI) {
+                for (dbm_idx ii = 0; ii < TI; ii += 8)
+                    for (dbm_idx jj = 0; jj < TJ; jj += 8)
+                        dbm_transpose8(yT + (j0 + jj) * rows + i0 + ii, rows,
+                                       y + (i0 + ii) * n + j0 + jj, n);
+            } else {
+                for (dbm_idx ii = 0; ii < ni; ++ii)
+                    for (dbm_idx jj = 0; jj < nj; ++jj)
+                        y[(i0 + ii) * n + j0 + jj] = yT[(j0 + jj) * rows + i0 + ii];
+            }
+        }
+    }
+}
+#else
+#define dbm_tbias_act_f32(yT, y, b, rows, n, act) dbm_tbias_act_generic_f32(yT, y, b, rows, n, act)
+#endif
+
+#define dbm_tbias_act_f64(yT, y, b, rows, n, act) dbm_tbias_act_generic_f64(yT, y, b, rows, n, act)
 
 #endif /* DBMPI_VECMATH_H */

@@ -130,6 +130,22 @@ def test_dense_gemm_routes(monkeypatch, dtype, route, shape):
         assert_close(a, d, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n,B", [(1, 1), (64, 32), (70, 37), (130, 8), (8, 130), (128, 64)])
+def test_transposed_bias_activation_pass(dtype, act, n, B):
+    """The pass behind the "tt" routes: tiles, 8 x 8 transposes and their remainders."""
+    from cython_kernels import _dense
+
+    rng = np.random.default_rng(22)
+    yT, b = rand(rng, (n, B), dtype), rand(rng, n, dtype)
+    want = np.empty((B, n), dtype)
+    ref.dense_forward(np.ascontiguousarray(yT.T), np.eye(n, dtype=dtype), b, want, act)
+    got = np.full((B, n), np.nan, dtype)
+    _dense._tbias_act(yT.copy(), got, b, act)
+    assert_close(got, want, dtype)
+
+
 def test_dense_bad_route(monkeypatch):
     from cython_kernels import _dense
 
