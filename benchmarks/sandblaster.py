@@ -124,6 +124,8 @@ def straggler_part(args) -> dict:
                            "backups_per_batch": statistics.mean(e["backups"] for e in evals),
                            "discarded_per_batch": statistics.mean(e["duplicates"] for e in evals),
                            "straggler_share": share, "max_loss_rel_dev": loss_dev,
+                           "per_run_median_s": [statistics.median(batch_times(r))
+                                                for r in results],
                            "batch_times_s": times}
             rows.append([name, len(times), med, f"{med / ref:.2f}x", mean,
                          f"{mean / ref_mean:.2f}x", f"{share:.3f}",
