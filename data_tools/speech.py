@@ -374,18 +374,12 @@ def build_speech(
     return info
 
 
-def duration_frames(num_samples: int, s: FbankSettings) -> int:
-    """Frames of a signal of ``num_samples`` (whole frames only, at least one)."""
-    return 1 + max(0, num_samples - s.frame_len) // s.hop
-
-
 __all__ = [
     "NORMS",
     "FbankSettings",
     "build_speech",
     "class_names",
     "context_windows",
-    "duration_frames",
     "frame_labels",
     "frames",
     "hz_to_mel",
