@@ -122,6 +122,7 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
           resume: bool = False) -> int:
     t0, cpu0 = time.time(), time.process_time()
     rank = comm.Get_rank()
+    t0 = comm.bcast(t0, root=0)  # one time origin, so metrics of different ranks line up
     setup_logging(rank)
     try:
         cfg = agree(comm, config_mod.load, config_path, overrides)

@@ -123,10 +123,11 @@ def test_two_replicas_train_and_write_run_directory(tmp_path, small_data):
     train = [r for r in recs if r["kind"] == "train"]
     assert {r["replica"] for r in train} == {0, 1}
     assert all(r["samples_per_s"] > 0 for r in train)
-    # warm start: replica 1 pushed nothing before replica 0 had pushed 50 times
-    first1 = min(r["time"] for r in pushes if r["replica"] == 1)
-    p0 = [r for r in pushes if r["replica"] == 0 and r["push"] == 50]
-    assert p0 and p0[0]["time"] <= first1 + 1e-3
+    # warm start: replica 1 started only after replica 0 released it at step 50
+    released = [r for r in recs if r["kind"] == "released"]
+    started = {r["replica"]: r for r in recs if r["kind"] == "started"}
+    assert [(r["replica"], r["step"]) for r in released] == [(0, 50)]
+    assert started[1]["time"] >= released[0]["time"] and started[0]["time"] <= released[0]["time"]
     assert "final test accuracy" in proc.stdout and str(run) in proc.stdout
 
 

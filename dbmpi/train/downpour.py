@@ -166,6 +166,7 @@ class Worker:
             seed=cfg.run.seed * 1000 + topo.index)
         self.step = 0
         self.answered = 0
+        self._staleness: dict[int, list] = {}  # push -> staleness per shard, until complete
         self._head = np.zeros(HEAD, np.int64)
         if resume is not None:
             step, epoch, position = (int(v) for v in resume.workers[self.worker])
@@ -222,6 +223,7 @@ class Worker:
         self.client.wait_acknowledged()
         if self.topo.cfg.partitions > 1:
             self.topo.comm_replica.Barrier()  # every partition's pushes are applied
+        self.metrics.write("released", replica=self.replica, step=self.step)
         self.coord.store(1, COORDINATOR_RANK, RELEASED)
         log.info("warm start over: other replicas released")
 
@@ -236,6 +238,7 @@ class Worker:
         if warm and self.replica != 0 and not self._wait_release():
             self._finish()
             return
+        self.metrics.write("started", replica=self.replica, step=self.step)
         client.fetch(model.params)
         accum = np.zeros_like(model.grads) if dp.n_push > 1 else None
         pending, start_step = 0, self.step
@@ -305,16 +308,23 @@ class Worker:
         self._finish()
 
     def _log_staleness(self) -> None:
-        """One ``push`` record per acknowledged push: its staleness on each shard."""
-        by_push: dict[int, list] = {}
+        """One ``push`` record per push acknowledged by every shard: its staleness on each.
+
+        Shards acknowledge independently (two pushes may be in flight), so a push seen by
+        some shards only waits here for the next call.
+        """
         per_shard = self.client.drain_staleness()
         for i, records in enumerate(per_shard):
             for push, staleness in records:
-                by_push.setdefault(push, [None] * len(per_shard))[i] = staleness
-        for push in sorted(by_push):
+                self._staleness.setdefault(push, [None] * len(per_shard))[i] = staleness
+        for push in sorted(self._staleness):
+            values = self._staleness[push]
+            if any(v is None for v in values):
+                break
+            del self._staleness[push]
             self.metrics.write("push", replica=self.replica, partition=self.topo.partition,
                                push=push, step=min(push * self.dp.n_push, self.step),
-                               staleness=by_push[push])
+                               staleness=values)
 
     def _finish(self) -> None:
         """Publish the final state, then tell the coordinator this worker is done."""
