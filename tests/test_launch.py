@@ -12,7 +12,10 @@ def test_yield_settings_only_when_oversubscribed(monkeypatch):
     assert env["OPENBLAS_NUM_THREADS"] == "1"
     env = launch.launch_env(2, 1, env={})
     assert "MPIR_CVAR_ENABLE_HEAVY_YIELD" not in env
-    assert env["OPENBLAS_NUM_THREADS"] == "2"
+    assert env["OPENBLAS_NUM_THREADS"] == "1"  # one core left to the coordinator/shards
+    monkeypatch.setattr(launch, "available_cores", lambda: 16)
+    assert launch.launch_env(7, 3, env={})["OPENBLAS_NUM_THREADS"] == "5"
+    assert launch.launch_env(3, 3, env={})["OPENBLAS_NUM_THREADS"] == "5"
     env = launch.launch_env(5, 2, env={"OPENBLAS_NUM_THREADS": "4",
                                        "MPIR_CVAR_POLLS_BEFORE_YIELD": "9"})
     assert env["OPENBLAS_NUM_THREADS"] == "4" and env["MPIR_CVAR_POLLS_BEFORE_YIELD"] == "9"
