@@ -2,6 +2,10 @@
 1 worker): fetch and push through the shards against raw one-sided Get / Put / Accumulate of
 the same bytes on the same windows (Win.Allocate, Lock_all(MODE_NOCHECK), Flush).
 
+``push`` is sustained: back-to-back pushes, each slot reused only after the shard applied
+Adagrad to what it held, so it includes the shard's optimizer step. ``push_post`` is one push
+while a slot is free: the Put and the post, what a replica waits for when it pushes.
+
     mpiexec -n 4 python -m mpi4py benchmarks/_ps_bandwidth.py --params 41777152 --shards 2
 """
 
@@ -66,7 +70,8 @@ def main() -> None:
             return time.perf_counter() - t
 
         pushes = 4
-        samples = {k: [] for k in ("raw_get", "fetch", "raw_put", "raw_accumulate", "push")}
+        samples = {k: [] for k in ("raw_get", "fetch", "raw_put", "raw_accumulate", "push",
+                                   "push_post")}
         for _ in range(args.repeats):
             samples["raw_get"].append(timed(lambda: raw("get")))
             samples["fetch"].append(timed(lambda: client.fetch(params)))
@@ -78,6 +83,9 @@ def main() -> None:
                     client.push(grads)
                 client.wait_acknowledged()
             samples["push"].append(timed(push_many) / pushes)
+            # one push with its slot free: the Put and the post, without the shard's apply
+            samples["push_post"].append(timed(lambda: client.push(grads)))
+            client.wait_acknowledged()
         request_stop(ps)
         nbytes = 4 * n
         med = {k: statistics.median(v) for k, v in samples.items()}
@@ -85,7 +93,8 @@ def main() -> None:
                "seconds": med, "GB_per_s": {k: nbytes / v / 1e9 for k, v in med.items()},
                "fetch_vs_raw_get": med["raw_get"] / med["fetch"],
                "push_vs_raw_accumulate": med["raw_accumulate"] / med["push"],
-               "push_vs_raw_put": med["raw_put"] / med["push"]}
+               "push_vs_raw_put": med["raw_put"] / med["push"],
+               "push_post_vs_raw_accumulate": med["raw_accumulate"] / med["push_post"]}
     comm.Barrier()
     ps.free()
     results = comm.gather(out, root=0)
