@@ -99,6 +99,28 @@ def scaling(data: Path, layers: str, batch: int, steps: int, replicas: list[int]
     return rows
 
 
+_GEMM = ("import numpy as np, time\n"
+         "a = np.random.rand(128, 2000).astype(np.float32)\n"
+         "b = np.random.rand(2000, 2000).astype(np.float32)\n"
+         "a @ b\n"
+         "t = time.perf_counter()\n"
+         "for _ in range(150):\n"
+         "    a @ b\n"
+         "print(150 * 2 * 128 * 2000 * 2000 / (time.perf_counter() - t) / 1e9)\n")
+
+
+def gemm_ceiling(procs: list[int]) -> dict:
+    """GFLOP/s of k single-threaded sgemm processes running at once: what this machine's cores
+    give independent compute-bound ranks (the ceiling for replica scaling)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    out = {}
+    for k in procs:
+        ps = [subprocess.Popen([sys.executable, "-c", _GEMM], stdout=subprocess.PIPE, text=True,
+                               env=env) for _ in range(k)]
+        out[k] = sum(float(p.communicate()[0]) for p in ps)
+    return {"gflops": out, "speedup": {k: v / out[procs[0]] for k, v in out.items()}}
+
+
 def time_to_accuracy_dbmpi(fmnist: Path, replicas: int, target: float, max_epochs: float) -> dict:
     over = [f"data.path={json.dumps(str(fmnist))}", f"topology.replicas={replicas}",
             "downpour.steps=0", f"downpour.epochs={max_epochs / replicas}",
@@ -167,8 +189,13 @@ def main() -> None:
                 data = make_random_data(Path(tmp) / "rand", 440, 8000, 8192)
                 layers = ",".join(["{units=2000, activation='relu'}"] * 4)
                 layers, batch, steps = f"[{layers}]", 128, 40
+            ceiling = gemm_ceiling([1, 2])
             rows = scaling(data, layers, batch, steps, [1, 2], [1, 4, 16])
         result["scaling"] = rows
+        result["gemm_ceiling"] = ceiling
+        print(f"machine ceiling: 2 single-threaded sgemm processes at once give "
+              f"{ceiling['speedup'][2]:.2f}x the GFLOP/s of one alone "
+              f"({ceiling['gflops'][1]:.0f} -> {ceiling['gflops'][2]:.0f} GFLOP/s)")
         print_table(["R", "n_fetch=n_push", "samples/s", "x one replica", "goal 0.9R",
                      "fetch frac", "push frac", "staleness counts"],
                     [[r["replicas"], r["n_fetch_push"], f"{r['samples_per_s']:.0f}",
@@ -199,7 +226,11 @@ def main() -> None:
             print(f"2 replicas / best DDP: {two / best_ddp:.2f} (goal <= 1.0)")
         result["ratios"] = {"two_vs_one": two / one if one and two else None,
                             "two_vs_best_ddp": two / best_ddp if two and best_ddp else None}
-    path = write_json("downpour" + ("_quick" if args.quick else ""), result)
+    name = "downpour" + ("_quick" if args.quick else "")
+    previous = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    if args.skip and previous.exists():  # a partial run updates the tables it measured
+        result = {**json.loads(previous.read_text()), **result}
+    path = write_json(name, result)
     print(f"wrote {path}")
 
 
