@@ -196,9 +196,7 @@ def test_missing_eval_split(tmp_path, small_data):
 
 def test_checkpoint_of_another_model(tmp_path, small_data):
     cfg = _config(tmp_path, small_data, 2, 2, steps=50, read_own_pushes=False)
-    assert run_job(5, ["train", str(cfg), "--set", "downpour.steps=1000000",
-                       "--set", "checkpoint.every_steps=20",
-                       "--set", "downpour.target_accuracy=0.2"], timeout=90).returncode == 0
+    assert run_job(5, ["train", str(cfg)], timeout=90).returncode == 0  # leaves a checkpoint
     proc = run_job(5, ["train", str(cfg), "--set",
                        "model.layers=[{type='dense', units=7}]"], timeout=60)
     assert proc.returncode == 2
