@@ -408,6 +408,7 @@ class Coordinator:
         next_ckpt_steps = ((self.resume.steps if self.resume else 0) + ck.every_steps
                            if ck.every_steps else math.inf)
         last_steps, last_t = self._get(STEPS), now
+        self.evaluate(last_steps)  # the starting point of the learning curve
         stopped_early = interrupted = False
         while True:
             self.fault.check()
