@@ -65,12 +65,14 @@ def median(xs: list[float]) -> float:
 
 
 def interleaved(fns: dict, repeats: int, number: int = 1, warmup: int = 1,
-                cpu_out: dict | None = None) -> dict[str, list]:
+                cpu_out: dict | None = None, pause: float = 0.0) -> dict[str, list]:
     """Time several callables side by side (A B A B ...), so drift hits all of them alike.
 
     Returns wall-clock seconds per call. If ``cpu_out`` is a dict it receives the calling
     thread's CPU seconds per call too: with one thread per side that figure ignores time lost
     to other processes on a shared machine (not cache or memory-bandwidth contention).
+    ``pause`` seconds of sleep (untimed) before each sample let the thread pool of the previous
+    side (OpenBLAS, OpenMP) stop spinning, so that neither side pays for the other's.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -79,6 +81,8 @@ def interleaved(fns: dict, repeats: int, number: int = 1, warmup: int = 1,
     cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if pause:
+                time.sleep(pause)
             c0 = time.thread_time()
             t0 = time.perf_counter()
             for _ in range(number):

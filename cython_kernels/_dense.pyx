@@ -29,12 +29,14 @@ from libc.stdint cimport int64_t
 # buffer and the bias/activation pass transposes back (OpenBLAS 0.3.30/0.3.31 run these shapes
 # faster that way round unless n_out >> batch). "scipy" is scipy.linalg.cython_blas called
 # without the GIL; "numpy" is np.matmul (numpy's own BLAS, which also releases the GIL).
-# "auto": with a single-threaded BLAS, numpy's BLAS ("tt" when n_out <= AUTO_TT_RATIO * B,
-# else "nn"), whose forward GEMM is the faster one here; with a threaded BLAS, "scipy-tt", so
-# that every GEMM of a step runs on one thread pool (two OpenBLAS pools alternating on the same
-# cores cost 20-30% of a training step).
+# "auto": "tt" when n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B (below that the
+# GEMM gains nothing and the transposing pass costs more than the plain one), else "nn"; with
+# a single-threaded BLAS through numpy's BLAS, whose forward GEMM is the faster one here; with a
+# threaded BLAS through scipy's, so that every GEMM of a step runs on one thread pool (two
+# OpenBLAS pools alternating on the same cores cost 20-30% of a training step).
 GEMM = {"forward": "auto", "backward": "scipy"}
 AUTO_TT_RATIO = 24
+AUTO_TT_MIN_K = 1024
 _FORWARD_MODES = ("auto", "scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")
 _tls = threading.local()
 
@@ -132,13 +134,12 @@ def _tbias_act(yT, y, b, activation):
             dbm_tbias_act_f64(&t64[0, 0], &y64[0, 0], &b64[0], B, n, act)
 
 
-def _forward_mode(B, n_out):
+def _forward_mode(B, n_in, n_out):
     mode = GEMM["forward"]
     if mode == "auto":
-        if blas_threads() > 1:
-            mode = "scipy-tt"
-        else:
-            mode = "numpy-tt" if n_out <= AUTO_TT_RATIO * B else "numpy-nn"
+        lib = "scipy" if blas_threads() > 1 else "numpy"
+        tt = n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B
+        mode = lib + ("-tt" if tt else "-nn")
     if mode not in _FORWARD_MODES:
         raise ValueError(f"GEMM['forward'] must be one of {_FORWARD_MODES}, got {mode!r}")
     return mode
@@ -160,7 +161,7 @@ def dense_forward(x, W, b, y, activation):
     if B == 0 or n_in == 0 or n_out == 0:  # degenerate: BLAS rejects empty operands
         _reference.dense_forward(x, W, b, y, activation)
         return
-    fmode = _forward_mode(B, n_out)
+    fmode = _forward_mode(B, n_in, n_out)
     cdef int mode
     if fmode.endswith("tt"):
         scratch = _scratch(B * n_out, dt)
