@@ -190,6 +190,30 @@ def test_training_job(slurm, launcher, script, name, sbatch_args):
     assert len(summary["ranks"]) == 5
 
 
+def test_requeued_job_resumes(slurm):
+    """scontrol requeue: SIGTERM (a checkpoint, exit 143), the job runs again with the same id
+    and run directory, resumes from the checkpoint and completes."""
+    job = slurm.submit("-n", "5", "jobs/train.sbatch", "jobs/configs/demo.toml",
+                       "--set", "downpour.steps=3000", "--set", "data.path=data/shards",
+                       "--set", "downpour.straggler_replica=0",
+                       "--set", "downpour.straggler_factor=3.0",
+                       "--set", "checkpoint.every_steps=200",
+                       env={"DBMPI_LAUNCHER": "srun"})
+    run_dir = slurm.project / "runs" / f"train-{job}"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list((run_dir / "checkpoints").glob("ckpt-????????")):
+        assert time.monotonic() < deadline, f"no checkpoint in {run_dir}"
+        time.sleep(0.3)
+    r = slurm.run("scontrol", "requeue", job)
+    assert r.returncode == 0, r.stderr
+    rec = slurm.wait(job)
+    log = slurm.log("train", job)
+    assert (rec["state"], rec["exit_code"]) == ("COMPLETED", "0:0"), f"{rec}\n{log}"
+    assert "restart 1 of job" in log and "resuming from" in log, log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6000 and summary["resumed_from"]["steps"] > 0
+
+
 def test_shard_job_one_task_per_rank(slurm):
     job = slurm.submit("jobs/shard.sbatch", "data/sharded", "--src", "data/idx", "--shards", "8")
     rec = slurm.wait(job)
