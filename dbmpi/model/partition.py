@@ -296,4 +296,6 @@ class PartitionPlan:
             halo = sum(t.width for t in self.transfers[i]) * 4
             lines.append(f"  {spec.name}: {spec.in_shape} -> {spec.out_shape}, {unit} {cuts}; "
                          f"{halo} bytes/example in")
+        logits = sum(t.width for t in self.transfers[-1]) * 4
+        lines.append(f"  logits all-gather: {logits} bytes/example")
         return "\n".join(lines)
