@@ -153,6 +153,7 @@ class Checkpoint:
     workers: np.ndarray
     model: dict
     shard_files: list[tuple[int, int, Path]]  # (start, stop, file)
+    config: dict = None  # the whole config the checkpoint was written under
 
     def load_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Parameters and optimizer state of the global range ``[start, stop)``."""
@@ -182,6 +183,7 @@ def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
         meta = {k: f.attrs[k] for k in ("sequence", "steps", "num_params", "num_shards", "final")}
         workers = f["workers"][...]
         model = json.loads(f.attrs["model"])
+        config = json.loads(f.attrs["config"])
     files = []
     for path in sorted(d.glob("shard-*.h5")):
         with h5py.File(path, "r") as f:
@@ -197,7 +199,7 @@ def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
     if covered != int(meta["num_params"]) or len(files) != int(meta["num_shards"]):
         raise ValueError("shard files do not cover the parameter vector")
     return Checkpoint(d, int(meta["sequence"]), int(meta["steps"]), int(meta["num_params"]),
-                      bool(meta["final"]), workers, model, files)
+                      bool(meta["final"]), workers, model, files, config)
 
 
 def find_latest(run_dir: str | Path) -> Checkpoint | None:

@@ -80,16 +80,22 @@ def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm, resume: bool) -> Path:
     return Path(path)
 
 
-def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn):
+def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn, cfg):
     """Rank 0 looks for the newest valid checkpoint in ``run_dir``; all ranks open it."""
     found, error = None, None
     if comm.Get_rank() == 0:
         ck = ckpt_mod.find_latest(run_dir)
         if ck is not None:
             expected = num_params_fn()
+            parts = (ck.config or {}).get("topology", {}).get("partitions", 1)
             if ck.num_params != expected:
                 error = (f"{ck.path}: checkpoint of a model with {ck.num_params} parameters, "
                          f"but this config makes {expected}: use another run.dir")
+            elif parts != cfg.topology.partitions:
+                # the shards hold the partition-major layout of that many partitions
+                error = (f"{ck.path}: checkpoint written with topology.partitions = {parts}, "
+                         f"this config has {cfg.topology.partitions}: resume with {parts} or "
+                         f"use another run.dir")
             found = str(ck.path)
     found, error = comm.bcast((found, error), root=0)
     if error:
@@ -129,7 +135,7 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
         agree(comm, check_world_size, cfg.topology, comm.Get_size())
         agree(comm, _check_data, cfg)
         run_dir = agree(comm, _make_run_dir, cfg, comm, resume)
-        checkpoint = agree(comm, _find_checkpoint, run_dir, comm, lambda: _num_params(cfg))
+        checkpoint = agree(comm, _find_checkpoint, run_dir, comm, lambda: _num_params(cfg), cfg)
     except AgreedError as exc:
         if rank == 0:
             print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)

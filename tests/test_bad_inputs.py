@@ -212,3 +212,13 @@ def test_resume_without_a_run(tmp_path, small_data):
     assert proc.returncode == 2
     lines = _error_lines(proc)
     assert len(lines) == 1 and "--resume" in lines[0]
+
+
+def test_checkpoint_with_other_partition_count(tmp_path, small_data):
+    cfg = _config(tmp_path, small_data, 1, 1, steps=20, read_own_pushes=False)
+    assert run_job(3, ["train", str(cfg)], timeout=90).returncode == 0  # leaves a checkpoint
+    proc = run_job(4, ["train", str(cfg), "--set", "topology.partitions=2",
+                       "--set", "downpour.steps=40"], timeout=60)
+    assert proc.returncode == 2
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "topology.partitions = 1" in lines[0], proc.stderr[-2000:]
