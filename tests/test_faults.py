@@ -32,8 +32,13 @@ def fault_data(tmp_path_factory) -> Path:
 
 
 def _fault_config(tmp_path, data):
-    """2 shards, 2 replicas of a 784-64-10 MLP, 1000 steps each, a checkpoint every 100."""
-    cfg = _config(tmp_path, data, 2, 2, hidden=64, lr=0.02, steps=STEPS, read_own_pushes=False)
+    """2 shards and 1 replica of a 784-64-10 MLP, 1000 steps, a checkpoint every 100.
+
+    One replica with read_own_pushes is deterministic (it equals serial Adagrad whatever the
+    timing), so a resumed run must end with exactly the accuracy of an uninterrupted one; with
+    asynchronous replicas the final accuracy of this job spread over 0.64-0.80 between runs,
+    too wide to tell a broken resume from noise."""
+    cfg = _config(tmp_path, data, 2, 1, hidden=64, lr=0.02, steps=STEPS, read_own_pushes=True)
     cfg.write_text(cfg.read_text() + "\n[checkpoint]\nevery_steps = 100\n")
     return cfg
 
@@ -83,7 +88,7 @@ def _summary(run: Path) -> dict:
 def uninterrupted(tmp_path_factory, fault_data):
     tmp = tmp_path_factory.mktemp("ref")
     cfg = _fault_config(tmp, fault_data)
-    proc = run_job(5, ["train", str(cfg)], timeout=120)
+    proc = run_job(4, ["train", str(cfg)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _summary(tmp / "run")
 
@@ -93,12 +98,12 @@ def test_sigkill_random_rank_then_resume(tmp_path, fault_data, uninterrupted, tr
     rng = random.Random(trial)
     cfg = _fault_config(tmp_path, fault_data)
     run = tmp_path / "run"
-    proc = _start(cfg)
+    proc = _start(cfg, n=4)
     try:
         _wait_for(lambda: _checkpoints(run) or proc.poll() is not None, 60, "a checkpoint")
         time.sleep(rng.uniform(0.0, 2.0))
         pids = _rank_pids(cfg)
-        victim = rng.randrange(5)
+        victim = rng.randrange(4)
         if proc.poll() is None and victim in pids:
             os.kill(pids[victim], signal.SIGKILL)
         proc.wait(timeout=60)  # the job must end, not hang
@@ -107,11 +112,14 @@ def test_sigkill_random_rank_then_resume(tmp_path, fault_data, uninterrupted, tr
             proc.kill()
     latest = ckpt_mod.find_latest(run)
     # re-running the same command finishes the run
-    again = run_job(5, ["train", str(cfg)], timeout=120)
+    again = run_job(4, ["train", str(cfg)], timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = _summary(run)
-    assert summary["steps"] == 2 * STEPS
-    assert abs(summary["final_test_accuracy"] - uninterrupted["final_test_accuracy"]) < 0.12
+    assert summary["steps"] == STEPS
+    assert summary["final_test_accuracy"] == pytest.approx(
+        uninterrupted["final_test_accuracy"], abs=1e-9)
+    assert summary["final_test_loss"] == pytest.approx(uninterrupted["final_test_loss"],
+                                                       rel=1e-4)
     if latest is not None and latest.final:  # killed after the work was done
         assert "finished run" in again.stderr
     elif latest is not None:  # killed mid-run: resumed from the newest checkpoint
@@ -122,7 +130,7 @@ def test_kill_while_writing_checkpoint_keeps_newest_readable(tmp_path, fault_dat
     cfg = _fault_config(tmp_path, fault_data)
     run = tmp_path / "run"
     # shards sleep 1 s inside every checkpoint write, after their file is on disk
-    proc = _start(cfg, env={"DBMPI_CKPT_DELAY": "1.0"})
+    proc = _start(cfg, env={"DBMPI_CKPT_DELAY": "1.0"}, n=4)
     try:
         _wait_for(lambda: len(_checkpoints(run)) >= 1 and list(
             (run / "checkpoints").glob("*.tmp/shard-*.h5")) or proc.poll() is not None,
@@ -141,9 +149,9 @@ def test_kill_while_writing_checkpoint_keeps_newest_readable(tmp_path, fault_dat
     assert latest is not None and latest.path == _checkpoints(run)[-1]  # ... the newest is fine
     params, state = latest.load_block(0, latest.num_params)
     assert params.shape == (latest.num_params,) and state.shape == (latest.num_params,)
-    again = run_job(5, ["train", str(cfg)], timeout=120)
+    again = run_job(4, ["train", str(cfg)], timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _summary(run)["steps"] == 2 * STEPS
+    assert _summary(run)["steps"] == STEPS
 
 
 def test_sigterm_writes_checkpoint_and_resume_finishes(tmp_path, small_data):
