@@ -86,15 +86,21 @@ class Model:
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:
         """(mean loss, accuracy) over a data set, in batches."""
-        total_loss, correct = 0.0, 0
-        n = x.shape[0]
-        for lo in range(0, n, batch):
-            xb, yb = x[lo:lo + batch], labels[lo:lo + batch]
-            logits = self.forward(xb)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-            d = np.empty_like(logits)
-            if self.loss == "softmax":
-                total_loss += ck.softmax_xent(logits, yb, d) * len(yb)
-            else:
-                total_loss += ck.multiclass_hinge(logits, yb, d) * len(yb)
-        return total_loss / max(n, 1), correct / max(n, 1)
+        return evaluate_in_batches(self, x, labels, batch)
+
+
+def evaluate_in_batches(model, x: np.ndarray, labels: np.ndarray,
+                        batch: int = 1024) -> tuple[float, float]:
+    """(mean loss, accuracy) of anything with ``forward(x) -> logits`` and ``loss``."""
+    total_loss, correct = 0.0, 0
+    n = x.shape[0]
+    for lo in range(0, n, batch):
+        xb, yb = x[lo:lo + batch], labels[lo:lo + batch]
+        logits = model.forward(xb)
+        correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+        d = np.empty_like(logits)
+        if model.loss == "softmax":
+            total_loss += ck.softmax_xent(logits, yb, d) * len(yb)
+        else:
+            total_loss += ck.multiclass_hinge(logits, yb, d) * len(yb)
+    return total_loss / max(n, 1), correct / max(n, 1)

@@ -30,6 +30,7 @@ from mpi4py import MPI
 
 import cython_kernels as ck
 
+from .model import evaluate_in_batches
 from .partition import PartitionPlan, Range, Transfer, _meet
 from .spec import make_layer
 
@@ -344,18 +345,7 @@ class PartitionedModel:
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024
                  ) -> tuple[float, float]:
         """(mean loss, accuracy) over a data set, in batches (collective over the partitions)."""
-        total_loss, correct = 0.0, 0
-        n = x.shape[0]
-        for lo in range(0, n, batch):
-            xb, yb = x[lo:lo + batch], labels[lo:lo + batch]
-            logits = self.forward(xb)
-            correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-            d = np.empty_like(logits)
-            if self.loss == "softmax":
-                total_loss += ck.softmax_xent(logits, yb, d) * len(yb)
-            else:
-                total_loss += ck.multiclass_hinge(logits, yb, d) * len(yb)
-        return total_loss / max(n, 1), correct / max(n, 1)
+        return evaluate_in_batches(self, x, labels, batch)
 
 
 def build(input_shape, layers, num_classes: int, comm: MPI.Comm, loss: str = "softmax",
