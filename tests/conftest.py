@@ -70,6 +70,11 @@ def small_data(tmp_path_factory) -> Path:
     return make_synth_shards(tmp_path_factory.mktemp("data"), 2400, 400, seed=1)
 
 
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The one-line errors dbmpi printed (``dbmpi: error...``) in a job's stderr."""
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error")]
+
+
 def run_job(nranks: int, args: list[str], timeout: float = 120, env: dict | None = None,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``mpiexec -n N python -m mpi4py -m dbmpi ARGS`` under a timeout; never hangs a test."""

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_job
+from conftest import error_lines, run_job
 from test_jobs import _config
 
 
@@ -33,10 +33,6 @@ def _shard(data: Path, i: int = 1) -> Path:
 def _rewrite(path: Path, edit) -> None:
     with h5py.File(path, "r+") as f:
         edit(f)
-
-
-def _error_lines(proc) -> list[str]:
-    return [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error")]
 
 
 def _truncate(data):
@@ -150,7 +146,7 @@ def test_bad_data(tmp_path, small_data, case):
     cfg = _config(tmp_path, data, 2, 2, steps=400, read_own_pushes=False)
     proc = run_job(5, ["train", str(cfg)], timeout=90)
     assert proc.returncode != 0
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) >= 1 and name in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr  # user errors are one line, not a stack trace
 
@@ -168,7 +164,7 @@ def test_unwritable_run_dir(tmp_path, small_data):
     proc = run_job(5, ["train", str(cfg), "--set", f"run.dir={json.dumps(str(run_dir))}"],
                    timeout=60)
     assert proc.returncode == 2
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and "run.dir" in lines[0] and str(run_dir) in lines[0]
 
 
@@ -182,7 +178,7 @@ def test_config_file_problems(tmp_path, text, needle):
         path.write_text(text)
     proc = run_job(5, ["train", str(path)], timeout=60)
     assert proc.returncode == 2
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and needle in lines[0] and str(path) in lines[0]
 
 
@@ -190,7 +186,7 @@ def test_missing_eval_split(tmp_path, small_data):
     cfg = _config(tmp_path, small_data, 2, 2)
     proc = run_job(5, ["train", str(cfg), "--set", "data.eval_split='valid'"], timeout=60)
     assert proc.returncode == 2
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and "data.eval_split" in lines[0]
 
 
@@ -200,7 +196,7 @@ def test_checkpoint_of_another_model(tmp_path, small_data):
     proc = run_job(5, ["train", str(cfg), "--set",
                        "model.layers=[{type='dense', units=7}]"], timeout=60)
     assert proc.returncode == 2
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and "checkpoint of a model" in lines[0] and "run.dir" in lines[0]
 
 
@@ -210,7 +206,7 @@ def test_resume_without_a_run(tmp_path, small_data):
     cfg.write_text(text)
     proc = run_job(5, ["train", str(cfg), "--resume"], timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and "--resume" in lines[0]
 
 
@@ -220,5 +216,5 @@ def test_checkpoint_with_other_partition_count(tmp_path, small_data):
     proc = run_job(4, ["train", str(cfg), "--set", "topology.partitions=2",
                        "--set", "downpour.steps=40"], timeout=60)
     assert proc.returncode == 2
-    lines = _error_lines(proc)
+    lines = error_lines(proc)
     assert len(lines) == 1 and "topology.partitions = 1" in lines[0], proc.stderr[-2000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_ENV, MPIEXEC, ROOT, make_synth_shards, run_job
+from conftest import JOB_ENV, MPIEXEC, ROOT, error_lines, make_synth_shards, run_job
 from dbmpi import checkpoint as ckpt_mod
 from test_jobs import _config
 
@@ -120,9 +120,10 @@ def test_sigkill_random_rank_then_resume(tmp_path, fault_data, uninterrupted, tr
         uninterrupted["final_test_accuracy"], abs=1e-9)
     assert summary["final_test_loss"] == pytest.approx(uninterrupted["final_test_loss"],
                                                        rel=1e-4)
-    if latest is not None and latest.final:  # killed after the work was done
+    assert latest is not None  # the kill came after the first checkpoint
+    if latest.final:  # killed after the work was done
         assert "finished run" in again.stderr
-    elif latest is not None:  # killed mid-run: resumed from the newest checkpoint
+    else:  # killed mid-run: resumed from the newest checkpoint
         assert summary["resumed_from"] == {"sequence": latest.sequence, "steps": latest.steps}
 
 
@@ -194,7 +195,7 @@ def test_diverging_training_stops_with_one_line(tmp_path, small_data):
     proc = run_job(5, ["train", str(cfg), "--set", "optimizer.name='sgd'",
                        "--set", "optimizer.learning_rate=1e30"], timeout=60)
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error")]
+    lines = error_lines(proc)
     assert lines and ("NaN" in lines[0] or "nan" in lines[0] or "inf" in lines[0])
     assert "learning_rate" in lines[0]
 

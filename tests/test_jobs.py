@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_job
+from conftest import error_lines, run_job
 from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
 from dbmpi.model import Model
@@ -143,7 +143,7 @@ def test_wrong_rank_count_is_one_line_error(tmp_path, small_data):
     cfg = _config(tmp_path, small_data, 2, 2)
     proc = run_job(4, ["train", str(cfg)], timeout=60)
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error:")]
+    lines = error_lines(proc)
     assert len(lines) == 1
     assert "needs 5 MPI ranks" in lines[0] and "this job has 4" in lines[0]
 
@@ -158,7 +158,7 @@ def test_bad_config_value_is_one_line_error(tmp_path, small_data, override, fiel
     cfg = _config(tmp_path, small_data, 2, 2)
     proc = run_job(5, ["train", str(cfg), "--set", override], timeout=60)
     assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error:")]
+    lines = error_lines(proc)
     assert len(lines) == 1 and field in lines[0], proc.stderr
 
 

@@ -14,7 +14,7 @@ import math
 import h5py
 import numpy as np
 import pytest
-from conftest import run_job
+from conftest import error_lines, run_job
 
 from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
@@ -414,7 +414,7 @@ def test_bad_sandblaster_config_is_one_line_error(tmp_path, small_data, override
     cfg = _config(tmp_path, small_data, 1, 2)
     proc = run_job(4, ["train", str(cfg), "--set", override], timeout=60)
     assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error:")]
+    lines = error_lines(proc)
     assert len(lines) == 1 and field in lines[0], proc.stderr
 
 

@@ -55,10 +55,7 @@ class Model:
         return self.params
 
     def _flat(self, x: np.ndarray) -> np.ndarray:
-        x = x.reshape(x.shape[0], -1)
-        if x.dtype != np.float32 or not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        return x
+        return flat_batch(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits for a batch (a view of an internal buffer: copy it to keep it)."""
@@ -87,6 +84,14 @@ class Model:
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:
         """(mean loss, accuracy) over a data set, in batches."""
         return evaluate_in_batches(self, x, labels, batch)
+
+
+def flat_batch(x: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """A batch as the (B, features) C-contiguous matrix the kernels take; copies only if needed."""
+    x = x.reshape(x.shape[0], -1)
+    if x.dtype != dtype or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=dtype)
+    return x
 
 
 def evaluate_in_batches(model, x: np.ndarray, labels: np.ndarray,

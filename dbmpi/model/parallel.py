@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 import cython_kernels as ck
 
-from .model import evaluate_in_batches
+from .model import evaluate_in_batches, flat_batch
 from .partition import PartitionPlan, Range, Transfer, _meet
 from .spec import make_layer
 
@@ -289,15 +289,9 @@ class PartitionedModel:
         return D
 
     # -- forward and backward ----------------------------------------------------------------
-    def _flat(self, x: np.ndarray) -> np.ndarray:
-        x = x.reshape(x.shape[0], -1)
-        if x.dtype != np.float32 or not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        return x
-
     def forward(self, x: np.ndarray) -> np.ndarray:
         """The logits of the whole batch, the same on every partition (an internal buffer)."""
-        own = self._flat(x)
+        own = flat_batch(x)
         if own.shape[1] != self.parts[0].own_in[1]:
             raise ValueError(f"expected {self.parts[0].own_in[1]} features per example, got "
                              f"{own.shape[1]}")

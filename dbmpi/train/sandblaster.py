@@ -89,6 +89,7 @@ from ..faults import Fault
 from ..log import get_logger
 from ..metrics import MetricsWriter
 from ..model import Dense, Model
+from ..model.model import flat_batch
 from ..optim.lbfgs import GW, LBFGS, IterationRecord, W, X, num_vectors
 from ..ps.layout import ParamLayout
 from ..ps.server import Backoff
@@ -136,7 +137,7 @@ class Model64(Model):
                        self.grads[off:off + layer.num_params])
 
     def _flat(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float64)
+        return flat_batch(x, np.float64)
 
 
 def build_model(cfg: Config, dataset) -> Model:
