@@ -2,9 +2,13 @@
 1 worker): fetch and push through the shards against raw one-sided Get / Put / Accumulate of
 the same bytes on the same windows (Win.Allocate, Lock_all(MODE_NOCHECK), Flush).
 
-``push`` is sustained: back-to-back pushes, each slot reused only after the shard applied
-Adagrad to what it held, so it includes the shard's optimizer step. ``push_post`` is one push
-while a slot is free: the Put and the post, what a replica waits for when it pushes.
+``push`` is sustained: back-to-back pushes of a gradient held in the worker's own array, each
+copied into a slot of the worker's window that is reused only after the shards pulled it and
+applied Adagrad to it, so it includes the shards' optimizer step. ``push_inplace`` is the same
+with the gradient accumulated straight in the slot (``PSClient.push_buffer``, as Downpour does
+for n_push > 1). ``push_post`` is one push while a slot is free: what a replica waits for.
+The raw baselines Get from the shards' parameter window and Put / Accumulate into a window of
+the same size on the shards.
 
     mpiexec -n 4 python -m mpi4py benchmarks/_ps_bandwidth.py --params 41777152 --shards 2
 """
@@ -22,6 +26,7 @@ from mpi4py import MPI
 from dbmpi.config import TopologyConfig
 from dbmpi.optim import Adagrad
 from dbmpi.ps import ParameterServer, ParamLayout, PSClient, ShardService
+from dbmpi.ps.rma import Window
 from dbmpi.ps.server import request_stop
 from dbmpi.topology import Role, Topology
 
@@ -37,14 +42,23 @@ def main() -> None:
     n = args.params
     layout = ParamLayout.even(n, args.shards)
     ps = ParameterServer(topo, layout, [(0, n)])
+    is_shard = topo.role is Role.SHARD
+    sink = Window(comm, layout.block_size(topo.index) if is_shard else 0, np.float32, "sink")
     service = None
     if topo.role is Role.SHARD:
         lo, hi = layout.block(topo.index)
         service = ShardService(ps, Adagrad(1e-4), np.zeros(hi - lo, np.float32))
     comm.Barrier()
     out = None
+    if topo.role is Role.COORDINATOR:
+        # idle for the whole measurement: wait without polling MPI, as dbmpi's coordinator
+        # does (a rank spinning in Barrier takes a core from the shards on a small machine)
+        req = comm.Ibarrier()
+        while not req.Test():
+            time.sleep(0.005)
     if service is not None:
         service.serve()
+        comm.Ibarrier().Wait()
     elif topo.role is Role.REPLICA:
         client = PSClient(ps, 0, n, worker=0, replica=0)
         params = np.empty(n, np.float32)
@@ -58,11 +72,11 @@ def main() -> None:
                 if op == "get":
                     ps.params.get(part, target, seg.offset)
                 elif op == "put":
-                    ps.grads.put(part, target, seg.offset)
+                    sink.put(part, target, seg.offset)
                 else:
-                    ps.grads.accumulate(part, target, seg.offset)
+                    sink.accumulate(part, target, seg.offset)
             for seg in segs:
-                (ps.params if op == "get" else ps.grads).flush(topo.shard_rank(seg.shard))
+                (ps.params if op == "get" else sink).flush(topo.shard_rank(seg.shard))
 
         def timed(fn):
             t = time.perf_counter()
@@ -71,7 +85,7 @@ def main() -> None:
 
         pushes = 4
         samples = {k: [] for k in ("raw_get", "fetch", "raw_put", "raw_accumulate", "push",
-                                   "push_post")}
+                                   "push_inplace", "push_post")}
         for _ in range(args.repeats):
             samples["raw_get"].append(timed(lambda: raw("get")))
             samples["fetch"].append(timed(lambda: client.fetch(params)))
@@ -83,10 +97,17 @@ def main() -> None:
                     client.push(grads)
                 client.wait_acknowledged()
             samples["push"].append(timed(push_many) / pushes)
+
+            def push_many_inplace():
+                for _ in range(pushes):
+                    client.push(client.push_buffer())  # the gradient already in the slot
+                client.wait_acknowledged()
+            samples["push_inplace"].append(timed(push_many_inplace) / pushes)
             # one push with its slot free: the Put and the post, without the shard's apply
             samples["push_post"].append(timed(lambda: client.push(grads)))
             client.wait_acknowledged()
         request_stop(ps)
+        comm.Ibarrier().Wait()
         nbytes = 4 * n
         med = {k: statistics.median(v) for k, v in samples.items()}
         out = {"params": n, "bytes": nbytes, "shards": args.shards,
@@ -94,8 +115,10 @@ def main() -> None:
                "fetch_vs_raw_get": med["raw_get"] / med["fetch"],
                "push_vs_raw_accumulate": med["raw_accumulate"] / med["push"],
                "push_vs_raw_put": med["raw_put"] / med["push"],
+               "push_inplace_vs_raw_accumulate": med["raw_accumulate"] / med["push_inplace"],
                "push_post_vs_raw_accumulate": med["raw_accumulate"] / med["push_post"]}
     comm.Barrier()
+    sink.free()
     ps.free()
     results = comm.gather(out, root=0)
     if comm.Get_rank() == 0:

@@ -34,6 +34,10 @@ cdef extern from "_vecmath.h" nogil:
     void dbm_adagrad_f32(float* p, const float* g, float* a, dbm_idx n, float lr, float eps)
     void dbm_adagrad_f64(double* p, const double* g, double* a, dbm_idx n, double lr,
                          double eps)
+    dbm_idx dbm_adagrad_checked_f32(float* p, const float* g, float* a, dbm_idx n, float lr,
+                                    float eps)
+    dbm_idx dbm_adagrad_checked_f64(double* p, const double* g, double* a, dbm_idx n,
+                                    double lr, double eps)
     void dbm_axpy_f32(float* p, const float* g, dbm_idx n, float lr)
     void dbm_axpy_f64(double* p, const double* g, dbm_idx n, double lr)
     void dbm_add_f32(float* a, const float* g, dbm_idx n)

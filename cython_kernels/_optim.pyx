@@ -5,7 +5,8 @@ from cython_kernels._blasinfo import blas_threads
 from cython_kernels._checks import floats, indices
 
 from cython_kernels._common cimport (
-    real, dbm_idx, dbm_adagrad_f32, dbm_adagrad_f64, dbm_axpy_f32, dbm_axpy_f64,
+    real, dbm_idx, dbm_adagrad_f32, dbm_adagrad_f64, dbm_adagrad_checked_f32,
+    dbm_adagrad_checked_f64, dbm_axpy_f32, dbm_axpy_f64,
 )
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport saxpy, daxpy
@@ -22,16 +23,40 @@ cdef void _adagrad_dense(real[::1] p, real[::1] g, real[::1] a, real lr,
             dbm_adagrad_f64(&p[0], &g[0], &a[0], p.shape[0], lr, eps)
 
 
-def adagrad_dense(param, grad, accum, lr, eps):
-    """accum += g*g; param -= lr * g / (sqrt(accum) + eps); 1-D arrays of one length."""
+cdef dbm_idx _adagrad_checked(real[::1] p, real[::1] g, real[::1] a, real lr,
+                              real eps) noexcept:
+    cdef dbm_idx bad = -1
+    with nogil:
+        if p.shape[0] == 0:
+            return -1
+        if real is float:
+            bad = dbm_adagrad_checked_f32(&p[0], &g[0], &a[0], p.shape[0], lr, eps)
+        else:
+            bad = dbm_adagrad_checked_f64(&p[0], &g[0], &a[0], p.shape[0], lr, eps)
+    return bad
+
+
+def adagrad_dense(param, grad, accum, lr, eps, check_finite=False):
+    """accum += g*g; param -= lr * g / (sqrt(accum) + eps); 1-D arrays of one length.
+
+    With ``check_finite`` the gradient is checked in L1-sized blocks on the way (no extra
+    pass over memory): returns -1, or the start index of the first block whose gradient holds
+    NaN or Inf (or |g| > ~1e19 in float32); blocks before it were applied, nothing from it on
+    was written. Without it, returns -1.
+    """
     dt = floats("param", param, (None,), out=True)
     n = param.shape[0]
     floats("grad", grad, (n,), dt, "param")
     floats("accum", accum, (n,), dt, "param", out=True)
+    if check_finite:
+        if dt == np.float32:
+            return _adagrad_checked[float](param, grad, accum, <float>lr, <float>eps)
+        return _adagrad_checked[double](param, grad, accum, <double>lr, <double>eps)
     if dt == np.float32:
         _adagrad_dense[float](param, grad, accum, <float>lr, <float>eps)
     else:
         _adagrad_dense[double](param, grad, accum, <double>lr, <double>eps)
+    return -1
 
 
 cdef void _adagrad_rows(real[:, ::1] p, int64_t[::1] rows, real[:, ::1] g, real[:, ::1] a,

@@ -257,6 +257,37 @@ DBMPI_CLONES DBM_STATIC void dbm_adagrad_##SFX(T *restrict p, const T *restrict 
     }                                                                                        \
 }                                                                                            \
                                                                                              \
+/* The Adagrad update above, refusing non-finite gradients without a separate pass: g is  \
+ * taken in blocks that stay in L1; a block is applied only if the sum of its squares is   \
+ * finite (false for NaN, Inf, or |g| > ~1e19), so the check costs no memory traffic.       \
+ * Returns -1, or the start of the first refused block: blocks before it are applied,       \
+ * nothing from it on is written. */                                                        \
+DBMPI_CLONES DBM_STATIC dbm_idx dbm_adagrad_checked_##SFX(T *restrict p, const T *restrict g,   \
+                                           T *restrict a, dbm_idx n, T lr, T eps)            \
+{                                                                                            \
+    const dbm_idx B = 2048;                                                                  \
+    for (dbm_idx lo = 0; lo < n; lo += B) {                                                  \
+        dbm_idx m = n - lo < B ? n - lo : B;                                                 \
+        const T *gb = g + lo;                                                                \
+        T acc[16] = {0};                                                                     \
+        dbm_idx j = 0;                                                                       \
+        for (; j + 16 <= m; j += 16)                                                         \
+            for (int k = 0; k < 16; ++k) acc[k] += gb[j + k] * gb[j + k];                    \
+        T s = (T)0;                                                                          \
+        for (; j < m; ++j) s += gb[j] * gb[j];                                               \
+        for (int k = 0; k < 16; ++k) s += acc[k];                                            \
+        if (!isfinite(s)) return lo;                                                         \
+        T *pb = p + lo, *ab = a + lo;                                                        \
+        for (j = 0; j < m; ++j) {                                                            \
+            T gj = gb[j];                                                                    \
+            T aj = ab[j] + gj * gj;                                                          \
+            ab[j] = aj;                                                                      \
+            pb[j] -= lr * gj / (SQRTF(aj) + eps);                                            \
+        }                                                                                    \
+    }                                                                                        \
+    return -1;                                                                               \
+}                                                                                            \
+                                                                                             \
 /* p -= lr * g */                                                                            \
 DBMPI_CLONES DBM_STATIC void dbm_axpy_##SFX(T *restrict p, const T *restrict g, dbm_idx n,      \
                                         T lr)                                                \

@@ -239,6 +239,29 @@ def test_adagrad_sgd_dense(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,bad,value", [(5000, None, None), (5000, 4097, np.nan),
+                                         (5000, 0, np.inf), (70, 69, -np.inf),
+                                         (4096, 2048, np.nan)])
+def test_adagrad_dense_checked_refuses_from_the_bad_block_on(dtype, n, bad, value):
+    """check_finite: the update of the numpy twin on every 2048-element block before the
+    first non-finite gradient, nothing written from that block on, its start returned."""
+    rng = np.random.default_rng(9)
+    p, g, a = rand(rng, n, dtype), rand(rng, n, dtype), np.abs(rand(rng, n, dtype))
+    if bad is not None:
+        g[bad] = value
+    p1, a1 = p.copy(), a.copy()
+    got = ck.adagrad_dense(p1, g, a1, 0.1, 1e-6, check_finite=True)
+    stop = n if bad is None else (bad // 2048) * 2048
+    assert got == (-1 if bad is None else stop)
+    p2, a2 = p.copy(), a.copy()
+    ref.adagrad_dense(p2[:stop], g[:stop], a2[:stop], 0.1, 1e-6)
+    assert_close(p1, p2, dtype)
+    assert_close(a1, a2, dtype)
+    assert np.array_equal(p1[stop:], p[stop:]) and np.array_equal(a1[stop:], a[stop:])
+    assert ck.adagrad_dense(p.copy(), g, a.copy(), 0.1, 1e-6) == -1  # unchecked: no verdict
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sgd_dense_blas_route(monkeypatch, dtype, threads):
     """With a threaded BLAS, sgd_dense goes through ?axpy; the result is the same."""

@@ -86,3 +86,27 @@ def test_evaluate_matches_forward():
     assert acc == pytest.approx((m.forward(x).argmax(1) == y).mean())
     ref = _numpy_mlp_loss(m.params.astype(np.float64), [(6, 4), (4, 3)], ["relu", "linear"], x, y)
     assert loss == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec,shape", [
+    ([{"type": "dense", "units": 6, "activation": "relu"}], (9,)),
+    ([{"type": "local", "filters": 2, "kernel": 3, "stride": 1},
+      {"type": "l2pool", "size": 2}, {"type": "lcn", "size": 3}], (8, 8, 2)),
+])
+def test_set_grads_writes_the_whole_gradient_into_the_given_buffer(spec, shape):
+    """Downpour points the backward pass at a push slot that still holds an old push: every
+    element must be overwritten (a stale or NaN value left there would be pushed)."""
+    rng = np.random.default_rng(3)
+    m = Model.from_spec(shape, spec, num_classes=4)
+    m.init_params(1)
+    x = rng.normal(size=(5, *shape)).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    m.forward_backward(x, y)
+    expected = m.grads.copy()
+    slot = np.full(m.num_params, np.nan, np.float32)
+    m.set_grads(slot)
+    m.forward_backward(x, y)
+    assert m.grads is slot
+    np.testing.assert_array_equal(slot, expected)
+    with pytest.raises(ValueError, match="float32 of shape"):
+        m.set_grads(np.zeros(m.num_params + 1, np.float32))

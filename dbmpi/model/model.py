@@ -34,6 +34,15 @@ class Model:
             off += layer.num_params
         self._dlogits: dict[int, np.ndarray] = {}
 
+    def set_grads(self, grads: np.ndarray) -> None:
+        """Have the next backward passes write the gradient into ``grads`` (flat float32 of
+        ``num_params``), e.g. straight into a parameter-server push slot: no copy."""
+        if grads.shape != (self.num_params,) or grads.dtype != np.float32:
+            raise ValueError(f"grads must be float32 of shape ({self.num_params},)")
+        self.grads = grads
+        for layer, off in zip(self.layers, self.offsets):
+            layer.bind(self.params[off:off + layer.num_params], grads[off:off + layer.num_params])
+
     @classmethod
     def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax") -> "Model":
         """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``

@@ -8,11 +8,24 @@ shard that holds the parameter. ``eps`` keeps the first step finite:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import cython_kernels as ck
 
 from ..config import OptimizerConfig
+
+
+def _first_nonfinite(grad: np.ndarray) -> int:
+    """-1 if ``grad`` is finite, else an index at which it is not.
+
+    g.g is NaN/Inf iff g holds NaN/Inf (or |g| > ~1e19): one BLAS pass, no temporary.
+    """
+    if math.isfinite(float(np.dot(grad, grad))):
+        return -1
+    bad = np.flatnonzero(~np.isfinite(grad))
+    return int(bad[0]) if bad.size else 0  # finite but so large that g.g overflows
 
 
 class SGD:
@@ -24,8 +37,16 @@ class SGD:
     def init_state(self, n: int) -> np.ndarray:
         return np.zeros(0, dtype=np.float32)
 
-    def step(self, param: np.ndarray, grad: np.ndarray, state: np.ndarray) -> None:
+    def step(self, param: np.ndarray, grad: np.ndarray, state: np.ndarray,
+             check_finite: bool = False) -> int:
+        """Apply ``grad``; with ``check_finite`` refuse a non-finite one: return the index
+        where it is not finite (nothing written), else -1."""
+        if check_finite:
+            bad = _first_nonfinite(grad)
+            if bad >= 0:
+                return bad
         ck.sgd_dense(param, grad, self.lr)
+        return -1
 
 
 class Adagrad:
@@ -39,8 +60,12 @@ class Adagrad:
     def init_state(self, n: int) -> np.ndarray:
         return np.full(n, self.initial_accumulator, dtype=np.float32)
 
-    def step(self, param: np.ndarray, grad: np.ndarray, state: np.ndarray) -> None:
-        ck.adagrad_dense(param, grad, state, self.lr, self.eps)
+    def step(self, param: np.ndarray, grad: np.ndarray, state: np.ndarray,
+             check_finite: bool = False) -> int:
+        """Apply ``grad``; with ``check_finite`` stop at the first L1-sized block of it holding
+        NaN/Inf and return that block's start (earlier blocks applied), else -1. The check
+        rides on the update's own pass: refusing non-finite pushes costs no memory traffic."""
+        return ck.adagrad_dense(param, grad, state, self.lr, self.eps, check_finite)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> SGD | Adagrad:

@@ -8,30 +8,34 @@ The model's parameters are one flat float32 vector cut into S contiguous blocks
 whole run, each operation completed by ``Flush`` (:mod:`dbmpi.ps.rma`). Shards never post a
 receive: they poll their own memory.
 
-Windows on each shard (other ranks expose 0 bytes):
+Windows (a rank exposes 0 bytes in a window that is not its own):
 
-``params`` (float32, block)
+``params`` (float32, block; on each shard)
     The current parameters. Workers ``Get`` their range (a *fetch*). The shard updates it in
     place with local stores followed by ``Win.Sync``.
-``grads`` (float32, R x NSLOTS x block, NSLOTS = 2)
-    Two *slots* per replica. Push number q of a worker goes to slot (q - 1) % 2 of its
-    replica (the partitions of one replica write disjoint ranges of it), so a worker can Put
-    push q + 1 while the shard still applies push q. A slot is never written while the shard
-    may read it: see ``DONE`` below.
-``ctrl`` (int64, 4 + 4W for W workers)
+``grads`` (float32, NSLOTS x range, NSLOTS = 2; on each worker)
+    Two *slots* of the worker's own parameter range. Push number q goes to slot (q - 1) % 2,
+    so a worker can fill push q + 1 while the shards still pull push q. Pushes are *pulled*:
+    each shard ``Get``\ s its part of the slot in cache-sized chunks (``PULL_CHUNK``) and applies
+    each chunk while it is in cache, so a gradient crosses memory once on its way into the
+    optimizer (a ``Put`` into a shard-side slot that the shard then read back crossed it three
+    times). A slot is never written while a shard may read it: see ``DONE`` below.
+``ctrl`` (int64, 4 + 4W for W workers; on each shard)
     ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2]]``.
 
-A *push* (number q) by worker w to shard s, step by step:
+A *push* (number q) by worker w, step by step:
 
-1. wait until ``DONE_w >= q - 2`` (atomic reads): the shard has consumed the push that last
-   used this slot. At most two pushes per worker are in flight;
-2. ``Put`` the gradient into the slot and ``Flush``: the data is complete at the shard;
-3. ``SEQ_w += 1`` (``Fetch_and_op(SUM)``). The push is now *posted*.
+1. wait until ``DONE_w >= q - 2`` on every shard of its range (atomic reads): they have pulled
+   the push that last used this slot. At most two pushes per worker are in flight;
+2. write the gradient into the slot with local stores (the backward pass writes it there
+   directly, or gradients are summed there: no copy), then ``Win.Sync``;
+3. ``SEQ_w += 1`` on each of those shards (``Fetch_and_op(SUM)``). The push is now *posted*.
 
 The shard's loop reads ``ctrl`` atomically (``Get_accumulate(NO_OP)``); for every worker with
-``SEQ_w > DONE_w`` it reads the pending slots from its own memory in push order, refuses a
-gradient holding NaN/Inf, applies the optimizer to its params block and accumulator (state
-that never leaves the shard), records ``BASE_w[slot]`` = pushes applied before this one, calls
+``SEQ_w > DONE_w`` it pulls the pending slots in push order, refuses a gradient holding NaN/Inf
+(checked block by block inside the Adagrad kernel: the job ends before a non-finite value
+reaches the block), applies the optimizer to its params block and accumulator (state that
+never leaves the shard), records ``BASE_w[slot]`` = pushes applied before this one, calls
 ``Win.Sync`` on ``params``, and then publishes with ``Accumulate(REPLACE)``: ``APPLIED`` and
 last ``DONE_w = SEQ_w``. A push becomes *visible* to fetches at that Sync, and is
 *acknowledged* when DONE_w moves. Each push is applied exactly once: a slot is read only after

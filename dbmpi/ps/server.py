@@ -6,7 +6,6 @@ documented in :mod:`dbmpi.ps`.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,9 +19,14 @@ from .rma import Window
 
 log = get_logger("ps")
 
-# Gradient slots per replica: a worker Puts push q+1 into one slot while the shard still
-# applies push q from the other, so pushing overlaps with the shard's optimizer step.
+# Gradient slots per worker, in the worker's own window: a worker fills push q+1 into one
+# slot while the shards still pull and apply push q from the other, so pushing overlaps with
+# the shards' optimizer step.
 NSLOTS = 2
+# Elements a shard pulls per Get and applies while they sit in its L2 cache (1 MiB). The
+# gradient crosses memory once; a Put into a shard-side slot followed by the shard reading
+# the slot back crossed it three times and made pushes memory-bound.
+PULL_CHUNK = 1 << 18
 # ctrl window layout on each shard:
 # [STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker SEQ, DONE, BASE of each slot]
 STOP, APPLIED, CKPT_REQ, CKPT_ACK = 0, 1, 2, 3
@@ -73,7 +77,12 @@ class ParameterServer:
         block = layout.block_size(topo.index) if is_shard else 0
         comm = topo.comm
         self.params = Window(comm, block, np.float32, "params")
-        self.grads = Window(comm, topo.cfg.replicas * NSLOTS * block, np.float32, "grads")
+        # Pushes are pulled: each worker exposes NSLOTS slots of its own range.
+        self.slot_size = 0
+        if topo.role is Role.REPLICA:
+            a, b = self.worker_ranges[topo.partition]
+            self.slot_size = b - a
+        self.grads = Window(comm, NSLOTS * self.slot_size, np.float32, "grads")
         self.ctrl = Window(comm, ctrl_size(self.num_workers) if is_shard else 0, np.int64, "ctrl")
 
     def free(self) -> None:
@@ -114,16 +123,20 @@ class ShardService:
             self.state[:] = state
         self.on_checkpoint = on_checkpoint
         self.checkpointed = 0
-        self.grads = ps.grads.local
         self._ctrl = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
-        # Per worker: (offset of its replica's first slot in grads, local lo, local hi), or None.
-        self.worker_slices: list[tuple[int, int] | None] = []
+        # Per worker: (its rank, its slot size, offset of my part in its slot, my local lo,
+        # my local hi), or None when its range misses my block.
+        self.worker_slices: list[tuple[int, int, int, int, int] | None] = []
         P = topo.cfg.partitions
         for w in range(ps.num_workers):
             replica, part = divmod(w, P)
-            a, b = ps.worker_ranges[part]
-            a, b = max(a, lo) - lo, min(b, hi) - lo
-            self.worker_slices.append((replica * NSLOTS * self.block, a, b) if a < b else None)
+            ws, we = ps.worker_ranges[part]
+            a, b = max(ws, lo), min(we, hi)
+            self.worker_slices.append(
+                (topo.worker_rank(replica, part), we - ws, a - ws, a - lo, b - lo)
+                if a < b else None)
+        n = min(PULL_CHUNK, self.block)
+        self._pulled = [np.empty(n, np.float32), np.empty(n, np.float32)]
         self.applied = applied
         self.busy_s = 0.0
 
@@ -138,7 +151,6 @@ class ShardService:
         if not pending:
             return 0
         t0 = time.perf_counter()
-        ps.grads.sync()  # the slots' Puts completed before SEQ moved; see them locally
         applied = 0
         for w in pending:
             i = seq_index(w)
@@ -146,18 +158,7 @@ class ShardService:
             for push in range(int(ctrl[i + 1]) + 1, int(ctrl[i]) + 1):  # in push order
                 slot = (push - 1) % NSLOTS
                 if sl is not None:
-                    first, a, b = sl
-                    off = first + slot * self.block
-                    g = self.grads[off + a:off + b]
-                    # Refuse a non-finite push so that parameters and checkpoints stay clean.
-                    # g.g is NaN/Inf iff g holds NaN/Inf (or |g| > 1e19): one BLAS pass, half
-                    # the cost of np.isfinite(g).all() and no temporary array.
-                    if not math.isfinite(float(np.dot(g, g))):
-                        raise TrainingError(
-                            f"shard {self.shard}: worker {w} pushed a gradient holding NaN or "
-                            f"Inf; training diverged: lower optimizer.learning_rate")
-                    self.optimizer.step(self.params[a:b], g,
-                                        self.state[a:b] if self.state.size else self.state)
+                    self._pull_and_apply(w, slot, *sl)
                 ps.ctrl.store(self.applied, self.me, i + 2 + slot)  # BASE of this push
                 self.applied += 1
                 applied += 1
@@ -168,6 +169,37 @@ class ShardService:
             ps.ctrl.store(int(ctrl[i]), self.me, i + 1)  # DONE_w = SEQ_w: acknowledged
         self.busy_s += time.perf_counter() - t0
         return applied
+
+    def _pull_and_apply(self, w: int, slot: int, rank: int, size: int, off: int, a: int,
+                        b: int) -> None:
+        """Get my part of worker ``w``'s slot chunk by chunk and apply each chunk while it is
+        in cache; the Get of chunk k+1 is in flight while chunk k is applied."""
+        grads, bufs = self.ps.grads, self._pulled
+        state = self.state
+        remote = slot * size + off
+        n = b - a
+        step = bufs[0].shape[0]
+        grads.get(bufs[0][:min(step, n)], rank, remote)
+        grads.flush(rank)
+        for k, lo in enumerate(range(0, n, step)):
+            cur = bufs[k % 2][:min(step, n - lo)]
+            nxt = lo + step
+            if nxt < n:
+                grads.get(bufs[(k + 1) % 2][:min(step, n - nxt)], rank, remote + nxt)
+            # Refuse a non-finite push so that parameters and checkpoints stay clean: the job
+            # ends here, before any NaN reaches the block (the check rides on the update's
+            # own pass over the chunk).
+            s = slice(a + lo, a + lo + cur.shape[0])
+            bad = self.optimizer.step(self.params[s], cur, state[s] if state.size else state,
+                                      check_finite=True)
+            if bad >= 0:
+                lo_global = self.ps.layout.block(self.shard)[0]
+                raise TrainingError(
+                    f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
+                    f"(near parameter {lo_global + a + lo + bad}); training diverged: lower "
+                    f"optimizer.learning_rate")
+            if nxt < n:
+                grads.flush(rank)
 
     def _checkpoint(self, sequence: int) -> None:
         if self.on_checkpoint is not None:
@@ -239,6 +271,7 @@ class PSClient:
         self.replica = replica
         self.segments = ps.layout.segments(start, stop)
         self.counters = {seg.shard: _ShardCounters() for seg in self.segments}
+        self.pushes = 0  # pushes posted (to every shard of my range)
         self._mine = np.zeros(_PER_WORKER, dtype=np.int64)
         self._one = np.zeros(1, dtype=np.int64)
         self.wait_s = 0.0
@@ -262,27 +295,37 @@ class PSClient:
             ps.params.flush(ps.topo.shard_rank(seg.shard))
 
     # -- push --------------------------------------------------------------------------------
+    def push_buffer(self) -> np.ndarray:
+        """The slot my next push goes to, once every shard has pulled what it last held.
+
+        Fill it (e.g. accumulate gradients into it) and pass it to :meth:`push`: no copy.
+        """
+        assert self.worker is not None, "only workers push"
+        push = self.pushes + 1
+        for seg in self.segments:
+            self._wait_slot(seg.shard, self.ps.topo.shard_rank(seg.shard), push - NSLOTS)
+        size = self.stop - self.start
+        assert size == self.ps.slot_size, "a worker pushes exactly its partition's range"
+        k = (push - 1) % NSLOTS
+        return self.ps.grads.local[k * size:(k + 1) * size]
+
     def push(self, grads: np.ndarray) -> None:
         """Post the gradient of my range (length stop - start) to the shards.
 
-        Waits only while the slot it goes to still holds a push the shard has not consumed
-        (at most NSLOTS pushes of mine are in flight).
+        ``grads`` is copied into my next slot unless it is that slot (:meth:`push_buffer`).
+        Waits only while that slot holds a push some shard has not pulled yet (at most
+        NSLOTS pushes of mine are in flight). The shards Get it from my window.
         """
-        assert self.worker is not None, "only workers push"
         ps = self.ps
+        slot = self.push_buffer()
+        if not (grads.__array_interface__["data"][0] == slot.__array_interface__["data"][0]
+                and grads.shape == slot.shape):
+            np.copyto(slot, grads)
+        ps.grads.sync()  # my stores to the slot are visible before any shard sees SEQ move
         for seg in self.segments:
-            target = ps.topo.shard_rank(seg.shard)
-            push = self.counters[seg.shard].pushes + 1
-            self._wait_slot(seg.shard, target, push - NSLOTS)
-            lo = seg.start - self.start
-            block = ps.layout.block_size(seg.shard)
-            slot = self.replica * NSLOTS + (push - 1) % NSLOTS
-            ps.grads.put(grads[lo:lo + seg.count], target, slot * block + seg.offset)
-        for seg in self.segments:
-            target = ps.topo.shard_rank(seg.shard)
-            ps.grads.flush(target)
-            ps.ctrl.fetch_and_op(1, target, seq_index(self.worker))
+            ps.ctrl.fetch_and_op(1, ps.topo.shard_rank(seg.shard), seq_index(self.worker))
             self.counters[seg.shard].pushes += 1
+        self.pushes += 1
 
     def wait_acknowledged(self) -> None:
         """Block until every shard has applied all my pushes."""

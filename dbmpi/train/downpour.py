@@ -240,7 +240,11 @@ class Worker:
             return
         self.metrics.write("started", replica=self.replica, step=self.step)
         client.fetch(model.params)
-        accum = np.zeros_like(model.grads) if dp.n_push > 1 else None
+        # The gradient goes straight into a push slot of my window, which the shards pull:
+        # the backward pass writes it there (n_push = 1, when the model can), or the steps'
+        # gradients are summed there (n_push > 1). `accum` is the slot being filled.
+        direct = dp.n_push == 1 and hasattr(model, "set_grads")
+        accum = None
         pending, start_step = 0, self.step
         slow = self.replica == dp.straggler_replica and dp.straggler_factor > 1
         win_loss, win_correct, win_n, win_t = 0.0, 0, 0, time.perf_counter()
@@ -255,20 +259,28 @@ class Worker:
                 client.fetch(model.params, read_own_pushes=dp.read_own_pushes)
                 win_fetch += time.perf_counter() - t_step
             x, y = self.reader.next_batch()
+            if direct:
+                t_push = time.perf_counter()
+                accum = client.push_buffer()  # waits only if the shards still pull it
+                model.set_grads(accum)
+                win_push += time.perf_counter() - t_push
             loss, correct = model.forward_backward(x, y)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"replica {self.replica}: the training loss is {loss} at step {self.step}: "
                     f"lower optimizer.learning_rate (now {self.cfg.optimizer.learning_rate})")
             t_push = time.perf_counter()
-            if accum is None:
-                client.push(model.grads)
+            if direct or dp.n_push == 1:
+                client.push(model.grads)  # no copy when the model wrote into the slot
             else:
-                accum += model.grads
+                if pending == 0:
+                    accum = client.push_buffer()
+                    np.copyto(accum, model.grads)
+                else:
+                    accum += model.grads
                 pending += 1
                 if pending == dp.n_push:
                     client.push(accum)
-                    accum[:] = 0
                     pending = 0
             win_push += time.perf_counter() - t_push
             self.step += 1
@@ -296,7 +308,7 @@ class Worker:
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
                 win_fetch = win_push = 0.0
                 self._log_staleness()
-        if accum is not None and pending:
+        if pending:
             client.push(accum)
         client.wait_acknowledged()
         self._log_staleness()

@@ -117,3 +117,57 @@ def test_read_own_pushes_fetch_sees_own_update(shards, replicas):
         if topo.worker_id == 0:
             request_stop(ps)
     _teardown(topo, ps)
+
+
+def test_accumulating_in_the_push_slot():
+    """Gradients summed straight into the slot from push_buffer (Downpour with n_push > 1)
+    arrive exactly, with slots reused while the shards still pull the previous push."""
+    shards, replicas = CONFIGS[0]
+    n, pushes = 997, 40
+    topo, layout, ps, service = _setup(shards, replicas, n, SGD(1.0), np.zeros(n, np.float32))
+    if topo.role is Role.SHARD:
+        service.serve()
+    else:
+        w = topo.worker_id
+        client = PSClient(ps, 0, n, worker=w, replica=topo.index)
+        for k in range(pushes):
+            slot = client.push_buffer()
+            slot[:] = 1.0
+            slot += np.arange(n, dtype=np.float32) * (w + 1)
+            client.push(slot)
+        client.wait_acknowledged()
+        topo.comm_workers.Barrier()
+        if w == 0:
+            request_stop(ps)
+    block = service.params.copy() if service else np.zeros(0, np.float32)
+    final = np.concatenate(comm.allgather(block)[:shards])
+    expected = -pushes * (replicas + np.arange(n, dtype=np.float32)
+                          * sum(w + 1 for w in range(replicas)))
+    np.testing.assert_array_equal(final, expected)
+    _teardown(topo, ps)
+
+
+def test_shard_refuses_a_non_finite_push_before_it_reaches_the_parameters(monkeypatch):
+    """A NaN deep inside a push (pulled in several chunks): the shard raises, naming the worker,
+    and no parameter from the NaN's block on was touched (nothing non-finite was applied)."""
+    import dbmpi.ps.server as server
+    from dbmpi.errors import TrainingError
+
+    monkeypatch.setattr(server, "PULL_CHUNK", 1000)  # several chunks per push
+    n, bad = 10_000, 5_500
+    topo, layout, ps, service = _setup(1, size - 1, n, SGD(1.0), np.zeros(n, np.float32))
+    if topo.role is Role.SHARD:
+        deadline = time.monotonic() + 60
+        with pytest.raises(TrainingError, match=r"worker 0 pushed a gradient holding NaN"):
+            while time.monotonic() < deadline:
+                service.poll()
+                time.sleep(1e-3)
+        # chunks before the NaN's were applied whole; from its kernel block on, nothing
+        first_refused = (bad // 1000) * 1000
+        assert np.all(service.params[:first_refused] == -1.0)
+        assert np.all(service.params[first_refused:] == 0.0)
+    elif topo.worker_id == 0:
+        g = np.ones(n, np.float32)
+        g[bad] = np.nan
+        PSClient(ps, 0, n, worker=0, replica=0).push(g)
+    _teardown(topo, ps)
