@@ -171,11 +171,13 @@ def main() -> None:
         print_table(["path", "GB/s", "raw GB/s", "ratio"], [
             ["fetch (Get)", f"{g['fetch']:.2f}", f"{g['raw_get']:.2f}",
              f"{bw['fetch_vs_raw_get']:.2f}"],
-            ["push (Put + apply)", f"{g['push']:.2f}", f"{g['raw_accumulate']:.2f} (Accumulate)",
+            ["push, sustained (shards pull + Adagrad)", f"{g['push_inplace']:.2f}",
+             f"{g['raw_accumulate']:.2f} (Accumulate)",
+             f"{bw['push_inplace_vs_raw_accumulate']:.2f}"],
+            ["push + copy from another array", f"{g['push']:.2f}",
+             f"{g['raw_accumulate']:.2f} (Accumulate)",
              f"{bw['push_vs_raw_accumulate']:.2f}"],
-            ["push vs raw Put", f"{g['push']:.2f}", f"{g['raw_put']:.2f}",
-             f"{bw['push_vs_raw_put']:.2f}"],
-            ["push, slot free (Put + post)", f"{g['push_post']:.2f}",
+            ["push, slot free (what a replica waits)", f"{g['push_post']:.2f}",
              f"{g['raw_accumulate']:.2f} (Accumulate)",
              f"{bw['push_post_vs_raw_accumulate']:.2f}"]],
             title=f"1. PS path, {bw['bytes'] / 1e6:.0f} MB over {bw['shards']} shards")

@@ -97,8 +97,9 @@ cdef void _dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::
 
 cdef void _dense_backward(real[:, ::1] x, real[:, ::1] W, real[:, ::1] y, real[:, ::1] dy,
                           int act, real[:, ::1] dW, real[::1] db, real[:, ::1] dx,
-                          bint want_dx, bint gemms) noexcept:
-    """dz = dy * act'(y) (into dy), db = dz.sum(0); if gemms: dW = x.T @ dz, dx = dz @ W.T."""
+                          bint want_dx, bint gemms, real beta) noexcept:
+    """dz = dy * act'(y) (into dy), db = dz.sum(0); if gemms: dW = x.T @ dz + beta dW,
+    dx = dz @ W.T."""
     cdef int B = x.shape[0], n_in = x.shape[1], n_out = W.shape[1]
     with nogil:
         if real is float:
@@ -107,7 +108,7 @@ cdef void _dense_backward(real[:, ::1] x, real[:, ::1] W, real[:, ::1] y, real[:
             dbm_act_grad_f64(&y[0, 0], &dy[0, 0], &db[0], B, n_out, act)
         if gemms:
             gemm_rm(True, False, n_in, n_out, B, <real>1, &x[0, 0], n_in, &dy[0, 0], n_out,
-                    <real>0, &dW[0, 0], n_out)
+                    beta, &dW[0, 0], n_out)
             if want_dx:
                 gemm_rm(False, True, B, n_in, n_out, <real>1, &dy[0, 0], n_out, &W[0, 0],
                         n_out, <real>0, &dx[0, 0], n_in)
@@ -183,10 +184,12 @@ def dense_forward(x, W, b, y, activation):
         _dense_forward[double](x, W, b, y, act, scratch, mode)
 
 
-def dense_backward(x, W, y, dy, activation, dW, db, dx):
+def dense_backward(x, W, y, dy, activation, dW, db, dx, accumulate=False):
     """Backward of dense_forward; dy is overwritten with dz = dy * act'(y).
 
-    dW = x.T @ dz and db = dz.sum(0) are overwritten; dx = dz @ W.T is written unless None.
+    dW = x.T @ dz and db = dz.sum(0) are overwritten (added to, with ``accumulate``: summing
+    several batches' gradients costs no extra pass, the GEMM's beta = 1); dx = dz @ W.T is
+    written unless None.
     """
     dt = floats("x", x, (None, None))
     B, n_in = x.shape
@@ -200,8 +203,15 @@ def dense_backward(x, W, y, dy, activation, dW, db, dx):
     if want_dx:
         floats("dx", dx, (B, n_in), dt, "x", out=True)
     cdef int act = _activation(activation)
+    if accumulate:
+        db_sum, db = db, np.empty_like(db)  # db of this batch, added below (n_out values)
     if B == 0 or n_in == 0 or n_out == 0:
+        if accumulate:
+            dW_sum, dW = dW, np.empty_like(dW)
         _reference.dense_backward(x, W, y, dy, activation, dW, db, dx)
+        if accumulate:
+            dW_sum += dW
+            db_sum += db
         return
     bmode = GEMM["backward"]
     if bmode not in ("scipy", "numpy"):
@@ -209,13 +219,20 @@ def dense_backward(x, W, y, dy, activation, dW, db, dx):
     cdef bint here = bmode == "scipy"
     dx_view = dx if want_dx else np.empty((1, 1), dtype=dt)
     if dt == np.float32:
-        _dense_backward[float](x, W, y, dy, act, dW, db, dx_view, want_dx, here)
+        _dense_backward[float](x, W, y, dy, act, dW, db, dx_view, want_dx, here,
+                               <float>accumulate)
     else:
-        _dense_backward[double](x, W, y, dy, act, dW, db, dx_view, want_dx, here)
+        _dense_backward[double](x, W, y, dy, act, dW, db, dx_view, want_dx, here,
+                                <double>accumulate)
     if not here:
-        np.matmul(x.T, dy, out=dW)
+        if accumulate:
+            dW += x.T @ dy
+        else:
+            np.matmul(x.T, dy, out=dW)
         if want_dx:
             np.matmul(dy, W.T, out=dx)
+    if accumulate:
+        db_sum += db
 
 
 # --------------------------------------------------------------------------------- losses

@@ -21,8 +21,10 @@ EPS = 1e-8
 SEED = 3
 
 
-def _numpy_adagrad_reference(data_path, params0: np.ndarray) -> np.ndarray:
-    """Serial numpy MLP (784-32 ReLU-10 softmax) + Adagrad on the replica's minibatches."""
+def _numpy_adagrad_reference(data_path, params0: np.ndarray, n: int = 1) -> np.ndarray:
+    """Serial numpy MLP (784-32 ReLU-10 softmax) + Adagrad on the replica's minibatches; with
+    ``n`` > 1 the gradients of n minibatches at the same parameters are summed per update
+    (one replica with n_fetch = n_push = n)."""
     ds = open_dataset(data_path)
     reader = ds.reader("train", replica=0, num_replicas=1, batch_size=BATCH,
                        shuffle_buffer=8192, seed=SEED * 1000)
@@ -32,7 +34,8 @@ def _numpy_adagrad_reference(data_path, params0: np.ndarray) -> np.ndarray:
     k1 = n_in * HIDDEN
     sizes = [k1, HIDDEN, HIDDEN * 10, 10]
     offs = np.cumsum([0] + sizes)
-    for _ in range(STEPS):
+    total = np.zeros_like(p)
+    for step in range(STEPS):
         x, y = reader.next_batch()
         x = x.reshape(BATCH, -1)
         W1 = p[offs[0]:offs[1]].reshape(n_in, HIDDEN)
@@ -52,7 +55,10 @@ def _numpy_adagrad_reference(data_path, params0: np.ndarray) -> np.ndarray:
         dh = dlog @ W2.T * (z1 > 0)
         gW1 = x.T @ dh
         gb1 = dh.sum(0)
-        g = np.concatenate([gW1.ravel(), gb1, gW2.ravel(), gb2]).astype(np.float32)
+        total += np.concatenate([gW1.ravel(), gb1, gW2.ravel(), gb2]).astype(np.float32)
+        if (step + 1) % n:
+            continue
+        g, total = total, np.zeros_like(p)
         accum += g * g
         p -= LR * g / (np.sqrt(accum) + EPS)
     return p
@@ -101,6 +107,23 @@ def test_one_replica_equals_serial_numpy_adagrad(tmp_path, small_data, shards):
     np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == STEPS
+
+
+@pytest.mark.parametrize("n", [4])
+def test_one_replica_with_n_fetch_push_equals_serial_accumulated_adagrad(tmp_path, small_data,
+                                                                         n):
+    """n_push > 1: the backward passes sum their gradients straight into the push slot; the
+    result equals serial Adagrad on the sum of n minibatch gradients per update."""
+    cfg = _config(tmp_path, small_data, 2, 1, n_fetch=n, n_push=n)
+    proc = run_job(4, ["train", str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params, _ = load_params(tmp_path / "run" / "params.h5")
+    model = Model.from_spec((28, 28), [{"type": "dense", "units": HIDDEN}], 10)
+    expected = _numpy_adagrad_reference(small_data, model.init_params(SEED), n)
+    np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
+    # and it is not the n = 1 trajectory
+    assert not np.allclose(params, _numpy_adagrad_reference(small_data, model.init_params(SEED)),
+                           rtol=1e-4, atol=2e-5)
 
 
 def test_two_replicas_train_and_write_run_directory(tmp_path, small_data):

@@ -83,6 +83,30 @@ def test_dense_backward(dtype, act, shape, with_dx):
         assert_close(a, d, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backward_route", ["scipy", "numpy"])
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_dense_backward_accumulate_adds_to_dW_db(monkeypatch, dtype, backward_route, shape):
+    """accumulate=True adds this batch's dW, db to what is there (the numpy twin's result plus
+    the old contents); dy and dx are as without it."""
+    from cython_kernels import _dense
+
+    monkeypatch.setitem(_dense.GEMM, "backward", backward_route)
+    B, n_in, n_out = shape
+    rng = np.random.default_rng(5)
+    x, W, b = rand(rng, (B, n_in), dtype), rand(rng, (n_in, n_out), dtype), rand(rng, n_out, dtype)
+    y = np.empty((B, n_out), dtype)
+    ref.dense_forward(x, W, b, y, "sigmoid")
+    dy = rand(rng, (B, n_out), dtype)
+    old_W, old_b = rand(rng, (n_in, n_out), dtype), rand(rng, n_out, dtype)
+    want = [dy.copy(), np.empty_like(W), np.empty_like(b), np.empty_like(x)]
+    ref.dense_backward(x, W, y, want[0], "sigmoid", want[1], want[2], want[3])
+    got = [dy.copy(), old_W.copy(), old_b.copy(), np.full_like(x, np.nan)]
+    ck.dense_backward(x, W, y, got[0], "sigmoid", got[1], got[2], got[3], accumulate=True)
+    for a, d in zip(got, [want[0], want[1] + old_W, want[2] + old_b, want[3]]):
+        assert_close(a, d, dtype)
+
+
 def test_dense_forward_extreme_inputs():
     """Sigmoid and tanh saturate cleanly instead of overflowing (float32 fast exp)."""
     x = np.array([[-1e4, -100.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0, 1e4]], np.float32).T

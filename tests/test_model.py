@@ -110,3 +110,26 @@ def test_set_grads_writes_the_whole_gradient_into_the_given_buffer(spec, shape):
     np.testing.assert_array_equal(slot, expected)
     with pytest.raises(ValueError, match="float32 of shape"):
         m.set_grads(np.zeros(m.num_params + 1, np.float32))
+
+
+def test_forward_backward_accumulate_sums_batches():
+    """accumulate=True adds a batch's gradient to model.grads: two batches summed in place
+    equal the two gradients computed apart and added (Downpour's n_push > 1 path)."""
+    rng = np.random.default_rng(4)
+    m = Model.from_spec((6,), [{"type": "dense", "units": 5, "activation": "tanh"}], 3)
+    m.init_params(2)
+    assert m.can_accumulate
+    xs = [rng.normal(size=(4, 6)).astype(np.float32) for _ in range(2)]
+    ys = [rng.integers(0, 3, 4) for _ in range(2)]
+    parts = []
+    for x, y in zip(xs, ys):
+        m.forward_backward(x, y)
+        parts.append(m.grads.copy())
+    m.forward_backward(xs[0], ys[0])
+    m.forward_backward(xs[1], ys[1], accumulate=True)
+    np.testing.assert_allclose(m.grads, parts[0] + parts[1], rtol=1e-6, atol=1e-7)
+    image = Model.from_spec((6, 6, 1), [{"type": "local", "filters": 2, "kernel": 3}], 3)
+    assert not image.can_accumulate
+    with pytest.raises(ValueError, match="cannot accumulate"):
+        image.forward_backward(np.zeros((1, 6, 6, 1), np.float32), np.zeros(1, np.int64),
+                               accumulate=True)

@@ -49,8 +49,13 @@ class Dense:
         ck.dense_forward(x, self.W, self.b, self.y, self.activation)
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
-        """Write dW, db into the gradient vector; return dL/dx (``dy`` is overwritten)."""
+    can_accumulate = True  # backward(accumulate=True) adds to dW, db
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True,
+                 accumulate: bool = False) -> np.ndarray | None:
+        """Write (or, with ``accumulate``, add) dW, db into the gradient vector; return dL/dx
+        (``dy`` is overwritten)."""
         dx = self._bufs(dy.shape[0])[1] if need_dx else None
-        ck.dense_backward(self.x, self.W, self.y, dy, self.activation, self.dW, self.db, dx)
+        ck.dense_backward(self.x, self.W, self.y, dy, self.activation, self.dW, self.db, dx,
+                          accumulate)
         return dx

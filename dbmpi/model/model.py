@@ -73,9 +73,19 @@ class Model:
             h = layer.forward(h)
         return h
 
-    def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    @property
+    def can_accumulate(self) -> bool:
+        """Whether forward_backward(accumulate=True) is supported: every layer with
+        parameters can add its gradient in place."""
+        return all(getattr(layer, "can_accumulate", False) or layer.num_params == 0
+                   for layer in self.layers)
+
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray,
+                         accumulate: bool = False) -> tuple[float, int]:
         """Mean loss and number of correct predictions; writes d(mean loss)/d(params) to
-        ``self.grads``."""
+        ``self.grads`` (adds it there with ``accumulate``, see :attr:`can_accumulate`)."""
+        if accumulate and not self.can_accumulate:
+            raise ValueError("this model's layers cannot accumulate gradients in place")
         logits = self.forward(x)
         batch = logits.shape[0]
         n_correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
@@ -87,7 +97,10 @@ class Model:
         else:
             loss = ck.multiclass_hinge(logits, labels, d)
         for i in range(len(self.layers) - 1, -1, -1):
-            d = self.layers[i].backward(d, need_dx=i > 0)
+            if accumulate and self.layers[i].num_params:
+                d = self.layers[i].backward(d, need_dx=i > 0, accumulate=True)
+            else:
+                d = self.layers[i].backward(d, need_dx=i > 0)
         return float(loss), n_correct
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:

@@ -16,9 +16,9 @@ Windows (a rank exposes 0 bytes in a window that is not its own):
 ``grads`` (float32, NSLOTS x range, NSLOTS = 2; on each worker)
     Two *slots* of the worker's own parameter range. Push number q goes to slot (q - 1) % 2,
     so a worker can fill push q + 1 while the shards still pull push q. Pushes are *pulled*:
-    each shard ``Get``\ s its part of the slot in cache-sized chunks (``PULL_CHUNK``) and applies
-    each chunk while it is in cache, so a gradient crosses memory once on its way into the
-    optimizer (a ``Put`` into a shard-side slot that the shard then read back crossed it three
+    each shard reads its part of the slot with ``Get`` in cache-sized chunks (``PULL_CHUNK``)
+    and applies each chunk while it is in cache, so a gradient crosses memory once on its way
+    into the optimizer (a ``Put`` into a shard-side slot that the shard then read back crossed it three
     times). A slot is never written while a shard may read it: see ``DONE`` below.
 ``ctrl`` (int64, 4 + 4W for W workers; on each shard)
     ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2]]``.

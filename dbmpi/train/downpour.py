@@ -241,9 +241,10 @@ class Worker:
         self.metrics.write("started", replica=self.replica, step=self.step)
         client.fetch(model.params)
         # The gradient goes straight into a push slot of my window, which the shards pull:
-        # the backward pass writes it there (n_push = 1, when the model can), or the steps'
-        # gradients are summed there (n_push > 1). `accum` is the slot being filled.
-        direct = dp.n_push == 1 and hasattr(model, "set_grads")
+        # the backward pass writes it there when the model can (`direct`; with n_push > 1 the
+        # later steps' backward passes add to it), else it is copied or summed there. `accum`
+        # is the slot being filled.
+        direct = hasattr(model, "set_grads") and (dp.n_push == 1 or model.can_accumulate)
         accum = None
         pending, start_step = 0, self.step
         slow = self.replica == dp.straggler_replica and dp.straggler_factor > 1
@@ -259,29 +260,30 @@ class Worker:
                 client.fetch(model.params, read_own_pushes=dp.read_own_pushes)
                 win_fetch += time.perf_counter() - t_step
             x, y = self.reader.next_batch()
-            if direct:
+            if direct and pending == 0:
                 t_push = time.perf_counter()
                 accum = client.push_buffer()  # waits only if the shards still pull it
                 model.set_grads(accum)
                 win_push += time.perf_counter() - t_push
-            loss, correct = model.forward_backward(x, y)
+            if direct and pending:
+                loss, correct = model.forward_backward(x, y, accumulate=True)
+            else:
+                loss, correct = model.forward_backward(x, y)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"replica {self.replica}: the training loss is {loss} at step {self.step}: "
                     f"lower optimizer.learning_rate (now {self.cfg.optimizer.learning_rate})")
             t_push = time.perf_counter()
-            if direct or dp.n_push == 1:
-                client.push(model.grads)  # no copy when the model wrote into the slot
-            else:
+            if not direct:
                 if pending == 0:
                     accum = client.push_buffer()
                     np.copyto(accum, model.grads)
                 else:
                     accum += model.grads
-                pending += 1
-                if pending == dp.n_push:
-                    client.push(accum)
-                    pending = 0
+            pending += 1
+            if pending == dp.n_push:
+                client.push(accum)  # no copy: accum is the slot
+                pending = 0
             win_push += time.perf_counter() - t_push
             self.step += 1
             if slow:
