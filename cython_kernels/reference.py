@@ -212,18 +212,37 @@ def _count(H, W, size, C, dtype):
     return _box(np.ones((1, H, W), dtype=dtype), size) * C
 
 
-def lcn_forward(x, size, y, v, den, eps=LCN_EPS):
-    """Local contrast normalisation; v (B, H, W, C) and den (B, H, W) are kept for backward."""
+def _lcn_rows(rows, H, size):
+    """Output rows [a, b) and the rows [v0, v1) of v they depend on."""
+    a, b = (0, H) if rows is None else rows
+    r = size // 2
+    return a, b, max(0, a - r), min(H, b + r)
+
+
+def lcn_forward(x, size, y, v, den, eps=LCN_EPS, rows=None):
+    """Local contrast normalisation; v (B, H, W, C) and den (B, H, W) are kept for backward.
+
+    ``rows = (a, b)``: y and den hold output rows [a, b) only; v is written on its rows
+    [a - r, b + r) (clipped) only, the rows those outputs depend on."""
     _, H, W, C = x.shape
+    a, b, v0, v1 = _lcn_rows(rows, H, size)
     n = _count(H, W, size, C, x.dtype)
-    v[...] = x - (_box(x.sum(3), size) / n)[..., None]
-    den[...] = np.sqrt(eps + _box((v * v).sum(3), size) / n)
-    y[...] = v / den[..., None]
+    vf = x - (_box(x.sum(3), size) / n)[..., None]
+    df = np.sqrt(eps + _box((vf * vf).sum(3), size) / n)
+    v[:, v0:v1] = vf[:, v0:v1]
+    den[...] = df[:, a:b]
+    y[...] = (vf / df[..., None])[:, a:b]
 
 
-def lcn_backward(dy, v, den, size, dx):
-    """Exact gradient of lcn_forward given its v and den; dx overwritten."""
+def lcn_backward(dy, v, den, size, dx, rows=None):
+    """Exact gradient of lcn_forward given its v and den; dx overwritten. With ``rows =
+    (a, b)``, dy and den hold output rows [a, b) only (the others' gradient is zero)."""
     _, H, W, C = v.shape
+    a, b, v0, v1 = _lcn_rows(rows, H, size)
+    if rows is not None:  # back to whole planes: zero dy, unit den, v only where written
+        dy_f, den_f, v_f = np.zeros_like(v), np.ones(v.shape[:3], v.dtype), np.zeros_like(v)
+        dy_f[:, a:b], den_f[:, a:b], v_f[:, v0:v1] = dy, den, v[:, v0:v1]
+        dy, den, v = dy_f, den_f, v_f
     n = _count(H, W, size, C, v.dtype)
     dS = -(dy * v).sum(3) / (2 * den ** 3) / n  # d loss / d (box sum of sum_c v**2)
     dv = dy / den[..., None] + 2 * v * _box(dS, size)[..., None]

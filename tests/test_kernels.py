@@ -475,6 +475,146 @@ def test_lcn(dtype, shape):
     assert_close(dx1, dx2, dtype)
 
 
+def _slab(rng, shape, dtype, fill=None, pad=(2, 3)):
+    """A batch-strided (B, h, W, C) view: rows [pad0, pad0 + h) of a (B, pad0 + h + pad1, W, C)
+    array (random, or ``fill`` everywhere), and that array."""
+    B, h, Wd, C = shape
+    big_shape = (B, pad[0] + h + pad[1], Wd, C)
+    big = rand(rng, big_shape, dtype) if fill is None else np.full(big_shape, fill, dtype)
+    return big[:, pad[0]:pad[0] + h], big
+
+
+def _untouched(big, pad, h):
+    """The rows of a NaN-filled array outside the view are still NaN."""
+    assert np.isnan(big[:, :pad[0]]).all() and np.isnan(big[:, pad[0] + h:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LOCAL_SHAPES)
+def test_local_batch_strided(dtype, shape):
+    """x, y, dy, dx as views of whole rows of larger batches: the same as contiguous."""
+    if shape[0] < 2:
+        shape = (3, *shape[1:])
+    rng = np.random.default_rng(17)
+    x, W, b, s, yshape = _local_args(rng, dtype, shape)
+    xs, _ = _slab(rng, x.shape, dtype)
+    xs[...] = x
+    y, ybig = _slab(rng, yshape, dtype, fill=np.nan, pad=(1, 2))
+    ck.local_forward(xs, W, b, s, y)
+    y2 = np.full(yshape, np.nan, dtype)
+    ref.local_forward(x, W, b, s, y2)
+    assert_close(y, y2, dtype)
+    _untouched(ybig, (1, 2), yshape[1])
+    dy, _ = _slab(rng, yshape, dtype, pad=(3, 1))
+    dx, dxbig = _slab(rng, x.shape, dtype, fill=np.nan)
+    dW, db = np.empty_like(W), np.empty_like(b)
+    ck.local_backward(xs, W, dy, s, dW, db, dx)
+    dW2, db2, dx2 = np.empty_like(W), np.empty_like(b), np.empty_like(x)
+    ref.local_backward(x, W, np.ascontiguousarray(dy), s, dW2, db2, dx2)
+    for a, d in ((dW, dW2), (db, db2), (dx, dx2)):
+        assert_close(a, d, dtype)
+    _untouched(dxbig, (2, 3), x.shape[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+def test_l2pool_batch_strided(dtype, shape):
+    B, H, Wd, C, size, s = shape
+    B = max(B, 2)
+    rng = np.random.default_rng(18)
+    x, _ = _slab(rng, (B, H, Wd, C), dtype)
+    yshape = (B, (H - size) // s + 1, (Wd - size) // s + 1, C)
+    y, ybig = _slab(rng, yshape, dtype, fill=np.nan, pad=(1, 1))
+    ck.l2pool_forward(x, size, s, y)
+    y2 = np.empty(yshape, dtype)
+    ref.l2pool_forward(np.ascontiguousarray(x), size, s, y2)
+    assert_close(y, y2, dtype)
+    _untouched(ybig, (1, 1), yshape[1])
+    dy, _ = _slab(rng, yshape, dtype, pad=(0, 2))
+    dx, dxbig = _slab(rng, x.shape, dtype, fill=np.nan)
+    ck.l2pool_backward(x, y, dy, size, s, dx)
+    dx2 = np.empty(x.shape, dtype)
+    ref.l2pool_backward(np.ascontiguousarray(x), y2, np.ascontiguousarray(dy), size, s, dx2)
+    assert_close(dx, dx2, dtype)
+    _untouched(dxbig, (2, 3), H)
+
+
+def _lcn_row_ranges(H, size):
+    """Row ranges to test: whole, first, last, interior, single rows."""
+    out = {(0, H), (0, 1), (H - 1, H), (H // 2, H // 2 + 1)}
+    if H > 2:
+        out |= {(1, H - 1), (0, H // 2), (H // 2, H)}
+    return sorted(out)
+
+
+LCN_ROWS_SHAPES = [(2, 7, 5, 3, 3), (1, 13, 7, 2, 5), (2, 11, 4, 1, 3), (3, 9, 6, 2, 7),
+                   (2, 3, 3, 2, 9)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LCN_ROWS_SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_lcn_rows(dtype, shape, strided):
+    """lcn_forward/backward on output rows [a, b) of the slab against the twin, and against
+    the whole-slab kernel's rows; x, y, dy, dx batch-strided or not."""
+    B, H, Wd, C, size = shape
+    r = size // 2
+    rng = np.random.default_rng(19)
+    x0 = rand(rng, (B, H, Wd, C), dtype)
+    yf, vf, denf = np.empty_like(x0), np.empty_like(x0), np.empty((B, H, Wd), dtype)
+    ck.lcn_forward(x0, size, yf, vf, denf)
+    for a, b in _lcn_row_ranges(H, size):
+        v0, v1 = max(0, a - r), min(H, b + r)
+        if strided:
+            x, _ = _slab(rng, x0.shape, dtype)
+            x[...] = x0
+            y, ybig = _slab(rng, (B, b - a, Wd, C), dtype, fill=np.nan, pad=(1, 2))
+        else:
+            x, y = x0, np.full((B, b - a, Wd, C), np.nan, dtype)
+        v, den = np.full(x0.shape, np.nan, dtype), np.full((B, b - a, Wd), np.nan, dtype)
+        ck.lcn_forward(x, size, y, v, den, rows=(a, b))
+        y2, v2, den2 = np.empty_like(y), np.full(x0.shape, np.nan, dtype), np.empty_like(den)
+        ref.lcn_forward(x0, size, y2, v2, den2, rows=(a, b))
+        assert_close(y, y2, dtype)
+        assert_close(den, den2, dtype)
+        assert_close(v[:, v0:v1], v2[:, v0:v1], dtype)
+        assert np.isnan(v[:, :v0]).all() and np.isnan(v[:, v1:]).all()
+        assert_close(y, yf[:, a:b], dtype)  # the whole slab's rows
+        if strided:
+            _untouched(ybig, (1, 2), b - a)
+        dy0 = rand(rng, (B, b - a, Wd, C), dtype)
+        if strided:
+            dy, _ = _slab(rng, dy0.shape, dtype, pad=(0, 3))
+            dy[...] = dy0
+            dx, dxbig = _slab(rng, x0.shape, dtype, fill=np.nan)
+        else:
+            dy, dx = dy0, np.full(x0.shape, np.nan, dtype)
+        ck.lcn_backward(dy, v, den, size, dx, rows=(a, b))
+        dx2 = np.empty(x0.shape, dtype)
+        ref.lcn_backward(dy0, v2, den2, size, dx2, rows=(a, b))
+        assert_close(dx, dx2, dtype)
+        dyf = np.zeros_like(x0)  # the whole slab's backward with dy zero outside [a, b)
+        dyf[:, a:b] = dy0
+        dxf = np.empty_like(x0)
+        ck.lcn_backward(dyf, vf, denf, size, dxf)
+        assert_close(dx, dxf, dtype)
+        if strided:
+            _untouched(dxbig, (2, 3), H)
+
+
+def test_image_kernels_reject_bad_batch_strides():
+    x = np.ones((3, 6, 4, 2), np.float32)
+    y = np.empty((3, 4, 4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"^x must be C-contiguous: pass np.ascontiguousarray"):
+        ck.lcn_forward(x[:, :, ::2], 3, np.empty((3, 6, 2, 2), np.float32),
+                       np.empty((3, 6, 2, 2), np.float32), np.empty((3, 6, 2), np.float32))
+    overlapping = np.lib.stride_tricks.as_strided(y, (3, 2, 2, 2), (16, 16, 8, 4))
+    with pytest.raises(ValueError, match=r"y has a batch stride of 16 bytes"):
+        ck.l2pool_forward(np.ones((3, 3, 3, 2), np.float32), 2, 1, overlapping)
+    with pytest.raises(ValueError, match=r"rows must be a range"):
+        ck.lcn_forward(x, 3, y, np.empty_like(x), np.empty((3, 4, 4), np.float32), rows=(4, 2))
+
+
 def test_lcn_rejects_even_size():
     x = np.zeros((1, 4, 4, 1))
     with pytest.raises(ValueError, match="size must be odd"):

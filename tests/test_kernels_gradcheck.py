@@ -169,3 +169,78 @@ def test_lcn(mod, shape, eps):
     dx = np.empty_like(x)
     mod.lcn_backward(R, v.copy(), den.copy(), size, dx)
     check(dx, numeric_grad(loss, x))
+
+
+@pytest.mark.parametrize("mod", MODULES)
+@pytest.mark.parametrize("shape", [(2, 7, 5, 2, 3), (1, 9, 4, 3, 5), (1, 4, 3, 1, 7)])
+@pytest.mark.parametrize("rows", [(0, 1), (2, 4), (3, 4), "last"])
+def test_lcn_rows(mod, shape, rows):
+    """Output rows [a, b) of the slab alone (model parallelism keeps its own rows)."""
+    B, Hh, Wd, C, size = shape
+    a, b = (Hh - 1, Hh) if rows == "last" else rows
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((B, Hh, Wd, C))
+    R = rng.standard_normal((B, b - a, Wd, C))
+    y, v, den = np.empty_like(R), np.empty_like(x), np.empty((B, b - a, Wd))
+
+    def loss():
+        mod.lcn_forward(x, size, y, v, den, rows=(a, b))
+        return float((R * y).sum())
+
+    loss()
+    dx = np.empty_like(x)
+    mod.lcn_backward(R, v.copy(), den.copy(), size, dx, rows=(a, b))
+    check(dx, numeric_grad(loss, x))
+
+
+def _strided(a, before=2, after=1):
+    """a's rows inside a larger batch (rows before and after): (view, base)."""
+    B, h = a.shape[:2]
+    base = np.full((B, before + h + after, *a.shape[2:]), np.nan)
+    base[:, :before] = base[:, before + h:] = 7.0
+    view = base[:, before:before + h]
+    view[...] = a
+    return view, base
+
+
+@pytest.mark.parametrize("mod", MODULES)
+@pytest.mark.parametrize("layer", ["local", "l2pool", "lcn", "lcn_rows"])
+def test_batch_strided(mod, layer):
+    """Inputs, outputs and gradients as views of whole rows of larger batches."""
+    rng = np.random.default_rng(21)
+    B, Hh, Wd, C = 3, 7, 5, 2
+    x, xbase = _strided(rng.standard_normal((B, Hh, Wd, C)))
+    if layer == "local":
+        k, F, s = 3, 2, 2
+        OH, OW = (Hh - k) // s + 1, (Wd - k) // s + 1
+        W, b = rng.standard_normal((OH, OW, F, k, k, C)), rng.standard_normal((OH, OW, F))
+        yshape = (B, OH, OW, F)
+        fwd = lambda y: mod.local_forward(x, W, b, s, y)  # noqa: E731
+        bwd = lambda R, y, dx: mod.local_backward(x, W, R, s, np.empty_like(W),  # noqa: E731
+                                                  np.empty_like(b), dx)
+    elif layer == "l2pool":
+        yshape = (B, Hh - 1, Wd - 1, C)
+        fwd = lambda y: mod.l2pool_forward(x, 2, 1, y)  # noqa: E731
+        bwd = lambda R, y, dx: mod.l2pool_backward(x, y, R, 2, 1, dx)  # noqa: E731
+    else:
+        rows = (2, 5) if layer == "lcn_rows" else None
+        h = 3 if rows else Hh
+        yshape = (B, h, Wd, C)
+        v, den = np.empty(x.shape), np.empty((B, h, Wd))
+        fwd = lambda y: mod.lcn_forward(x, 3, y, v, den, rows=rows)  # noqa: E731
+        bwd = lambda R, y, dx: mod.lcn_backward(R, v, den, 3, dx, rows=rows)  # noqa: E731
+    y, ybase = _strided(np.zeros(yshape), 1, 2)
+    R, _ = _strided(rng.standard_normal(yshape), 0, 3)
+
+    def loss():
+        fwd(y)
+        return float((R * y).sum())
+
+    loss()
+    dx, dxbase = _strided(np.zeros(x.shape), 1, 1)
+    bwd(R, y.copy(), dx)
+    assert (ybase[:, :1] == 7).all() and (ybase[:, -2:] == 7).all()
+    assert (dxbase[:, :1] == 7).all() and (dxbase[:, -1:] == 7).all()
+    num = numeric_grad(loss, xbase)
+    check(dx, num[:, 2:2 + Hh])
+    assert (num[:, :2] == 0).all() and (num[:, 2 + Hh:] == 0).all()
