@@ -92,10 +92,21 @@ def scaling(data: Path, layers: str, batch: int, steps: int, replicas: list[int]
                 "push_fraction": statistics.median(r["push_fraction"] for r in train),
                 "staleness": dict(sorted(stale.items())),
                 "params": summary["num_params"]})
+            # the shards' time applying pushes, per push (every shard applies its part of
+            # each), and the cores that costs at this run's push rate
+            shard_recs = [r for r in recs if r["kind"] == "shard"]
+            per_push = (sum(r["busy_s"] for r in shard_recs)
+                        / max(1, shard_recs[0]["pushes_applied"]))
+            rows[-1]["shard_s_per_push"] = per_push
+            rows[-1]["ps_cores"] = per_push * rows[-1]["samples_per_s"] / batch / cadence
+    cores = os.cpu_count()
     for row in rows:
         one = next(r for r in rows if r["replicas"] == 1
                    and r["n_fetch_push"] == row["n_fetch_push"])
         row["speedup"] = row["samples_per_s"] / one["samples_per_s"]
+        # What the cores allow when the parameter server shares them: each replica needs its
+        # core plus the shard time its pushes cost (measured with one replica).
+        row["cpu_ceiling"] = min(row["replicas"], cores / (1 + one["ps_cores"]))
     return rows
 
 
@@ -199,9 +210,11 @@ def main() -> None:
               f"{ceiling['speedup'][2]:.2f}x the GFLOP/s of one alone "
               f"({ceiling['gflops'][1]:.0f} -> {ceiling['gflops'][2]:.0f} GFLOP/s)")
         print_table(["R", "n_fetch=n_push", "samples/s", "x one replica", "goal 0.9R",
-                     "fetch frac", "push frac", "staleness counts"],
+                     "cores left by PS", "PS cores", "fetch frac", "push frac",
+                     "staleness counts"],
                     [[r["replicas"], r["n_fetch_push"], f"{r['samples_per_s']:.0f}",
                       f"{r['speedup']:.2f}", f"{0.9 * r['replicas']:.1f}",
+                      f"{r['cpu_ceiling']:.2f}", f"{r['ps_cores']:.2f}",
                       f"{r['fetch_fraction']:.3f}", f"{r['push_fraction']:.3f}",
                       " ".join(f"{k}:{v}" for k, v in r["staleness"].items())] for r in rows],
                     title=f"2. Replica scaling ({rows[0]['params']:,} parameters, 2 shards)")
