@@ -1,10 +1,15 @@
 """Image layers on one rank: locally connected, L2 pooling, local contrast normalisation.
 
 Images are channels-last. Like :class:`~dbmpi.model.layers.Dense`, every layer takes and
-returns 2-D ``(B, features)`` C-contiguous float32 arrays (the per-example image flattened
-row-major, ``(h * W + w) * C + c``) so that layers chain without reshuffles; compute is in
+returns 2-D ``(B, features)`` float32 arrays (the per-example image flattened row-major,
+``(h * W + w) * C + c``) so that layers chain without reshuffles; compute is in
 :mod:`cython_kernels`. Only :class:`Local` has parameters, bound as views of the model's flat
 vectors: ``W (OH, OW, F, k, k, C)`` then ``b (OH, OW, F)``.
+
+Inputs and gradients may be column blocks of wider matrices (``big[:, a:b]``: every example
+contiguous, any row stride), and ``forward(x, out=...)`` / ``backward(dy, dx_out=...)`` write
+into such blocks instead of the layer's own buffers: model parallelism reads its halo-padded
+row slabs and writes its rows into the next layer's slab that way, without copies.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ def _activation_grad(dy: np.ndarray, y: np.ndarray, activation: str) -> None:
         dy *= 1 - y * y
     elif activation == "sigmoid":
         dy *= y * (1 - y)
+
+
+def _images(a: np.ndarray, shape) -> np.ndarray:
+    """The (B, *shape) view of a (B, features) block whose examples are contiguous (never a
+    copy: an output written into a copy would be lost)."""
+    return a.reshape(a.shape[0], *shape, copy=False)
 
 
 class _Buffers:
@@ -91,23 +102,24 @@ class Local:
         params[:k] = rng.uniform(-limit, limit, size=k).astype(np.float32)
         params[k:self.num_params] = 0.0
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         B = x.shape[0]
         self.x = x
-        self.y = self._bufs.get(B)[0]
-        ck.local_forward(x.reshape(B, *self.in_shape), self.W, self.b, self.s,
-                         self.y.reshape(B, *self.out_shape))
+        self.y = self._bufs.get(B)[0] if out is None else out
+        ck.local_forward(_images(x, self.in_shape), self.W, self.b, self.s,
+                         _images(self.y, self.out_shape))
         _activate(self.y, self.activation)
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, need_dx: bool = True,
+                 dx_out: np.ndarray | None = None) -> np.ndarray | None:
         """Write dW, db; return dL/dx (``dy`` is overwritten)."""
         B = dy.shape[0]
         _activation_grad(dy, self.y, self.activation)
-        dx = self._bufs.get(B)[1] if need_dx else None
-        ck.local_backward(self.x.reshape(B, *self.in_shape), self.W,
-                          dy.reshape(B, *self.out_shape), self.s, self.dW, self.db,
-                          None if dx is None else dx.reshape(B, *self.in_shape))
+        dx = None if not need_dx else self._bufs.get(B)[1] if dx_out is None else dx_out
+        ck.local_backward(_images(self.x, self.in_shape), self.W,
+                          _images(dy, self.out_shape), self.s, self.dW, self.db,
+                          None if dx is None else _images(dx, self.in_shape))
         return dx
 
 
@@ -133,55 +145,63 @@ class L2Pool(_NoParams):
         self.n_in, self.n_out = H * W * C, math.prod(self.out_shape)
         self._bufs = _Buffers(self.in_shape, self.out_shape)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         B = x.shape[0]
         self.x = x
-        self.y = self._bufs.get(B)[0]
-        ck.l2pool_forward(x.reshape(B, *self.in_shape), self.size, self.s,
-                          self.y.reshape(B, *self.out_shape))
+        self.y = self._bufs.get(B)[0] if out is None else out
+        ck.l2pool_forward(_images(x, self.in_shape), self.size, self.s,
+                          _images(self.y, self.out_shape))
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, need_dx: bool = True,
+                 dx_out: np.ndarray | None = None) -> np.ndarray | None:
         if not need_dx:
             return None
         B = dy.shape[0]
-        dx = self._bufs.get(B)[1]
-        ck.l2pool_backward(self.x.reshape(B, *self.in_shape), self.y.reshape(B, *self.out_shape),
-                           dy.reshape(B, *self.out_shape), self.size, self.s,
-                           dx.reshape(B, *self.in_shape))
+        dx = self._bufs.get(B)[1] if dx_out is None else dx_out
+        ck.l2pool_backward(_images(self.x, self.in_shape), _images(self.y, self.out_shape),
+                           _images(dy, self.out_shape), self.size, self.s,
+                           _images(dx, self.in_shape))
         return dx
 
 
 class LCN(_NoParams):
-    """Local contrast normalisation over a ``size x size`` box (same padding, in-image counts)."""
+    """Local contrast normalisation over a ``size x size`` box (same padding, in-image counts).
 
-    def __init__(self, in_shape, size: int):
+    ``rows = (a, b)``: the input is a slab of the image and only output rows ``[a, b)`` of it
+    are computed (model parallelism: the slab holds the ``2r`` halo rows each side that those
+    rows read; the outputs near the slab's cut edges would be wrong and are never made).
+    """
+
+    def __init__(self, in_shape, size: int, rows: tuple[int, int] | None = None):
         H, W, C = (int(v) for v in in_shape)
-        self.in_shape = self.out_shape = (H, W, C)
+        self.in_shape = (H, W, C)
+        self.rows = None if rows is None or tuple(rows) == (0, H) else tuple(rows)
+        a, b = self.rows or (0, H)
+        self.out_shape = (b - a, W, C)
         self.size = int(size)
-        self.n_in = self.n_out = H * W * C
+        self.n_in, self.n_out = H * W * C, (b - a) * W * C
         self._bufs = _Buffers(self.in_shape, self.out_shape)
         self._state: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         B = x.shape[0]
-        self.y = self._bufs.get(B)[0]
+        self.y = self._bufs.get(B)[0] if out is None else out
         st = self._state.get(B)
         if st is None:
             st = self._state[B] = (np.empty((B, self.n_in), np.float32),
-                                   np.empty((B, *self.in_shape[:2]), np.float32))
+                                   np.empty((B, *self.out_shape[:2]), np.float32))
         self.v, self.den = st
-        shape = (B, *self.in_shape)
-        ck.lcn_forward(x.reshape(shape), self.size, self.y.reshape(shape), self.v.reshape(shape),
-                       self.den)
+        ck.lcn_forward(_images(x, self.in_shape), self.size, _images(self.y, self.out_shape),
+                       _images(self.v, self.in_shape), self.den, rows=self.rows)
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, need_dx: bool = True,
+                 dx_out: np.ndarray | None = None) -> np.ndarray | None:
         if not need_dx:
             return None
         B = dy.shape[0]
-        dx = self._bufs.get(B)[1]
-        shape = (B, *self.in_shape)
-        ck.lcn_backward(dy.reshape(shape), self.v.reshape(shape), self.den, self.size,
-                        dx.reshape(shape))
+        dx = self._bufs.get(B)[1] if dx_out is None else dx_out
+        ck.lcn_backward(_images(dy, self.out_shape), _images(self.v, self.in_shape), self.den,
+                        self.size, _images(dx, self.in_shape), rows=self.rows)
         return dx

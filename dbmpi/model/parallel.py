@@ -30,6 +30,7 @@ from mpi4py import MPI
 
 import cython_kernels as ck
 
+from .image import LCN, L2Pool, Local
 from .model import evaluate_in_batches, flat_batch
 from .partition import PartitionPlan, Range, Transfer, _meet
 from .spec import make_layer
@@ -48,6 +49,38 @@ def _tag(layer: int, backward: bool, parity: int) -> int:
     return 1 + 4 * layer + 2 * int(backward) + parity
 
 
+class Block:
+    """Columns ``[c0, c0 + width)`` of a ``(B, row)`` float32 matrix as one MPI message (a vector
+    datatype: B runs of ``width`` floats, ``row`` apart), so that halos are sent straight from
+    and received straight into the slab buffers the kernels read."""
+
+    __slots__ = ("spec", "nbytes")
+
+    def __init__(self, base: np.ndarray, c0: int, width: int, dtype: MPI.Datatype):
+        self.spec = [base.reshape(-1)[c0:], 1, dtype]
+        self.nbytes = base.shape[0] * width * base.itemsize
+
+
+def _spec(buf) -> tuple:
+    """(mpi4py buffer spec, payload bytes) of an array or a :class:`Block`."""
+    if isinstance(buf, Block):
+        return buf.spec, buf.nbytes
+    return buf, buf.nbytes
+
+
+IMAGE_LAYERS = (Local, L2Pool, LCN)
+
+
+def _make_layer(part):
+    """Partition ``part``'s layer object; LCN computes only the rows the partition owns."""
+    layer = make_layer(part.spec, part.units)
+    if part.spec.kind == "lcn" and part.crop is not None:
+        rs = part.spec.in_row_size
+        layer = LCN(layer.in_shape, part.spec.opts["size"],
+                    rows=(part.crop[0] // rs, part.crop[1] // rs))
+    return layer
+
+
 class Exchange:
     """Point-to-point messages between the partitions of one replica, with a deadline.
 
@@ -56,7 +89,7 @@ class Exchange:
     """
 
     def __init__(self, comm: MPI.Comm, names: list[str], timeout_s: float | None = None,
-                 spin_s: float = 2e-4, max_sleep_s: float = 2e-4, label: str = ""):
+                 spin_s: float = 5e-3, max_sleep_s: float = 2e-4, label: str = ""):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.names = names  # layer names by index, for messages
@@ -75,19 +108,22 @@ class Exchange:
         name = self.names[layer] if layer < len(self.names) else "logits all-gather"
         return f"{name} {'backward' if backward else 'forward'}"
 
-    def start(self, layer: int, backward: bool, sends: list[tuple[int, np.ndarray]],
-              recvs: list[tuple[int, np.ndarray]]) -> list:
-        """Post the receives, then the sends; return what :meth:`wait` needs."""
+    def start(self, layer: int, backward: bool, sends: list[tuple[int, object]],
+              recvs: list[tuple[int, object]]) -> list:
+        """Post the receives, then the sends; return what :meth:`wait` needs. Each buffer is
+        a contiguous array or a :class:`Block` (a column block of a wider matrix)."""
         tag = self.tag(layer, backward)
         pending = []
         for peer, buf in recvs:
-            pending.append((self.comm.Irecv(buf, source=peer, tag=tag), "recv", peer, buf.nbytes,
+            spec, nbytes = _spec(buf)
+            pending.append((self.comm.Irecv(spec, source=peer, tag=tag), "recv", peer, nbytes,
                             layer, backward))
-            self.bytes_received += buf.nbytes
+            self.bytes_received += nbytes
         for peer, buf in sends:
-            pending.append((self.comm.Isend(buf, dest=peer, tag=tag), "send", peer, buf.nbytes,
+            spec, nbytes = _spec(buf)
+            pending.append((self.comm.Isend(spec, dest=peer, tag=tag), "send", peer, nbytes,
                             layer, backward))
-            self.bytes_sent += buf.nbytes
+            self.bytes_sent += nbytes
             self.messages_sent += 1
         return pending
 
@@ -95,7 +131,11 @@ class Exchange:
         return _tag(layer, backward, self.passes[backward] & 1)
 
     def wait(self, pending: list) -> None:
-        """Complete every posted message, or raise :class:`PartitionError` at the deadline."""
+        """Complete every posted message, or raise :class:`PartitionError` at the deadline.
+
+        Polls, yielding the core between polls (``os.sched_yield``: free when nothing else
+        wants the core, so a peer's message is seen within microseconds), for ``spin_s``; then
+        sleeps with backoff (oversubscribed ranks, long waits)."""
         if not pending:
             return
         reqs = [p[0] for p in pending]
@@ -107,6 +147,7 @@ class Exchange:
         while not MPI.Request.Testall(reqs):
             now = time.perf_counter()
             if now - t0 < self.spin_s:
+                os.sched_yield()
                 continue
             if now > deadline:
                 self._fail(pending, reqs)
@@ -180,7 +221,7 @@ class PartitionedModel:
         self.p = p = self.comm.Get_rank()
         self.P = plan.P
         self.parts = [row[p] for row in plan.parts]
-        self.layers = [make_layer(part.spec, part.units) for part in self.parts]
+        self.layers = [_make_layer(part) for part in self.parts]
         self.num_params = plan.param_sizes[p]
         self.param_range = plan.param_range(p)
         self.params = np.zeros(self.num_params, dtype=np.float32)
@@ -195,6 +236,15 @@ class PartitionedModel:
         self.exchange = Exchange(self.comm, names, timeout_s,
                                  label=label or f"partition {p} of {self.P}")
         self._bufs: dict[tuple, np.ndarray] = {}
+        # Slabs: the input of layer i >= 1 after an image layer lives in one (B, span) buffer
+        # covering the columns it reads and those the previous layer writes; that layer
+        # writes its rows into it, halos are received into it, and layer i reads it in place.
+        n = len(self.layers)
+        image = [isinstance(layer, IMAGE_LAYERS) for layer in self.layers]
+        self._slab_fwd = [i > 0 and image[i - 1] for i in range(n)]
+        self._slab_bwd = [self._slab_fwd[i] and image[i] for i in range(n)]
+        self._slabs: dict[tuple[int, int], _Slab] = {}
+        self._types: dict[tuple[int, int, int], MPI.Datatype] = {}
 
     # -- set-up helpers -----------------------------------------------------------------------
     @property
@@ -215,6 +265,9 @@ class PartitionedModel:
         return self.params
 
     def free(self) -> None:
+        for t in self._types.values():
+            t.Free()
+        self._types.clear()
         self.comm.Free()
 
     def stats(self) -> dict:
@@ -288,22 +341,45 @@ class PartitionedModel:
             D[:, t.cols[0] - own_in[0]:t.cols[1] - own_in[0]] += buf
         return D
 
+    # -- slabs (image layers: no copies) -----------------------------------------------------
+    def _vector(self, B: int, width: int, row: int) -> MPI.Datatype:
+        t = self._types.get((B, width, row))
+        if t is None:
+            t = self._types[(B, width, row)] = MPI.FLOAT.Create_vector(B, width, row).Commit()
+        return t
+
+    def _slab(self, i: int, B: int) -> "_Slab":
+        sl = self._slabs.get((i, B))
+        if sl is None:
+            sl = self._slabs[(i, B)] = _Slab(self, i, B)
+        return sl
+
     # -- forward and backward ----------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         """The logits of the whole batch, the same on every partition (an internal buffer)."""
         own = flat_batch(x)
+        B = own.shape[0]
         if own.shape[1] != self.parts[0].own_in[1]:
             raise ValueError(f"expected {self.parts[0].own_in[1]} features per example, got "
                              f"{own.shape[1]}")
-        for i, (layer, part) in enumerate(zip(self.layers, self.parts)):
-            X = self._gather(i, own, part.own_in, part.need)
-            y = layer.forward(X)
-            crop = part.crop
-            own = y if crop is None else y[:, crop[0]:crop[1]]
-        last = self.parts[-1]
         n = len(self.layers)
+        ex = self.exchange
+        for i, (layer, part) in enumerate(zip(self.layers, self.parts)):
+            if self._slab_fwd[i]:
+                sl = self._slab(i, B)
+                ex.wait(ex.start(i, False, sl.sends, sl.recvs))
+                X = sl.x
+            elif i == 0 and isinstance(layer, IMAGE_LAYERS):
+                X = own[:, part.need[0]:part.need[1]]  # a row slab of the input batch, a view
+            else:
+                X = self._gather(i, own, part.own_in, part.need)
+            if i + 1 < n and self._slab_fwd[i + 1]:
+                own = layer.forward(X, out=self._slab(i + 1, B).out)
+            else:
+                own = layer.forward(X)
+        last = self.parts[-1]
         logits = self._gather(n, own, last.out_cols, (0, self.plan.num_classes))
-        self.exchange.end_pass(range(n + 1), backward=False)
+        ex.end_pass(range(n + 1), backward=False)
         return logits
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -320,26 +396,63 @@ class PartitionedModel:
         a, b = self.parts[-1].out_cols
         dy = self._buf("dy_out", (B, b - a))
         np.copyto(dy, d[:, a:b])
+        ex = self.exchange
         for i in range(len(self.layers) - 1, -1, -1):
             part, layer = self.parts[i], self.layers[i]
-            crop = part.crop
-            if crop is not None:
-                c = part.computed
-                full = self._buf(("dyc", i), (B, c[1] - c[0]))
-                full[:, crop[0]:crop[1]] = dy
-                full[:, :crop[0]] = 0  # the halo rows' outputs belong to my neighbours
-                full[:, crop[1]:] = 0
-                dy = full
-            dX = layer.backward(dy, need_dx=i > 0)
-            if i > 0:
-                dy = self._scatter_add(i, dX, part.own_in, part.need)
-        self.exchange.end_pass(range(1, len(self.layers)), backward=True)
+            if i > 0 and self._slab_bwd[i]:
+                sl = self._slab(i, B)
+                layer.backward(dy, need_dx=True, dx_out=sl.dx)
+                for lo, hi in sl.unread:  # rows I own that my own layer did not read
+                    sl.g[:, lo:hi] = 0
+                ex.wait(ex.start(i, True, sl.back_sends, sl.back_recvs))
+                for (_, buf), dst in zip(sl.back_recvs, sl.back_add):
+                    dst += buf
+                dy = sl.dy
+            else:
+                dX = layer.backward(dy, need_dx=i > 0)
+                if i > 0:
+                    dy = self._scatter_add(i, dX, part.own_in, part.need)
+        ex.end_pass(range(1, len(self.layers)), backward=True)
         return float(loss), n_correct
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024
                  ) -> tuple[float, float]:
         """(mean loss, accuracy) over a data set, in batches (collective over the partitions)."""
         return evaluate_in_batches(self, x, labels, batch)
+
+
+class _Slab:
+    """The buffers and messages of the input of layer ``i`` (after an image layer) of one
+    partition, for batch size ``B``: ``buf`` spans the columns layer ``i`` reads (``need``) and
+    those layer ``i - 1`` writes (``own_in``); ``g`` is its gradient, the same shape."""
+
+    def __init__(self, pm: PartitionedModel, i: int, B: int):
+        part, plan, p = pm.parts[i], pm.plan, pm.p
+        need, own = part.need, part.own_in
+        lo, hi = min(need[0], own[0]), max(need[1], own[1])
+        span = hi - lo
+        self.buf = np.empty((B, span), np.float32)
+        self.g = np.empty((B, span), np.float32)
+        self.out = self.buf[:, own[0] - lo:own[1] - lo]  # layer i - 1 writes its rows here
+        self.x = self.buf[:, need[0] - lo:need[1] - lo]  # layer i reads its slab here
+        self.dx = self.g[:, need[0] - lo:need[1] - lo]
+        self.dy = self.g[:, own[0] - lo:own[1] - lo]
+
+        def block(base, cols):
+            return Block(base, cols[0] - lo, cols[1] - cols[0],
+                         pm._vector(B, cols[1] - cols[0], span))
+
+        self.sends = [(t.dst, block(self.buf, t.cols)) for t in plan.sends(p, i)]
+        self.recvs = [(t.src, block(self.buf, t.cols)) for t in plan.recvs(p, i)]
+        # backward: the gradient of the halos I read goes back to their owners; the gradient
+        # of my rows that others read comes in and is added
+        self.back_sends = [(t.src, block(self.g, t.cols))
+                           for t in plan.sends(p, i, backward=True)]
+        back_recvs = plan.recvs(p, i, backward=True)
+        self.back_recvs = [(t.dst, np.empty((B, t.width), np.float32)) for t in back_recvs]
+        self.back_add = [self.g[:, t.cols[0] - lo:t.cols[1] - lo] for t in back_recvs]
+        self.unread = [(a - lo, b - lo) for a, b in ((own[0], min(own[1], need[0])),
+                                                     (max(own[0], need[1]), own[1])) if a < b]
 
 
 def build(input_shape, layers, num_classes: int, comm: MPI.Comm, loss: str = "softmax",
