@@ -22,6 +22,7 @@ activations + backward gradients), counted by the exchange itself.
     python benchmarks/model_parallel.py                 # P = 1, 2 (and 4, 8 if the cores allow)
     python benchmarks/model_parallel.py --quick         # smoke run
     python benchmarks/model_parallel.py --partitions 1 2 3 4 --models lc
+    python benchmarks/model_parallel.py --split rows    # local layers cut by whole rows
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ MODELS = {
 
 # ---------------------------------------------------------------------------- worker (MPI)
 
-def worker(model_name: str, single: bool, number: int, repeats: int) -> dict:
+def worker(model_name: str, single: bool, number: int, repeats: int, split: str = "rows") -> dict:
     import numpy as np
     from mpi4py import MPI
 
@@ -85,7 +86,7 @@ def worker(model_name: str, single: bool, number: int, repeats: int) -> dict:
         model.init_params(0)
         plan = None
     else:
-        plan = PartitionPlan(shape, layers, classes, P)
+        plan = PartitionPlan(shape, layers, classes, P, split=split)
         model = PartitionedModel(plan, comm)
         model.init_params(0)
     rng = np.random.default_rng(0)
@@ -145,12 +146,14 @@ def _wait_quiet(min_idle: float, timeout: float) -> float:
         time.sleep(1.0)
 
 
-def _launch(model: str, P: int, single: bool, number: int, repeats: int) -> dict:
+def _launch(model: str, P: int, single: bool, number: int, repeats: int,
+            split: str = "rows") -> dict:
     from dbmpi.launch import find_mpiexec, launch_env
 
     env = launch_env(P, P, C.thread_env(1))  # one BLAS thread; MPICH yields if P > cores
     cmd = [find_mpiexec(), "-n", str(P), sys.executable, "-m", "mpi4py", __file__, "--worker",
-           "--model", model, "--number", str(number), "--repeats", str(repeats)]
+           "--model", model, "--number", str(number), "--repeats", str(repeats),
+           "--split", split]
     if single:
         cmd.append("--single")
     p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
@@ -170,6 +173,9 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="before each run wait up to this many seconds for idle cores (the "
                          "machine is shared); 0: do not wait")
+    ap.add_argument("--split", choices=("rows", "locations"), default="locations",
+                    help="how locally connected layers are cut (PartitionPlan split): by output "
+                         "locations (default: even work to one location) or by whole rows")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="fc", help=argparse.SUPPRESS)
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
@@ -179,7 +185,7 @@ def main() -> None:
     if args.worker:
         from mpi4py import MPI
 
-        out = worker(args.model, args.single, args.number, args.repeats)
+        out = worker(args.model, args.single, args.number, args.repeats, args.split)
         if MPI.COMM_WORLD.Get_rank() == 0:
             print(json.dumps(out), flush=True)
         return
@@ -199,7 +205,7 @@ def main() -> None:
                 P = 1 if single else int(key)
                 idle = _wait_quiet(0.9 * min(cores, max(P, 2)), args.quiet_wait) \
                     if args.quiet_wait else _idle_cores()
-                out = _launch(model, P, single, number[model], repeats)
+                out = _launch(model, P, single, number[model], repeats, args.split)
                 out["idle_cores_before"] = round(idle, 2)
                 outs.append(out)
                 print(f"[{model} round {r + 1}/{rounds}] {'unpartitioned' if single else 'P=' + key}"
@@ -209,6 +215,7 @@ def main() -> None:
         results[model] = runs
 
     payload = {"quick": args.quick, "machine": info, "cores": cores, "partitions": parts,
+               "split": args.split,
                "models": {k: MODELS[k]["what"] for k in args.models}, "runs": results}
     rows = []
     for model in args.models:
@@ -238,9 +245,11 @@ def main() -> None:
         ["model", "partitions", "ms/step median", "ms/step best", "speedup (median)",
          "speedup (best)", "MB/step across", "messages/step", "max wait"], rows,
         title=f"time per minibatch (forward + backward), {n_samples} samples per row from "
-              f"{rounds} rounds; {cores} cores, load {os.getloadavg()[0]:.2f}")
+              f"{rounds} rounds; {cores} cores, load {os.getloadavg()[0]:.2f}; local layers "
+              f"split by {args.split}")
     payload["table"] = table
-    C.write_json("model_parallel" + ("_quick" if args.quick else ""), payload)
+    C.write_json("model_parallel" + ("_rows" if args.split == "rows" else "")
+                 + ("_quick" if args.quick else ""), payload)
 
 
 if __name__ == "__main__":

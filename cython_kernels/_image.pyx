@@ -213,6 +213,75 @@ def local_backward(x, W, dy, stride, dW, db, dx):
                                 want_dx)
 
 
+def _local_at_shapes(x, W, stride, first):
+    dt, xs = _images("x", x, (None, None, None, None))
+    B, H, Wd, C = x.shape
+    s = positive("stride", stride)
+    if not isinstance(W, np.ndarray) or W.ndim != 5:
+        floats("W", W, (None,) * 5, dt, "x")
+    n, F, k = W.shape[0], W.shape[1], W.shape[2]
+    if k < 1 or k > H or k > Wd:
+        raise ValueError(f"W has kernel size {k} (W.shape[2]) but it must be in [1, min(H, W)] "
+                         f"= [1, {min(H, Wd)}] for x of shape {x.shape}")
+    floats("W", W, (n, F, k, k, C), dt, "x")
+    OW = (Wd - k) // s + 1
+    first = int(first)
+    if first < 0 or (n and ((first + n - 1) // OW) * s + k > H):
+        raise ValueError(f"locations [{first}, {first + n}) of an output grid {OW} wide need "
+                         f"input rows up to {((first + n - 1) // OW) * s + k if n else 0} but x "
+                         f"has {H} (first must be >= 0)")
+    return dt, xs, B, H, Wd, C, k, OW, n, F, first
+
+
+def local_forward_at(x, W, b, stride, first, y):
+    """local_forward for output locations [first, first + n) only, counted row-major over the
+    output grid of x (OW = (W - k) // stride + 1 wide): location l is (l // OW, l % OW).
+
+    x (B, H, W, C); W (n, F, k, k, C) and b (n, F) those locations' weights and biases;
+    y (B, n, F). Model parallelism cuts a locally connected layer at any location this way.
+    x and y may be batch-strided.
+    """
+    dt, xs, B, H, Wd, C, k, OW, n, F, first = _local_at_shapes(x, W, stride, first)
+    floats("b", b, (n, F), dt, "x")
+    _, ys = _images("y", y, (B, n, F), dt, "x", out=True)
+    if B == 0 or F == 0 or C == 0 or n == 0:
+        y[...] = b
+        return
+    W3 = W.reshape(n, F, k * k * C)
+    if dt == np.float32:
+        _local_forward[float](x, xs, W3, b, k, stride, OW, first, y, ys)
+    else:
+        _local_forward[double](x, xs, W3, b, k, stride, OW, first, y, ys)
+
+
+def local_backward_at(x, W, dy, stride, first, dW, db, dx):
+    """Backward of local_forward_at: dW (n, F, k, k, C), db (n, F) overwritten; dx (the whole
+    x) overwritten unless None. x, dy and dx may be batch-strided."""
+    dt, xs, B, H, Wd, C, k, OW, n, F, first = _local_at_shapes(x, W, stride, first)
+    _, dys = _images("dy", dy, (B, n, F), dt, "x")
+    floats("dW", dW, W.shape, dt, "x", out=True)
+    floats("db", db, (n, F), dt, "x", out=True)
+    cdef bint want_dx = dx is not None
+    dxs = 0
+    if want_dx:
+        _, dxs = _images("dx", dx, x.shape, dt, "x", out=True)
+    if B == 0 or F == 0 or C == 0 or n == 0:
+        dW[...] = 0
+        db[...] = dy.sum(0)
+        if want_dx:
+            dx[...] = 0
+        return
+    if not want_dx:
+        dx = np.empty((1, 1, 1, 1), dtype=dt)
+    q = k * k * C
+    W3, dW3 = W.reshape(n, F, q), dW.reshape(n, F, q)
+    if dt == np.float32:
+        _local_backward[float](x, xs, W3, dy, dys, k, stride, OW, first, dW3, db, dx, dxs, want_dx)
+    else:
+        _local_backward[double](x, xs, W3, dy, dys, k, stride, OW, first, dW3, db, dx, dxs,
+                                want_dx)
+
+
 # ------------------------------------------------------------------------------ L2 pooling
 
 cdef void _l2pool_forward(real[:, :, :, :] x, dbm_idx xs, dbm_idx size, dbm_idx s,

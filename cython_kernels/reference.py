@@ -178,6 +178,35 @@ def local_backward(x, W, dy, stride, dW, db, dx):
                     "nijf,ijfc->nijc", dy, W[:, :, :, u, v, :], optimize=True)
 
 
+def _grid(x, W, stride, first):
+    """The full output grid's (OH, OW) and the (rows, cols) of locations first .. first+n-1."""
+    k = W.shape[2]
+    OH, OW = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    loc = first + np.arange(W.shape[0])
+    return k, OH, OW, loc // OW, loc % OW
+
+
+def local_forward_at(x, W, b, stride, first, y):
+    """local_forward for output locations [first, first + n) (row-major over the grid):
+    W (n, F, k, k, C), b (n, F), y (B, n, F)."""
+    k, _, _, i, j = _grid(x, W, stride, first)
+    p = _patches(x, k, stride)[:, i, j]  # (B, n, k, k, C)
+    y[...] = np.einsum("nluvc,lfuvc->nlf", p, W, optimize=True) + b
+
+
+def local_backward_at(x, W, dy, stride, first, dW, db, dx):
+    """dW, db overwritten; dx (the whole x) overwritten unless None."""
+    k, _, _, i, j = _grid(x, W, stride, first)
+    dW[...] = np.einsum("nlf,nluvc->lfuvc", dy, _patches(x, k, stride)[:, i, j], optimize=True)
+    db[...] = dy.sum(0)
+    if dx is not None:
+        dx[...] = 0
+        s = stride
+        for t in range(W.shape[0]):
+            dx[:, i[t] * s:i[t] * s + k, j[t] * s:j[t] * s + k, :] += np.einsum(
+                "nf,fuvc->nuvc", dy[:, t], W[t], optimize=True)
+
+
 # ------------------------------------------------------------------------------ L2 pooling
 
 def l2pool_forward(x, size, stride, y):

@@ -704,3 +704,73 @@ def test_missing_build_says_how_to_build(monkeypatch, hidden):
                                           r"\.`\) in the project root") as info:
         importlib.import_module("cython_kernels")
     assert isinstance(info.value.__cause__, ImportError)
+
+
+# local layer on a range of output locations (model parallelism cuts a layer at any location)
+from cython_kernels._image import local_backward_at, local_forward_at  # noqa: E402
+
+
+def _at_ranges(OH, OW):
+    n = OH * OW
+    out = {(0, n), (0, 1), (n - 1, n), (n // 3, n - n // 3)}
+    if OW > 1:
+        out |= {(1, OW + 1), (OW - 1, n)}
+    return sorted((a, b) for a, b in out if a < b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LOCAL_SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_local_at(dtype, shape, strided):
+    """Locations [a, b) of the grid: against the twin and against the whole layer's rows."""
+    rng = np.random.default_rng(22)
+    x0, Wf, bf, s, yshape = _local_args(rng, dtype, shape)
+    B, OH, OW, F = yshape
+    yf = np.empty(yshape, dtype)
+    ck.local_forward(x0, Wf, bf, s, yf)
+    dyf_all = rand(rng, yshape, dtype)
+    for a, b in _at_ranges(OH, OW):
+        n = b - a
+        W = np.ascontiguousarray(Wf.reshape(OH * OW, *Wf.shape[2:])[a:b])
+        bb = np.ascontiguousarray(bf.reshape(OH * OW, F)[a:b])
+        if strided and B > 1:
+            x, _ = _slab(rng, x0.shape, dtype)
+            x[...] = x0
+            y, ybig = _slab(rng, (B, n, F, 1), dtype, fill=np.nan, pad=(1, 1))
+            y = y[..., 0]
+        else:
+            x, y = x0, np.full((B, n, F), np.nan, dtype)
+        local_forward_at(x, W, bb, s, a, y)
+        y2 = np.empty((B, n, F), dtype)
+        ref.local_forward_at(x0, W, bb, s, a, y2)
+        assert_close(y, y2, dtype)
+        assert_close(y, yf.reshape(B, OH * OW, F)[:, a:b], dtype)
+        dy = np.ascontiguousarray(dyf_all.reshape(B, OH * OW, F)[:, a:b])
+        for with_dx in (True, False):
+            dW, db = np.full(W.shape, np.nan, dtype), np.full(bb.shape, np.nan, dtype)
+            dx = np.full(x0.shape, np.nan, dtype) if with_dx else None
+            local_backward_at(x, W, dy, s, a, dW, db, dx)
+            dW2, db2 = np.empty_like(W), np.empty_like(bb)
+            dx2 = np.empty(x0.shape, dtype) if with_dx else None
+            ref.local_backward_at(x0, W, dy, s, a, dW2, db2, dx2)
+            for got, want in ((dW, dW2), (db, db2), (dx, dx2)):
+                if want is not None:
+                    assert_close(got, want, dtype)
+            if with_dx:
+                dx_at = dx
+        # dx equals the whole layer's with dy zero outside [a, b)
+        dyz = np.zeros((B, OH * OW, F), dtype)
+        dyz[:, a:b] = dy
+        dxf = np.empty_like(x0)
+        ck.local_backward(x0, Wf, dyz.reshape(yshape), s, np.empty_like(Wf), np.empty_like(bf),
+                          dxf)
+        assert_close(dx_at, dxf, dtype)
+
+
+def test_local_at_rejects_locations_past_the_slab():
+    x = np.ones((2, 5, 5, 1), np.float32)  # k 3, s 1: a 3 x 3 grid
+    W, b, y = np.ones((2, 1, 3, 3, 1), np.float32), np.ones((2, 1), np.float32), \
+        np.empty((2, 2, 1), np.float32)
+    local_forward_at(x, W, b, 1, 7, y)  # locations 7, 8: the last row
+    with pytest.raises(ValueError, match=r"locations \[8, 10\) of an output grid 3 wide"):
+        local_forward_at(x, W, b, 1, 8, y)

@@ -244,3 +244,36 @@ def test_batch_strided(mod, layer):
     num = numeric_grad(loss, xbase)
     check(dx, num[:, 2:2 + Hh])
     assert (num[:, :2] == 0).all() and (num[:, 2 + Hh:] == 0).all()
+
+
+@pytest.mark.parametrize("mod", MODULES)
+@pytest.mark.parametrize("shape,first,n", [((2, 7, 5, 2, 3, 2, 1), 4, 5),
+                                           ((1, 7, 7, 1, 3, 3, 2), 0, 1),
+                                           ((2, 9, 6, 2, 2, 1, 2), 5, 6),
+                                           ((1, 5, 5, 1, 5, 2, 1), 0, 1)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_local_at(mod, shape, first, n, strided):
+    """Output locations [first, first + n) of the grid only (a partial first and last row)."""
+    from cython_kernels import _image
+
+    fwd = getattr(mod, "local_forward_at", None) or _image.local_forward_at
+    bwd = getattr(mod, "local_backward_at", None) or _image.local_backward_at
+    B, Hh, Wd, C, k, F, s = shape
+    rng = np.random.default_rng(23)
+    x0 = rng.standard_normal((B, Hh, Wd, C))
+    x, xbase = _strided(x0) if strided else (x0, x0)
+    W, b = rng.standard_normal((n, F, k, k, C)), rng.standard_normal((n, F))
+    R = rng.standard_normal((B, n, F))
+    y = np.empty((B, n, F))
+
+    def loss():
+        fwd(x, W, b, s, first, y)
+        return float((R * y).sum())
+
+    dW, db = np.empty_like(W), np.empty_like(b)
+    dx, _ = _strided(np.zeros(x.shape), 1, 1) if strided else (np.empty_like(x), None)
+    bwd(x, W, R, s, first, dW, db, dx)
+    num = numeric_grad(loss, xbase)
+    check(dx, num[:, 2:2 + Hh] if strided else num)
+    check(dW, numeric_grad(loss, W))
+    check(db, numeric_grad(loss, b))

@@ -20,6 +20,7 @@ import numpy as np
 from scipy.special import expit
 
 import cython_kernels as ck
+from cython_kernels._image import local_backward_at, local_forward_at
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
 
@@ -72,19 +73,32 @@ class Local:
     """Locally connected layer (untied weights, no padding) then an elementwise activation.
 
     ``y[n, i, j, f] = act(b[i, j, f] + sum_{u,v,c} x[n, i*s+u, j*s+v, c] W[i, j, f, u, v, c])``.
+
+    ``locations = (first, count)``: only output locations ``[first, first + count)`` of the
+    input's output grid (row-major, location ``l`` is ``(l // OW, l % OW)``), with their own
+    weights ``W (count, F, k, k, C)`` and ``b (count, F)``; the output is ``(count, F)`` per
+    example (model parallelism may cut the layer inside a row).
     """
 
     def __init__(self, in_shape, filters: int, kernel: int, stride: int = 1,
-                 activation: str = "linear"):
+                 activation: str = "linear", locations: tuple[int, int] | None = None):
         H, W, C = (int(v) for v in in_shape)
         self.in_shape = (H, W, C)
         self.F, self.k, self.s = int(filters), int(kernel), int(stride)
         self.activation = activation
         OH, OW = (H - self.k) // self.s + 1, (W - self.k) // self.s + 1
-        self.out_shape = (OH, OW, self.F)
-        self.w_shape = (OH, OW, self.F, self.k, self.k, C)
-        self.n_in, self.n_out = H * W * C, OH * OW * self.F
-        self.num_params = math.prod(self.w_shape) + OH * OW * self.F
+        self.first = None if locations is None else int(locations[0])
+        if locations is None:
+            self.out_shape = (OH, OW, self.F)
+            self.w_shape = (OH, OW, self.F, self.k, self.k, C)
+        else:
+            n = int(locations[1])
+            if self.first < 0 or n < 1 or self.first + n > OH * OW:
+                raise ValueError(f"locations {locations} outside the {OH} x {OW} output grid")
+            self.out_shape = (n, self.F)
+            self.w_shape = (n, self.F, self.k, self.k, C)
+        self.n_in, self.n_out = H * W * C, math.prod(self.out_shape)
+        self.num_params = math.prod(self.w_shape) + self.n_out
         self._bufs = _Buffers(self.in_shape, self.out_shape)
 
     def bind(self, params: np.ndarray, grads: np.ndarray) -> None:
@@ -106,8 +120,12 @@ class Local:
         B = x.shape[0]
         self.x = x
         self.y = self._bufs.get(B)[0] if out is None else out
-        ck.local_forward(_images(x, self.in_shape), self.W, self.b, self.s,
-                         _images(self.y, self.out_shape))
+        if self.first is None:
+            ck.local_forward(_images(x, self.in_shape), self.W, self.b, self.s,
+                             _images(self.y, self.out_shape))
+        else:
+            local_forward_at(_images(x, self.in_shape), self.W, self.b, self.s, self.first,
+                             _images(self.y, self.out_shape))
         _activate(self.y, self.activation)
         return self.y
 
@@ -117,9 +135,14 @@ class Local:
         B = dy.shape[0]
         _activation_grad(dy, self.y, self.activation)
         dx = None if not need_dx else self._bufs.get(B)[1] if dx_out is None else dx_out
-        ck.local_backward(_images(self.x, self.in_shape), self.W,
-                          _images(dy, self.out_shape), self.s, self.dW, self.db,
-                          None if dx is None else _images(dx, self.in_shape))
+        dx4 = None if dx is None else _images(dx, self.in_shape)
+        if self.first is None:
+            ck.local_backward(_images(self.x, self.in_shape), self.W,
+                              _images(dy, self.out_shape), self.s, self.dW, self.db, dx4)
+        else:
+            local_backward_at(_images(self.x, self.in_shape), self.W,
+                              _images(dy, self.out_shape), self.s, self.first, self.dW, self.db,
+                              dx4)
         return dx
 
 

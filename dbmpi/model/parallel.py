@@ -73,6 +73,13 @@ IMAGE_LAYERS = (Local, L2Pool, LCN)
 
 def _make_layer(part):
     """Partition ``part``'s layer object; LCN computes only the rows the partition owns."""
+    spec = part.spec
+    if part.unit == "locations":
+        a, b = part.units
+        o = spec.opts
+        rows = (part.need[1] - part.need[0]) // spec.in_row_size
+        return Local((rows, *spec.in_shape[1:]), o["filters"], o["kernel"], o["stride"],
+                     o["activation"], locations=(a % spec.out_shape[1], b - a))
     layer = make_layer(part.spec, part.units)
     if part.spec.kind == "lcn" and part.crop is not None:
         rs = part.spec.in_row_size
@@ -456,7 +463,8 @@ class _Slab:
 
 
 def build(input_shape, layers, num_classes: int, comm: MPI.Comm, loss: str = "softmax",
-          weights=None, timeout_s: float | None = None, label: str = "") -> PartitionedModel:
+          weights=None, timeout_s: float | None = None, label: str = "",
+          split: str = "rows") -> PartitionedModel:
     """Plan and build partition ``comm.Get_rank()`` of a model over ``comm``'s ranks."""
-    plan = PartitionPlan(input_shape, layers, num_classes, comm.Get_size(), weights)
+    plan = PartitionPlan(input_shape, layers, num_classes, comm.Get_size(), weights, split)
     return PartitionedModel(plan, comm, loss, timeout_s, label)

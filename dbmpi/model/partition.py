@@ -6,7 +6,12 @@ Every activation is a ``(B, features)`` matrix, the per-example image flattened 
 
 * a dense layer by output units (partition p computes units ``[a, b)`` from the whole input);
 * a spatial layer (local, l2pool, lcn) by output rows: rows ``[a, b)`` of an ``(H, W, C)``
-  output are the features ``[a*W*C, b*W*C)``, so row blocks are feature ranges too.
+  output are the features ``[a*W*C, b*W*C)``, so row blocks are feature ranges too;
+* with ``split="locations"``, a locally connected layer by output *locations* instead:
+  locations ``[a, b)`` (row-major, ``(i, j)`` is ``i*OW + j``) are the features
+  ``[a*F, b*F)``, so the cut may fall inside a row. Every location costs the same (one GEMM with
+  its own weights), so the partitions' work is even to one location where rows would leave it
+  uneven by a whole row (19 rows over 2 partitions: 10 and 9, 5% of the layer).
 
 To compute its part, partition p *needs* an input range (the whole input for dense; for a
 spatial layer the rows its output rows read, :meth:`LayerSpec.rows_needed`). It owns part of
@@ -60,6 +65,9 @@ def split(n: int, parts: int, weights=None) -> tuple[int, ...]:
     return tuple(int(b) for b in bounds)
 
 
+_split = split
+
+
 def _meet(a: Range, b: Range) -> Range | None:
     lo, hi = max(a[0], b[0]), min(a[1], b[1])
     return (lo, hi) if lo < hi else None
@@ -89,8 +97,9 @@ class LayerPart:
     out_cols: Range  # the same as output feature columns
     need: Range  # input feature columns it reads
     own_in: Range  # input feature columns it holds (the whole input for layer 0)
-    computed: Range  # output columns its layer object produces (LCN: its whole input slab)
+    computed: Range  # output columns its arithmetic spans (LCN: its whole input slab)
     num_params: int
+    unit: str = "rows"  # what ``units`` counts: "rows", "units" (dense) or "locations"
 
     @property
     def crop(self) -> Range | None:
@@ -105,11 +114,17 @@ class PartitionPlan:
 
     ``weights`` (optional, one positive number per partition) makes the splits uneven: layer
     outputs are cut in proportion to them (even by default; a count that P does not divide is
-    uneven anyway).
+    uneven anyway). ``split``: ``"rows"`` (default) cuts every spatial layer by output rows;
+    ``"locations"`` cuts locally connected layers by output locations (see the module doc).
     """
 
+    SPLITS = ("rows", "locations")
+
     def __init__(self, input_shape, layers, num_classes: int, partitions: int,
-                 weights=None):
+                 weights=None, split: str = "rows"):
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+        self.split = split
         self.input_shape = tuple(int(s) for s in input_shape)
         self.layer_tables = [dict(t) for t in layers]
         self.num_classes = int(num_classes)
@@ -120,8 +135,10 @@ class PartitionPlan:
         n_in = self.specs[0].n_in
         own_in = [(0, n_in)] * P  # every partition reads the whole input batch
         for spec in self.specs:
+            by_loc = split == "locations" and spec.kind == "local"
+            n_units = spec.out_shape[0] * spec.out_shape[1] if by_loc else spec.out_units
             try:
-                bounds = split(spec.out_units, P, self.weights)
+                bounds = _split(n_units, P, self.weights)
             except ValueError:
                 what = "output rows" if spec.spatial else "output units"
                 raise ConfigError(
@@ -131,13 +148,23 @@ class PartitionPlan:
             row = []
             for p in range(P):
                 a, b = bounds[p], bounds[p + 1]
-                lo, hi = spec.rows_needed(a, b)
                 rs = spec.in_row_size
+                if by_loc:
+                    OW, F = spec.out_shape[1], spec.out_shape[2]
+                    s_, k = spec.opts["stride"], spec.opts["kernel"]
+                    lo, hi = (a // OW) * s_, ((b - 1) // OW) * s_ + k
+                    out_cols = (a * F, b * F)
+                    n_par = (b - a) * F * (k * k * spec.in_shape[2] + 1)
+                    unit = "locations"
+                else:
+                    lo, hi = spec.rows_needed(a, b)
+                    out_cols = (a * spec.unit_size, b * spec.unit_size)
+                    n_par = spec.num_params(b - a)
+                    unit = "rows" if spec.spatial else "units"
                 need = (lo * rs, hi * rs)
-                out_cols = (a * spec.unit_size, b * spec.unit_size)
                 computed = (lo * rs, hi * rs) if spec.kind == "lcn" else out_cols
-                row.append(LayerPart(spec, (a, b), out_cols, need, own_in[p], computed,
-                                     spec.num_params(b - a)))
+                row.append(LayerPart(spec, (a, b), out_cols, need, own_in[p], computed, n_par,
+                                     unit))
             self.parts.append(row)
             own_in = [part.out_cols for part in row]
         self.param_sizes = tuple(sum(row[p].num_params for row in self.parts) for p in range(P))
@@ -226,14 +253,16 @@ class PartitionPlan:
                 yield local, ("range", off + n_in * n_out + a, b - a)
                 local += b - a
             elif spec.kind == "local":
-                OW, F = spec.out_shape[1], spec.out_shape[2]
+                OH, OW, F = spec.out_shape
                 k, C = spec.opts["kernel"], spec.in_shape[2]
-                row_w = OW * F * k * k * C
-                nW = spec.out_units * row_w
-                yield local, ("range", off + a * row_w, (b - a) * row_w)
-                local += (b - a) * row_w
-                yield local, ("range", off + nW + a * OW * F, (b - a) * OW * F)
-                local += (b - a) * OW * F
+                if part.unit == "rows":  # in locations
+                    a, b = a * OW, b * OW
+                loc_w = F * k * k * C
+                nW = OH * OW * loc_w
+                yield local, ("range", off + a * loc_w, (b - a) * loc_w)
+                local += (b - a) * loc_w
+                yield local, ("range", off + nW + a * F, (b - a) * F)
+                local += (b - a) * F
 
     @staticmethod
     def _model_view(model_vec: np.ndarray, piece):
@@ -282,8 +311,10 @@ class PartitionPlan:
     @property
     def fingerprint(self) -> str:
         """A short hash of everything the plan depends on (partitions compare it at start)."""
-        text = json.dumps([self.input_shape, self.layer_tables, self.num_classes, self.P,
-                           self.weights], sort_keys=True, default=str)
+        ident = [self.input_shape, self.layer_tables, self.num_classes, self.P, self.weights]
+        if self.split != "rows":
+            ident.append(self.split)
+        text = json.dumps(ident, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -291,7 +322,7 @@ class PartitionPlan:
         lines = [f"{self.P} partitions, parameters {list(self.param_sizes)}"]
         for i, row in enumerate(self.parts):
             spec = row[0].spec
-            unit = "rows" if spec.spatial else "units"
+            unit = row[0].unit
             cuts = ", ".join(f"[{part.units[0]}, {part.units[1]})" for part in row)
             halo = sum(t.width for t in self.transfers[i]) * 4
             lines.append(f"  {spec.name}: {spec.in_shape} -> {spec.out_shape}, {unit} {cuts}; "

@@ -45,7 +45,7 @@ def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max()) / (scale if scale else 1.0)
 
 
-def _compare(stack: str, P: int, weights, batches: int = 2) -> dict:
+def _compare(stack: str, P: int, weights, batches: int = 2, split: str = "rows") -> dict:
     shape, layers, classes = STACKS[stack]
     sub = _group(P)
     if sub == MPI.COMM_NULL:
@@ -54,7 +54,7 @@ def _compare(stack: str, P: int, weights, batches: int = 2) -> dict:
     model = Model.from_spec(shape, layers, classes)
     model.init_params(11)
     model.params += rng.normal(0, 0.05, model.num_params).astype(np.float32)
-    plan = PartitionPlan(shape, layers, classes, P, weights)
+    plan = PartitionPlan(shape, layers, classes, P, weights, split)
     pm = PartitionedModel(plan, sub)
     pm.set_model_params(model.params)
     errs = {"logits": 0.0, "loss": 0.0, "grads": 0.0}
@@ -98,6 +98,42 @@ def test_partitioned_equals_single_rank_model(stack, P, uneven):
         assert e["bytes_ok"], f"rank {r}: bytes sent differ from the plan"
         for key in ("logits", "loss", "grads", "evaluate"):
             assert e[key] <= TOL, f"rank {r}: {key} relative error {e[key]:.2e} > {TOL}"
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+@pytest.mark.parametrize("P", range(1, size + 1))
+def test_split_by_locations_equals_single_rank_model(P, uneven):
+    """Locally connected layers cut by output locations (inside rows) instead of rows."""
+    errs = comm.allgather(_compare("local", P, UNEVEN[P] if uneven else None,
+                                   split="locations"))
+    for r, e in enumerate(errs):
+        if not e:
+            continue
+        assert e["bytes_ok"], f"rank {r}: bytes sent differ from the plan"
+        for key in ("logits", "loss", "grads", "evaluate"):
+            assert e[key] <= TOL, f"rank {r}: {key} relative error {e[key]:.2e} > {TOL}"
+
+
+def test_location_split_cuts_inside_rows():
+    """The plan's arithmetic (no MPI): even locations, partial rows, parameter maps."""
+    shape, layers, classes = LOCAL
+    for P in range(1, 5):
+        plan = PartitionPlan(shape, layers, classes, P, split="locations")
+        rows = PartitionPlan(shape, layers, classes, P)
+        assert plan.fingerprint != rows.fingerprint
+        local0 = plan.parts[0]
+        OH, OW, F = local0[0].spec.out_shape
+        counts = [p.units[1] - p.units[0] for p in local0]
+        assert sum(counts) == OH * OW and max(counts) - min(counts) <= 1
+        assert all(p.unit == "locations" for p in local0)
+        assert all(p.unit == "rows" for p in plan.parts[1])  # l2pool stays by rows
+        vec = np.arange(plan.num_params, dtype=np.float32)
+        np.testing.assert_array_equal(plan.to_model(plan.from_model(vec)), vec)
+        assert sorted(plan.from_model(vec).tolist()) == vec.tolist()
+    plan = PartitionPlan(shape, layers, classes, 2, split="locations")
+    assert "locations [0, 44), [44, 88)" in plan.describe()  # 11 x 8: row 5 is cut
+    with pytest.raises(ValueError, match="split must be one of"):
+        PartitionPlan(shape, layers, classes, 2, split="columns")
 
 
 def _pair_model(timeout_s: float) -> tuple[MPI.Comm, PartitionedModel | None]:
