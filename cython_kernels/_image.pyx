@@ -408,7 +408,7 @@ cdef void _box(const real* src, real* dst, dbm_idx H, dbm_idx Wd, dbm_idx r, rea
 
 
 cdef int _lcn_forward(real[:, :, :, :] x, dbm_idx xs, dbm_idx size, real[:, :, :, :] y,
-                      dbm_idx ys, real[:, :, :, ::1] v, real[:, :, ::1] den, real eps,
+                      dbm_idx ys, real[:, :, :, ::1] v, real[:, :, :] den, real eps,
                       dbm_idx ra, dbm_idx rb) except -1:
     cdef dbm_idx B = x.shape[0], H = x.shape[1], Wd = x.shape[2], C = x.shape[3]
     cdef dbm_idx r = size // 2, n, h, w, c, hw = H * Wd
@@ -479,7 +479,7 @@ cdef void _inverse_counts(real* inv, dbm_idx H, dbm_idx Wd, dbm_idx r, dbm_idx C
 
 
 cdef int _lcn_backward(real[:, :, :, :] dy, dbm_idx dys, real[:, :, :, ::1] v,
-                       real[:, :, ::1] den, dbm_idx size, real[:, :, :, :] dx, dbm_idx dxs,
+                       real[:, :, :] den, dbm_idx size, real[:, :, :, :] dx, dbm_idx dxs,
                        dbm_idx ra, dbm_idx rb) except -1:
     cdef dbm_idx B = v.shape[0], H = v.shape[1], Wd = v.shape[2], C = v.shape[3]
     cdef dbm_idx r = size // 2, n, h, w, c, hw = H * Wd
@@ -581,8 +581,9 @@ def lcn_forward(x, size, y, v, den, eps=LCN_EPS, rows=None):
 
     ``rows = (a, b)`` computes output rows [a, b) only: y (B, b - a, W, C) and den
     (B, b - a, W) hold those rows, and v only its rows [a - r, b + r) (clipped, r = size // 2;
-    the others are not written). x and y may be batch-strided. Allocates O(H * W) scratch once
-    per call.
+    the others are not written). x, y and den may be batch-strided (so may dy, dx and den in
+    lcn_backward): calls on consecutive row ranges fill one y and den, each row exactly as one
+    call would. Allocates O(H * W) scratch once per call.
     """
     dt, xs = _images("x", x, (None, None, None, None))
     B, H, Wd, C = x.shape
@@ -590,7 +591,7 @@ def lcn_forward(x, size, y, v, den, eps=LCN_EPS, rows=None):
     ra, rb = _lcn_rows(rows, H) if H else (0, 0)
     _, ys = _images("y", y, (B, rb - ra, Wd, C), dt, "x", out=True)
     floats("v", v, x.shape, dt, "x", out=True)
-    floats("den", den, (B, rb - ra, Wd), dt, "x", out=True)
+    _images("den", den, (B, rb - ra, Wd), dt, "x", out=True)
     if float(eps) <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if x.size == 0:
@@ -622,7 +623,7 @@ def lcn_backward(dy, v, den, size, dx, rows=None):
     ra, rb = _lcn_rows(rows, H) if H else (0, 0)
     if rows is not None:
         _, dys = _images("dy", dy, (B, rb - ra, Wd, C), dt, ref)
-    floats("den", den, (B, rb - ra, Wd), dt, ref)
+    _images("den", den, (B, rb - ra, Wd), dt, ref)
     _, dxs = _images("dx", dx, (B, H, Wd, C), dt, ref, out=True)
     if dx.size == 0:
         return

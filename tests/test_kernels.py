@@ -571,7 +571,11 @@ def test_lcn_rows(dtype, shape, strided):
             y, ybig = _slab(rng, (B, b - a, Wd, C), dtype, fill=np.nan, pad=(1, 2))
         else:
             x, y = x0, np.full((B, b - a, Wd, C), np.nan, dtype)
-        v, den = np.full(x0.shape, np.nan, dtype), np.full((B, b - a, Wd), np.nan, dtype)
+        v = np.full(x0.shape, np.nan, dtype)
+        if strided:  # den a batch-strided view too
+            den = np.full((B, b - a + 2, Wd), np.nan, dtype)[:, 1:-1]
+        else:
+            den = np.full((B, b - a, Wd), np.nan, dtype)
         ck.lcn_forward(x, size, y, v, den, rows=(a, b))
         y2, v2, den2 = np.empty_like(y), np.full(x0.shape, np.nan, dtype), np.empty_like(den)
         ref.lcn_forward(x0, size, y2, v2, den2, rows=(a, b))
@@ -600,6 +604,25 @@ def test_lcn_rows(dtype, shape, strided):
         assert_close(dx, dxf, dtype)
         if strided:
             _untouched(dxbig, (2, 3), H)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lcn_rows_in_pieces_equal_one_call(dtype):
+    """Consecutive row ranges into views of one y and den: bitwise the single call's."""
+    B, H, Wd, C, size = 2, 12, 5, 3, 5
+    rng = np.random.default_rng(24)
+    x = rand(rng, (B, H, Wd, C), dtype)
+    a, b = 3, 10
+    y1, v1, d1 = (np.empty((B, b - a, Wd, C), dtype), np.empty(x.shape, dtype),
+                  np.empty((B, b - a, Wd), dtype))
+    ck.lcn_forward(x, size, y1, v1, d1, rows=(a, b))
+    y2, v2, d2 = np.empty_like(y1), np.empty_like(v1), np.empty_like(d1)
+    for lo, hi in ((5, 8), (3, 5), (8, 10)):
+        ck.lcn_forward(x, size, y2[:, lo - a:hi - a], v2, d2[:, lo - a:hi - a], rows=(lo, hi))
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(d1, d2)
+    r = size // 2
+    np.testing.assert_array_equal(v1[:, a - r:b + r], v2[:, a - r:b + r])
 
 
 def test_image_kernels_reject_bad_batch_strides():
