@@ -5,10 +5,19 @@ partition ``comm.rank``. It has the single-rank :class:`~dbmpi.model.Model`'s in
 (``params``, ``grads``, ``forward``, ``forward_backward``, ``evaluate``) over its own
 parameters only, and ``param_range``, the global range it fetches and pushes.
 
+Image layers move no data but the halos. The input of an image layer (or of the dense layer
+after the last one) lives in one ``(B, span)`` slab buffer per partition covering the columns
+it reads and the columns the previous layer writes: the previous layer writes its rows
+straight into it (the kernels take batch-strided views), the halos are received straight into
+it and sent straight out of it (an MPI vector datatype per block), and the layer reads it in
+place; backward mirrors this with a gradient slab. Dense layers gather into contiguous
+matrices as before.
+
 Every message is a buffer-based ``Isend``/``Irecv`` (tag = layer and direction) whose peers come
 from the plan: each layer declares whom it receives from and sends to. Waits poll with a
-deadline (``DBMPI_PARTITION_TIMEOUT_S``, default 120 s), sleeping with backoff after a short
-spin so that oversubscribed ranks give up the core, and a message that never arrives, or a
+deadline (``DBMPI_PARTITION_TIMEOUT_S``, default 120 s), yielding the core between polls for
+a few milliseconds, then sleeping with backoff so that oversubscribed ranks give up the core,
+and a message that never arrives, or a
 send that is never received, raises :class:`PartitionError` naming both partitions instead
 of hanging. At the end of the forward pass and of the backward pass each partition probes for
 messages of that pass still pending from any peer: a message nobody expected (the partitions
