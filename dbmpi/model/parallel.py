@@ -119,6 +119,7 @@ class Exchange:
         self.bytes_received = 0
         self.wait_s = 0.0
         self.passes = {False: 0, True: 0}  # forward and backward passes completed
+        self._deferred: list = []  # sends of this pass not known to be complete
 
     def _what(self, layer: int, backward: bool) -> str:
         name = self.names[layer] if layer < len(self.names) else "logits all-gather"
@@ -147,7 +148,17 @@ class Exchange:
         return _tag(layer, backward, self.passes[backward] & 1)
 
     def wait(self, pending: list) -> None:
-        """Complete every posted message, or raise :class:`PartitionError` at the deadline.
+        """Complete the receives of ``pending``, or raise :class:`PartitionError` at the
+        deadline. Its sends complete by the end of the pass (:meth:`end_pass`): their buffers
+        are not written again before then, and a partition that has what it needs goes on
+        without waiting for its peers to take what they need (they copy it themselves)."""
+        recvs = []
+        for item in pending:
+            (recvs if item[1] == "recv" else self._deferred).append(item)
+        self._complete(recvs)
+
+    def _complete(self, pending: list) -> None:
+        """Complete every request of ``pending``, or raise at the deadline.
 
         Polls, yielding the core between polls (``os.sched_yield``: free when nothing else
         wants the core, so a peer's message is seen within microseconds), for ``spin_s``; then
@@ -176,10 +187,13 @@ class Exchange:
         for (req, kind, peer, nbytes, layer, backward), r in zip(pending, reqs):
             if r != MPI.REQUEST_NULL and not r.Test():
                 stuck.append((r, kind, peer, nbytes, layer, backward))
-        for r, *_ in stuck:  # leave the communicator clean for whoever catches this
+        deferred = [p[0] for p in self._deferred]
+        self._deferred.clear()
+        for r in [r for r, *_ in stuck] + deferred:  # leave the communicator clean
             try:
-                r.Cancel()
-                r.Wait()
+                if not r.Test():
+                    r.Cancel()
+                    r.Wait()
             except MPI.Exception:  # pragma: no cover - MPI may refuse to cancel a send
                 pass
         parts = []
@@ -197,8 +211,12 @@ class Exchange:
             f"(DBMPI_PARTITION_TIMEOUT_S sets the deadline)")
 
     def end_pass(self, layers: range, backward: bool) -> None:
-        """The end-of-pass check: raise if a message of this pass is still pending here
-        (nobody expected it); then count the pass."""
+        """The end-of-pass check: complete this pass's sends (raise if one is never received),
+        raise if a message of this pass is still pending here (nobody expected it); then count
+        the pass."""
+        if self._deferred:
+            sends, self._deferred = self._deferred, []
+            self._complete(sends)
         status = MPI.Status()
         for layer in layers:
             tag = self.tag(layer, backward)
@@ -381,6 +399,7 @@ class PartitionedModel:
         n = len(self.layers)
         ex = self.exchange
         for i, (layer, part) in enumerate(zip(self.layers, self.parts)):
+            out = self._slab(i + 1, B).out if i + 1 < n and self._slab_fwd[i + 1] else None
             if self._slab_fwd[i]:
                 sl = self._slab(i, B)
                 ex.wait(ex.start(i, False, sl.sends, sl.recvs))
@@ -389,10 +408,7 @@ class PartitionedModel:
                 X = own[:, part.need[0]:part.need[1]]  # a row slab of the input batch, a view
             else:
                 X = self._gather(i, own, part.own_in, part.need)
-            if i + 1 < n and self._slab_fwd[i + 1]:
-                own = layer.forward(X, out=self._slab(i + 1, B).out)
-            else:
-                own = layer.forward(X)
+            own = layer.forward(X) if out is None else layer.forward(X, out=out)
         last = self.parts[-1]
         logits = self._gather(n, own, last.out_cols, (0, self.plan.num_classes))
         ex.end_pass(range(n + 1), backward=False)
