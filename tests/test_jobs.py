@@ -92,10 +92,13 @@ seed = {SEED}
     return path
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3])
-def test_one_replica_equals_serial_numpy_adagrad(tmp_path, small_data, shards):
+@pytest.mark.parametrize("shards,shared", [(1, "1"), (2, "1"), (3, "1"), (2, "0")],
+                         ids=["1-shard", "2-shards", "3-shards", "2-shards-rma-only"])
+def test_one_replica_equals_serial_numpy_adagrad(tmp_path, small_data, shards, shared):
+    """... with bulk data through on-node shared memory, and through RMA calls only (as
+    between nodes: DBMPI_RMA_SHARED=0)."""
     cfg = _config(tmp_path, small_data, shards, 1)
-    proc = run_job(2 + shards, ["train", str(cfg)])
+    proc = run_job(2 + shards, ["train", str(cfg)], env={"DBMPI_RMA_SHARED": shared})
     assert proc.returncode == 0, proc.stderr[-3000:]
     params, _ = load_params(tmp_path / "run" / "params.h5")
     model = Model.from_spec((28, 28), [{"type": "dense", "units": HIDDEN}], 10)

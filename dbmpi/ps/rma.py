@@ -12,14 +12,25 @@ concurrent accumulate-family calls on one location use one op or ``NO_OP``. Ever
 dbmpi therefore has one writer op (SUM or REPLACE) and readers that use ``NO_OP``.
 
 Transfers larger than ``CHUNK`` elements are split, so counts stay well inside ``int``.
+
+On-node fast path: MPI-4 lets ``MPI_Win_shared_query`` be called on a window made with
+``Win.Allocate``; where the target's memory is directly addressable (same node), :meth:`shared`
+returns it as a numpy array and bulk data moves with plain loads and stores (no copy through
+the MPI library, and a shard can apply a gradient straight from a worker's memory). Ranks on
+other nodes, or MPI libraries that do not share the memory, get ``None`` and the RMA calls.
+``DBMPI_RMA_SHARED=0`` turns the fast path off (the tests run the protocol both ways).
+Counters always go through atomics.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from mpi4py import MPI
 
 CHUNK = 1 << 22  # elements per RMA call (16 MiB of float32)
+SHARED_MEMORY = os.environ.get("DBMPI_RMA_SHARED", "1") != "0"
 
 _MPI_TYPES = {
     np.dtype(np.float32): MPI.FLOAT,
@@ -46,6 +57,7 @@ class Window:
             np.zeros(0, dtype=self.dtype)
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self._freed = False
+        self._shared: dict[int, np.ndarray | None] = {}
         self._one = np.zeros(1, dtype=self.dtype)
         self._res = np.zeros(1, dtype=self.dtype)
 
@@ -79,6 +91,24 @@ class Window:
         self._check()
         for part, spec in self._chunks(buf, offset):
             self.win.Accumulate([part, self.mpi_type], target, spec, op)
+
+    def shared(self, target: int) -> np.ndarray | None:
+        """``target``'s window memory as an array this rank can load and store directly, or
+        None (another node, the fast path off, or an empty window). Order accesses with
+        :meth:`sync` as for :attr:`local`."""
+        self._check()
+        if target not in self._shared:
+            view = None
+            if SHARED_MEMORY:
+                try:
+                    mem, _ = self.win.Shared_query(target)
+                    n = len(mem) // self.dtype.itemsize if mem is not None else 0
+                    if n:
+                        view = np.frombuffer(mem, dtype=self.dtype, count=n)
+                except MPI.Exception:  # not shared with this rank
+                    view = None
+            self._shared[target] = view
+        return self._shared[target]
 
     def read(self, out: np.ndarray, target: int, offset: int = 0) -> np.ndarray:
         """Atomic (per element) read of ``len(out)`` elements; completes before returning."""
@@ -126,5 +156,6 @@ class Window:
             return
         self.win.Unlock_all()
         self.local = None
+        self._shared.clear()
         self.win.Free()
         self._freed = True

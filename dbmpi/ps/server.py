@@ -140,10 +140,21 @@ class ShardService:
         self.applied = applied
         self.busy_s = 0.0
 
+    def _load_ctrl(self) -> np.ndarray:
+        """My own counters, read with local loads: a shard never calls MPI to poll."""
+        self.ps.ctrl.sync()  # remote atomics on my window are visible to my loads from here
+        np.copyto(self._ctrl, self.ps.ctrl.local)
+        return self._ctrl
+
+    def _publish(self, offset: int, value: int) -> None:
+        """Write one of my own counters (DONE, BASE, APPLIED, CKPT_ACK) with a local store;
+        the caller's ``ctrl.sync()`` makes it visible to remote reads."""
+        self.ps.ctrl.local[offset] = value
+
     def poll(self) -> int:
         """Apply every posted push once; return how many were applied."""
         ps = self.ps
-        ctrl = ps.ctrl.read(self._ctrl, self.me)
+        ctrl = self._load_ctrl()
         if ctrl[CKPT_REQ] > self.checkpointed:
             self._checkpoint(int(ctrl[CKPT_REQ]))
         pending = [w for w in range(ps.num_workers)
@@ -159,25 +170,31 @@ class ShardService:
                 slot = (push - 1) % NSLOTS
                 if sl is not None:
                     self._pull_and_apply(w, slot, *sl)
-                ps.ctrl.store(self.applied, self.me, i + 2 + slot)  # BASE of this push
+                self._publish(i + 2 + slot, self.applied)  # BASE of this push
                 self.applied += 1
                 applied += 1
         ps.params.sync()  # updates visible to fetches from here on
-        ps.ctrl.store(self.applied, self.me, APPLIED)
+        self._publish(APPLIED, self.applied)
         for w in pending:
             i = seq_index(w)
-            ps.ctrl.store(int(ctrl[i]), self.me, i + 1)  # DONE_w = SEQ_w: acknowledged
+            self._publish(i + 1, int(ctrl[i]))  # DONE_w = SEQ_w: acknowledged
+        ps.ctrl.sync()
         self.busy_s += time.perf_counter() - t0
         return applied
 
     def _pull_and_apply(self, w: int, slot: int, rank: int, size: int, off: int, a: int,
                         b: int) -> None:
-        """Get my part of worker ``w``'s slot chunk by chunk and apply each chunk while it is
-        in cache; the Get of chunk k+1 is in flight while chunk k is applied."""
+        """Apply my part of worker ``w``'s slot: straight from its memory on the same node,
+        else fetched with Get chunk by chunk, each chunk applied while it is in cache (the Get
+        of chunk k+1 is in flight while chunk k is applied)."""
         grads, bufs = self.ps.grads, self._pulled
-        state = self.state
         remote = slot * size + off
         n = b - a
+        view = grads.shared(rank)
+        if view is not None:  # same node: apply straight from the worker's memory
+            grads.sync()
+            self._apply(w, a, 0, view[remote:remote + n])
+            return
         step = bufs[0].shape[0]
         grads.get(bufs[0][:min(step, n)], rank, remote)
         grads.flush(rank)
@@ -186,29 +203,36 @@ class ShardService:
             nxt = lo + step
             if nxt < n:
                 grads.get(bufs[(k + 1) % 2][:min(step, n - nxt)], rank, remote + nxt)
-            # Refuse a non-finite push so that parameters and checkpoints stay clean: the job
-            # ends here, before any NaN reaches the block (the check rides on the update's
-            # own pass over the chunk).
-            s = slice(a + lo, a + lo + cur.shape[0])
-            bad = self.optimizer.step(self.params[s], cur, state[s] if state.size else state,
-                                      check_finite=True)
-            if bad >= 0:
-                lo_global = self.ps.layout.block(self.shard)[0]
-                raise TrainingError(
-                    f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
-                    f"(near parameter {lo_global + a + lo + bad}); training diverged: lower "
-                    f"optimizer.learning_rate")
+            self._apply(w, a, lo, cur)
             if nxt < n:
                 grads.flush(rank)
+
+    def _apply(self, w: int, a: int, lo: int, g: np.ndarray) -> None:
+        """Apply gradient piece ``g`` of worker ``w`` to my block at ``a + lo``.
+
+        Refuses a non-finite push so that parameters and checkpoints stay clean: the job ends
+        here, before any NaN reaches the block (the check rides on the update's own pass).
+        """
+        s = slice(a + lo, a + lo + g.shape[0])
+        state = self.state
+        bad = self.optimizer.step(self.params[s], g, state[s] if state.size else state,
+                                  check_finite=True)
+        if bad >= 0:
+            lo_global = self.ps.layout.block(self.shard)[0]
+            raise TrainingError(
+                f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
+                f"(near parameter {lo_global + a + lo + bad}); training diverged: lower "
+                f"optimizer.learning_rate")
 
     def _checkpoint(self, sequence: int) -> None:
         if self.on_checkpoint is not None:
             self.on_checkpoint(sequence, self)
         self.checkpointed = sequence
-        self.ps.ctrl.store(sequence, self.me, CKPT_ACK)
+        self._publish(CKPT_ACK, sequence)
+        self.ps.ctrl.sync()
 
     def stop_requested(self) -> bool:
-        return bool(self.ps.ctrl.load(self.me, STOP))
+        return bool(self._load_ctrl()[STOP])
 
     def serve(self, heartbeat=None) -> int:
         """Poll until the coordinator sets STOP and nothing is pending; return pushes applied.
@@ -255,6 +279,7 @@ def request_checkpoint(ps: ParameterServer, sequence: int, heartbeat=None) -> No
 @dataclass
 class _ShardCounters:
     pushes: int = 0  # my pushes posted to this shard
+    done: int = 0  # my pushes it had acknowledged when I last read its counters
     others_at_fetch: int = 0  # other workers' pushes applied there when I last fetched
     last_recorded: int = 0  # my push whose staleness was recorded last
     staleness: list = field(default_factory=list)
@@ -273,7 +298,7 @@ class PSClient:
         self.counters = {seg.shard: _ShardCounters() for seg in self.segments}
         self.pushes = 0  # pushes posted (to every shard of my range)
         self._mine = np.zeros(_PER_WORKER, dtype=np.int64)
-        self._one = np.zeros(1, dtype=np.int64)
+        self._all = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
         self.wait_s = 0.0
 
     # -- fetch -------------------------------------------------------------------------------
@@ -284,15 +309,21 @@ class PSClient:
         ps = self.ps
         for seg in self.segments:
             target = ps.topo.shard_rank(seg.shard)
-            if self.worker is not None:
-                c = self.counters[seg.shard]
-                done = self._read_worker(target)[1]
-                applied = ps.ctrl.read(self._one, target, APPLIED)[0]
-                c.others_at_fetch = int(applied - done)
+            if self.worker is not None:  # one read of the shard's counters, for staleness
+                ctrl = ps.ctrl.read(self._all, target)
+                i = seq_index(self.worker)
+                self._record(seg.shard, ctrl[i:i + _PER_WORKER])  # against the last fetch
+                self.counters[seg.shard].others_at_fetch = int(ctrl[APPLIED] - ctrl[i + 1])
             lo = seg.start - self.start
-            ps.params.get(params[lo:lo + seg.count], target, seg.offset)
+            view = ps.params.shared(target)
+            if view is not None:  # same node: copy with loads, no RMA
+                ps.params.sync()
+                np.copyto(params[lo:lo + seg.count], view[seg.offset:seg.offset + seg.count])
+            else:
+                ps.params.get(params[lo:lo + seg.count], target, seg.offset)
         for seg in self.segments:
-            ps.params.flush(ps.topo.shard_rank(seg.shard))
+            if ps.params.shared(ps.topo.shard_rank(seg.shard)) is None:
+                ps.params.flush(ps.topo.shard_rank(seg.shard))
 
     # -- push --------------------------------------------------------------------------------
     def push_buffer(self) -> np.ndarray:
@@ -349,15 +380,23 @@ class PSClient:
     def _wait_slot(self, shard: int, target: int, need: int) -> None:
         """Wait until the shard has consumed my pushes up to number ``need``."""
         c = self.counters[shard]
-        mine = self._read_worker(target)
-        if mine[1] < need:
+        if c.done >= need:  # known from an earlier read: no MPI call
+            return
+        self._record(shard, self._read_worker(target))
+        if c.done < need:
             t0 = time.perf_counter()
             backoff = Backoff(cap=0.0005)
-            while mine[1] < need:
+            while c.done < need:
                 backoff.wait()
-                mine = self._read_worker(target)
+                self._record(shard, self._read_worker(target))
             self.wait_s += time.perf_counter() - t0
-        for push in range(c.last_recorded + 1, int(mine[1]) + 1):
+
+    def _record(self, shard: int, mine: np.ndarray) -> None:
+        """Take in a reading of my row [SEQ, DONE, BASE...] on ``shard``: the acknowledged
+        count, and the staleness of pushes newly acknowledged."""
+        c = self.counters[shard]
+        c.done = int(mine[1])
+        for push in range(c.last_recorded + 1, c.done + 1):
             # Push number `push` is acknowledged and its slot not yet reused: its BASE pushes
             # were applied before it, push - 1 of them mine. Counters are read one element at
             # a time, so a fetch racing my own acknowledgement can make this 1 too small.
