@@ -31,13 +31,15 @@ A *push* (number q) by worker w, step by step:
    directly, or gradients are summed there: no copy), then ``Win.Sync``;
 3. ``SEQ_w += 1`` on each of those shards (``Fetch_and_op(SUM)``). The push is now *posted*.
 
-The shard's loop reads ``ctrl`` atomically (``Get_accumulate(NO_OP)``); for every worker with
-``SEQ_w > DONE_w`` it pulls the pending slots in push order, refuses a gradient holding NaN/Inf
+The shard's loop reads its own ``ctrl`` with local loads after ``Win.Sync`` (polling never
+calls into the MPI library); for every worker with ``SEQ_w > DONE_w`` it pulls the pending
+slots in push order (on the same node it reads the worker's slot in place, see
+:meth:`dbmpi.ps.rma.Window.shared`; otherwise ``Get`` in chunks), refuses a gradient holding NaN/Inf
 (checked block by block inside the Adagrad kernel: the job ends before a non-finite value
 reaches the block), applies the optimizer to its params block and accumulator (state that
 never leaves the shard), records ``BASE_w[slot]`` = pushes applied before this one, calls
-``Win.Sync`` on ``params``, and then publishes with ``Accumulate(REPLACE)``: ``APPLIED`` and
-last ``DONE_w = SEQ_w``. A push becomes *visible* to fetches at that Sync, and is
+``Win.Sync`` on ``params``, and then publishes ``APPLIED`` and last ``DONE_w = SEQ_w`` with
+local stores and ``Win.Sync`` on ``ctrl``. A push becomes *visible* to fetches at that Sync, and is
 *acknowledged* when DONE_w moves. Each push is applied exactly once: a slot is read only after
 its SEQ moved and written again only after DONE caught up.
 
@@ -54,8 +56,15 @@ Staleness of push q = the number of *other* workers' pushes the shard applied be
 worker's last fetch and push q: ``(BASE_q - (q - 1)) - (APPLIED_f - DONE_f)`` where
 ``APPLIED_f`` and ``DONE_f`` were read at the fetch.
 
-Each location has one writer op (SEQ: SUM by its worker; DONE, BASE, APPLIED, STOP, CKPT_*:
-REPLACE) and readers using NO_OP, as MPI's default ``accumulate_ops=same_op_no_op`` requires.
+Each counter has one writer: SEQ is changed only by its worker's ``Fetch_and_op(SUM)``,
+STOP and CKPT_REQ only by the coordinator's ``REPLACE``, and the shard's own DONE, BASE,
+APPLIED and CKPT_ACK only by the shard's local stores; remote readers use ``NO_OP``, as MPI's
+default ``accumulate_ops=same_op_no_op`` requires. Every counter is an aligned int64, so a
+load, store or atomic sees it whole; in MPI's unified memory model (which ``Win.Allocate``
+windows have) remote atomics become visible to the owner's loads, and its stores to remote
+reads, at ``Win.Sync``. A worker remembers the last DONE it read from each shard and reads
+the counters again only when it needs a later one (one read per shard per fetch, none per
+push while its slots are free).
 """
 
 from .layout import ParamLayout, Segment
