@@ -44,8 +44,9 @@ def ctrl_size(num_workers: int) -> int:
 class Backoff:
     """Sleep between polls, growing from ~0 to ``cap`` seconds, so waiting ranks yield the CPU."""
 
-    def __init__(self, cap: float = 0.002):
+    def __init__(self, cap: float = 0.002, first: float = 2e-5):
         self.cap = cap
+        self.first = first
         self.delay = 0.0
 
     def reset(self) -> None:
@@ -53,7 +54,7 @@ class Backoff:
 
     def wait(self) -> None:
         time.sleep(self.delay)
-        self.delay = min(self.cap, self.delay * 2 if self.delay else 2e-5)
+        self.delay = min(self.cap, self.delay * 2 if self.delay else self.first)
 
 
 class ParameterServer:
@@ -239,7 +240,11 @@ class ShardService:
 
         ``heartbeat`` (if given) is called once per iteration (fault checks, progress).
         """
-        backoff = Backoff()
+        # After a pass that applied something, poll again at once (another worker's push is
+        # often posted by then); otherwise sleep 0.5 ms, 1 ms, 2 ms: each wake-up of a shard
+        # on a node whose cores run replicas preempts one (measured: 20 us first sleeps cost
+        # a third more shard CPU per push than 0.5 ms ones, for no gain in throughput).
+        backoff = Backoff(first=5e-4)
         while True:
             if heartbeat is not None:
                 heartbeat()
