@@ -16,7 +16,8 @@ matrices as before.
 Every message is a buffer-based ``Isend``/``Irecv`` (tag = layer and direction) whose peers come
 from the plan: each layer declares whom it receives from and sends to. Waits poll with a
 deadline (``DBMPI_PARTITION_TIMEOUT_S``, default 120 s), yielding the core between polls for
-a few milliseconds, then sleeping with backoff so that oversubscribed ranks give up the core,
+a few milliseconds (0.2 ms when the job has more ranks than cores), then sleeping with
+backoff so that oversubscribed ranks give up the core,
 and a message that never arrives, or a
 send that is never received, raises :class:`PartitionError` naming both partitions instead
 of hanging. At the end of the forward pass and of the backward pass each partition probes for
@@ -105,7 +106,7 @@ class Exchange:
     """
 
     def __init__(self, comm: MPI.Comm, names: list[str], timeout_s: float | None = None,
-                 spin_s: float = 5e-3, max_sleep_s: float = 2e-4, label: str = ""):
+                 spin_s: float = 2e-4, max_sleep_s: float = 2e-4, label: str = ""):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.names = names  # layer names by index, for messages
@@ -267,7 +268,10 @@ class PartitionedModel:
                        self.grads[off:off + layer.num_params])
             off += layer.num_params
         names = [part.spec.name for part in self.parts]
-        self.exchange = Exchange(self.comm, names, timeout_s,
+        # poll a few milliseconds before sleeping when every rank of the job has a core (a
+        # halo is then seen within microseconds); oversubscribed, give the core up sooner
+        alone = MPI.COMM_WORLD.Get_size() <= len(os.sched_getaffinity(0))
+        self.exchange = Exchange(self.comm, names, timeout_s, spin_s=5e-3 if alone else 2e-4,
                                  label=label or f"partition {p} of {self.P}")
         self._bufs: dict[tuple, np.ndarray] = {}
         # Slabs: the input of layer i >= 1 after an image layer lives in one (B, span) buffer
