@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from cython_kernels._image import local_backward_at, local_forward_at
 from scipy.special import expit
 
 import cython_kernels as ck
-from cython_kernels._image import local_backward_at, local_forward_at
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
 

@@ -64,7 +64,7 @@ class Block:
     datatype: B runs of ``width`` floats, ``row`` apart), so that halos are sent straight from
     and received straight into the slab buffers the kernels read."""
 
-    __slots__ = ("spec", "nbytes")
+    __slots__ = ("nbytes", "spec")
 
     def __init__(self, base: np.ndarray, c0: int, width: int, dtype: MPI.Datatype):
         self.spec = [base.reshape(-1)[c0:], 1, dtype]
@@ -386,7 +386,7 @@ class PartitionedModel:
             t = self._types[(B, width, row)] = MPI.FLOAT.Create_vector(B, width, row).Commit()
         return t
 
-    def _slab(self, i: int, B: int) -> "_Slab":
+    def _slab(self, i: int, B: int) -> _Slab:
         sl = self._slabs.get((i, B))
         if sl is None:
             sl = self._slabs[(i, B)] = _Slab(self, i, B)

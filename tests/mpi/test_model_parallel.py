@@ -122,7 +122,7 @@ def test_location_split_cuts_inside_rows():
         rows = PartitionPlan(shape, layers, classes, P)
         assert plan.fingerprint != rows.fingerprint
         local0 = plan.parts[0]
-        OH, OW, F = local0[0].spec.out_shape
+        OH, OW, _ = local0[0].spec.out_shape
         counts = [p.units[1] - p.units[0] for p in local0]
         assert sum(counts) == OH * OW and max(counts) - min(counts) <= 1
         assert all(p.unit == "locations" for p in local0)
