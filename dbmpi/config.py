@@ -38,6 +38,9 @@ class TopologyConfig:
     shards: int = 2
     replicas: int = 2
     partitions: int = 1
+    # how partitions cut locally connected layers: by output "locations" (even work, cuts
+    # inside rows) or by whole output "rows"; see dbmpi.model.partition
+    split: str = "locations"
 
     @property
     def world_size(self) -> int:
@@ -294,6 +297,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(t.shards >= 1, f"{s} topology.shards", f"must be >= 1, got {t.shards}")
     _require(t.replicas >= 1, f"{s} topology.replicas", f"must be >= 1, got {t.replicas}")
     _require(t.partitions >= 1, f"{s} topology.partitions", f"must be >= 1, got {t.partitions}")
+    _require(t.split in ("locations", "rows"), f"{s} topology.split",
+             f"must be 'locations' or 'rows', got {t.split!r}")
     _require(t.partitions == 1 or cfg.algorithm == "downpour", f"{s} topology.partitions",
              f"must be 1 for {cfg.algorithm!r} (model parallelism runs with downpour), "
              f"got {t.partitions}")

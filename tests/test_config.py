@@ -32,6 +32,7 @@ def test_round_trip_through_toml(tmp_path):
     ("[topology]\nshards = 0\n", "topology.shards"),
     ("[topology]\nreplicas = -1\n", "topology.replicas"),
     ("[topology]\nshards = 1.5\n", "topology.shards"),
+    ("[topology]\nsplit = \"columns\"\n", "topology.split"),
     ("[optimizer]\nlearning_rate = -0.1\n", "optimizer.learning_rate"),
     ("[optimizer]\nname = \"adam\"\n", "optimizer.name"),
     ("[downpour]\nn_fetch = 0\n", "downpour.n_fetch"),

@@ -57,7 +57,7 @@ def test_dense_plan_splits_units_and_all_gathers():
 
 
 def test_spatial_plan_halos():
-    plan = PartitionPlan((11, 9, 2), IMAGE, 5, 2)
+    plan = PartitionPlan((11, 9, 2), IMAGE, 5, 2, split="rows")
     local0, pool, lcn = plan.parts[:3]
     # local k3 s1: 9 output rows -> [0, 4) [4, 9); reads input rows [0, 6) and [4, 11)
     assert [p.units for p in local0] == [(0, 4), (4, 9)]
@@ -120,6 +120,9 @@ def test_fingerprint_changes_with_the_plan():
     assert a == PartitionPlan((3, 4), DENSE, 3, 2).fingerprint
     assert a != PartitionPlan((3, 4), DENSE, 3, 2, weights=(1, 2)).fingerprint
     assert a != PartitionPlan((3, 4), DENSE, 3, 3).fingerprint
+    # a checkpoint of one split is not resumed with the other (parameter layouts differ)
+    assert (PartitionPlan((11, 9, 2), IMAGE, 5, 2, split="rows").fingerprint
+            != PartitionPlan((11, 9, 2), IMAGE, 5, 2, split="locations").fingerprint)
     assert "units [0, 4), [4, 7)" in PartitionPlan((3, 4), DENSE, 3, 2).describe()
 
 
@@ -153,7 +156,7 @@ def test_downpour_helpers_convert_between_layouts():
     ds = NS(feature_shape=(3, 4), num_classes=4)
 
     def cfg(P):
-        return NS(topology=NS(partitions=P), model=NS(layers=DENSE, loss="softmax"),
+        return NS(topology=NS(partitions=P, split="locations"), model=NS(layers=DENSE, loss="softmax"),
                   run=NS(seed=3))
 
     model = Model.from_spec((3, 4), DENSE, 4)

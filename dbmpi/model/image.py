@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from cython_kernels._image import local_backward_at, local_forward_at
 from scipy.special import expit
 
 import cython_kernels as ck
@@ -124,8 +123,8 @@ class Local:
             ck.local_forward(_images(x, self.in_shape), self.W, self.b, self.s,
                              _images(self.y, self.out_shape))
         else:
-            local_forward_at(_images(x, self.in_shape), self.W, self.b, self.s, self.first,
-                             _images(self.y, self.out_shape))
+            ck.local_forward_at(_images(x, self.in_shape), self.W, self.b, self.s, self.first,
+                                _images(self.y, self.out_shape))
         _activate(self.y, self.activation)
         return self.y
 
@@ -140,9 +139,9 @@ class Local:
             ck.local_backward(_images(self.x, self.in_shape), self.W,
                               _images(dy, self.out_shape), self.s, self.dW, self.db, dx4)
         else:
-            local_backward_at(_images(self.x, self.in_shape), self.W,
-                              _images(dy, self.out_shape), self.s, self.first, self.dW, self.db,
-                              dx4)
+            ck.local_backward_at(_images(self.x, self.in_shape), self.W,
+                                 _images(dy, self.out_shape), self.s, self.first, self.dW,
+                                 self.db, dx4)
         return dx
 
 

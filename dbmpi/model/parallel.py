@@ -493,7 +493,7 @@ class _Slab:
 
 def build(input_shape, layers, num_classes: int, comm: MPI.Comm, loss: str = "softmax",
           weights=None, timeout_s: float | None = None, label: str = "",
-          split: str = "rows") -> PartitionedModel:
+          split: str = "locations") -> PartitionedModel:
     """Plan and build partition ``comm.Get_rank()`` of a model over ``comm``'s ranks."""
     plan = PartitionPlan(input_shape, layers, num_classes, comm.Get_size(), weights, split)
     return PartitionedModel(plan, comm, loss, timeout_s, label)

@@ -114,14 +114,15 @@ class PartitionPlan:
 
     ``weights`` (optional, one positive number per partition) makes the splits uneven: layer
     outputs are cut in proportion to them (even by default; a count that P does not divide is
-    uneven anyway). ``split``: ``"rows"`` (default) cuts every spatial layer by output rows;
-    ``"locations"`` cuts locally connected layers by output locations (see the module doc).
+    uneven anyway). ``split``: ``"locations"`` (default) cuts locally connected layers by
+    output locations (even work; see the module doc); ``"rows"`` cuts every spatial layer by
+    whole output rows.
     """
 
     SPLITS = ("rows", "locations")
 
     def __init__(self, input_shape, layers, num_classes: int, partitions: int,
-                 weights=None, split: str = "rows"):
+                 weights=None, split: str = "locations"):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
         self.split = split

@@ -139,7 +139,8 @@ class ShardService:
         n = min(PULL_CHUNK, self.block)
         self._pulled = [np.empty(n, np.float32), np.empty(n, np.float32)]
         self.applied = applied
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # wall seconds spent applying pushes
+        self.busy_cpu_s = 0.0  # CPU seconds spent applying pushes
 
     def _load_ctrl(self) -> np.ndarray:
         """My own counters, read with local loads: a shard never calls MPI to poll."""
@@ -162,7 +163,7 @@ class ShardService:
                    if ctrl[seq_index(w)] > ctrl[seq_index(w) + 1]]
         if not pending:
             return 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         applied = 0
         for w in pending:
             i = seq_index(w)
@@ -181,6 +182,7 @@ class ShardService:
             self._publish(i + 1, int(ctrl[i]))  # DONE_w = SEQ_w: acknowledged
         ps.ctrl.sync()
         self.busy_s += time.perf_counter() - t0
+        self.busy_cpu_s += time.process_time() - c0
         return applied
 
     def _pull_and_apply(self, w: int, slot: int, rank: int, size: int, off: int, a: int,

@@ -119,7 +119,8 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
 
             applied = service.serve(heartbeat=heartbeat)
             metrics.write("shard", shard=topo.index, pushes_applied=applied,
-                          busy_s=round(service.busy_s, 3))
+                          busy_s=round(service.busy_s, 3),
+                          busy_cpu_s=round(service.busy_cpu_s, 3))
         elif topo.role is Role.REPLICA:
             Worker(cfg, topo, partitioned.replica_model(cfg, topo, model, dataset), dataset, ps,
                    coord, metrics, resume).run()

@@ -30,7 +30,8 @@ def plan_for(cfg, dataset) -> PartitionPlan | None:
     P = cfg.topology.partitions
     if P == 1:
         return None
-    return PartitionPlan(dataset.feature_shape, cfg.model.layers, dataset.num_classes, P)
+    return PartitionPlan(dataset.feature_shape, cfg.model.layers, dataset.num_classes, P,
+                         split=cfg.topology.split)
 
 
 def param_ranges(cfg, model, dataset) -> list[tuple[int, int]]:

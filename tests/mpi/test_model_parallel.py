@@ -119,7 +119,7 @@ def test_location_split_cuts_inside_rows():
     shape, layers, classes = LOCAL
     for P in range(1, 5):
         plan = PartitionPlan(shape, layers, classes, P, split="locations")
-        rows = PartitionPlan(shape, layers, classes, P)
+        rows = PartitionPlan(shape, layers, classes, P, split="rows")
         assert plan.fingerprint != rows.fingerprint
         local0 = plan.parts[0]
         OH, OW, _ = local0[0].spec.out_shape
