@@ -6,6 +6,8 @@
         --n-tasks $SLURM_NTASKS          # then, once all tasks have finished:
     python -m data_tools manifest --out DIR
     python -m data_tools shard speech --src WAV_DIR --out DIR [--shards 4 --states 3 --norm global]
+    python -m data_tools shard images --src DIR --out DIR [--patch K --patches-per-image N]
+        [--whiten zca --whiten-eps 0.1]   # idx files or PNG/JPEG class folders
     python -m data_tools check DIR [--verify]
 """
 
@@ -185,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compression", default="gzip-1",
                     help="gzip-N, lzf or none, optionally +shuffle (default gzip-1)")
     sp.set_defaults(func=cmd_shard_speech)
+
+    from .images import add_parser as add_images_parser
+
+    add_images_parser(fmt, _log, _class_names)
 
     mf = sub.add_parser("manifest", help="check all shard files in --out and write manifest.json")
     mf.add_argument("--out", required=True)

@@ -57,6 +57,8 @@ class ModelConfig:
 
     layers: tuple[dict, ...] = ({"type": "dense", "units": 256, "activation": "relu"},)
     loss: str = "softmax"
+    # loss = "autoencoder" (dbmpi.model.autoencoder): weight of the pooled outputs' L1 penalty
+    sparsity: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -303,8 +305,10 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be 1 for {cfg.algorithm!r} (model parallelism runs with downpour), "
              f"got {t.partitions}")
     m = cfg.model
-    _require(m.loss in ("softmax", "hinge"), f"{s} model.loss",
-             f"must be 'softmax' or 'hinge', got {m.loss!r}")
+    _require(m.loss in ("softmax", "hinge", "autoencoder"), f"{s} model.loss",
+             f"must be 'softmax', 'hinge' or 'autoencoder', got {m.loss!r}")
+    if m.loss == "autoencoder":
+        _validate_autoencoder(cfg, s)
     for i, layer in enumerate(m.layers):
         where = f"{s} model.layers[{i}]"
         kind = layer.get("type", "dense")
@@ -363,6 +367,30 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(c.keep >= 1, f"{s} checkpoint.keep", f"must be >= 1, got {c.keep}")
     _validate_sandblaster(cfg, s)
     _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
+
+
+def _validate_autoencoder(cfg: Config, s: str) -> None:
+    """``loss = "autoencoder"``: image layers only, linear local layers (RICA's encoder)."""
+    m = cfg.model
+    _require(m.sparsity >= 0, f"{s} model.sparsity", f"must be >= 0, got {m.sparsity}")
+    kinds = [layer.get("type", "dense") for layer in m.layers]
+    _require("local" in kinds, f"{s} model.layers", "needs at least one 'local' layer for "
+             "loss = 'autoencoder' (its weights are the encoder and, transposed, the decoder)")
+    for i, layer in enumerate(m.layers):
+        kind = layer.get("type", "dense")
+        _require(kind != "dense", f"{s} model.layers[{i}]", "is a dense layer: an autoencoder "
+                 "takes image layers only (local, l2pool, lcn); a classifier goes on top with "
+                 "`python -m dbmpi probe RUN_DIR`")
+        _require(kind != "local" or layer.get("activation", "linear") == "linear",
+                 f"{s} model.layers[{i}].activation", "must be 'linear' for loss = "
+                 "'autoencoder' (the encoder of reconstruction ICA is linear)")
+    _require(cfg.algorithm == "downpour", f"{s} algorithm",
+             f"must be 'downpour' for loss = 'autoencoder', got {cfg.algorithm!r}")
+    _require(cfg.topology.partitions == 1, f"{s} topology.partitions",
+             f"must be 1 for loss = 'autoencoder' (not partitioned yet), got "
+             f"{cfg.topology.partitions}")
+    _require(cfg.downpour.target_accuracy == 0, f"{s} downpour.target_accuracy",
+             "must be 0 for loss = 'autoencoder' (it has no accuracy): stop by steps or epochs")
 
 
 def _validate_sandblaster(cfg: Config, s: str) -> None:

@@ -44,13 +44,23 @@ class Model:
             layer.bind(self.params[off:off + layer.num_params], grads[off:off + layer.num_params])
 
     @classmethod
-    def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax") -> "Model":
+    def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax",
+                  **opts) -> "Model":
         """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``
-        (dense, local, l2pool, lcn: see :mod:`dbmpi.model.spec`)."""
+        (dense, local, l2pool, lcn: see :mod:`dbmpi.model.spec`). ``loss = "autoencoder"``
+        gives the unsupervised :class:`~dbmpi.model.autoencoder.Autoencoder` (``sparsity``)."""
+        if loss == "autoencoder":
+            from .autoencoder import Autoencoder
+
+            return Autoencoder.from_spec(input_shape, layers, num_classes,
+                                         sparsity=opts.get("sparsity", 0.1))
         return cls([make_layer(s) for s in resolve(input_shape, layers, num_classes)], loss)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, input_shape, num_classes: int) -> "Model":
+        if cfg.loss == "autoencoder":
+            return cls.from_spec(input_shape, cfg.layers, num_classes, cfg.loss,
+                                 sparsity=cfg.sparsity)
         return cls.from_spec(input_shape, cfg.layers, num_classes, cfg.loss)
 
     @property

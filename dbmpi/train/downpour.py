@@ -378,6 +378,9 @@ class Coordinator:
                                 "diverged; lower optimizer.learning_rate")
         loss, acc = self.model.evaluate(self.x_eval, self.y_eval)
         rec = {"step": steps, "loss": loss, "accuracy": acc, "wall_s": time.time() - self.t0}
+        if getattr(self.model, "unsupervised", False):  # autoencoder: its objective's terms
+            rec.update(reconstruction=self.model.last_eval["reconstruction"],
+                       sparsity=self.model.last_eval["sparsity"])
         self.metrics.write("eval", **rec)
         self.history.append(rec)
         return rec
@@ -445,8 +448,14 @@ class Coordinator:
                 rate = (steps - last_steps) * self.cfg.data.batch_size / max(now - last_t, 1e-9)
                 last_steps, last_t = steps, now
                 pct = f" ({100 * steps / total:.0f}%)" if total else ""
-                log.info("step %d%s | %.0f samples/s | test loss %.4f accuracy %.4f | %.1f s",
-                         steps, pct, rate, rec["loss"], rec["accuracy"], now - self.t0)
+                if "reconstruction" in rec:
+                    log.info("step %d%s | %.0f samples/s | test reconstruction %.4f sparsity "
+                             "%.4f | %.1f s", steps, pct, rate, rec["reconstruction"],
+                             rec["sparsity"], now - self.t0)
+                else:
+                    log.info("step %d%s | %.0f samples/s | test loss %.4f accuracy %.4f | "
+                             "%.1f s", steps, pct, rate, rec["loss"], rec["accuracy"],
+                             now - self.t0)
                 if dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
                         and not stopped_early:
                     log.info("target accuracy %.4f reached: stopping", dp.target_accuracy)
@@ -473,5 +482,8 @@ class Coordinator:
                 "interrupted": interrupted,
                 "resumed_from": ({"sequence": self.resume.sequence, "steps": self.resume.steps}
                                  if self.resume else None),
-                "num_params": self.model.num_params}
+                "num_params": self.model.num_params,
+                **({"final_test_reconstruction": final["reconstruction"],
+                    "final_test_sparsity": final["sparsity"]} if "reconstruction" in final
+                   else {})}
 
