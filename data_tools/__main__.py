@@ -8,6 +8,7 @@
     python -m data_tools shard speech --src WAV_DIR --out DIR [--shards 4 --states 3 --norm global]
     python -m data_tools shard images --src DIR --out DIR [--patch K --patches-per-image N]
         [--whiten zca --whiten-eps 0.1]   # idx files or PNG/JPEG class folders
+    python -m data_tools shard text --src DIR --out DIR --vocab 10000 [--context 4 --shards 4]
     python -m data_tools check DIR [--verify]
 """
 
@@ -108,6 +109,19 @@ def cmd_shard_speech(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard_text(a: argparse.Namespace) -> int:
+    from .text import build_text
+
+    t0 = time.perf_counter()
+    info = build_text(a.src, a.out, vocab=a.vocab, context=a.context, shards=a.shards,
+                      tokenizer=a.tokenize, seed=a.seed, command=command_line(a.argv),
+                      compression=parse_compression(a.compression), log=_log)
+    _log(f"vocabulary {info['vocab']} ({info['tokenizer']} tokens, context {info['context']}); "
+         f"{info['splits']}; wrote {Path(a.out) / 'manifest.json'} in "
+         f"{time.perf_counter() - t0:.2f} s")
+    return 0
+
+
 def cmd_manifest(a: argparse.Namespace) -> int:
     m = build_manifest(a.out, verify=a.verify)
     counts = {s: sum(e["num_examples"] for e in v) for s, v in m["splits"].items()}
@@ -191,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .images import add_parser as add_images_parser
 
     add_images_parser(fmt, _log, _class_names)
+
+    tx = fmt.add_parser("text", help="text corpus (train/valid/test.txt or ptb.*.txt, one "
+                        "sentence a line) -> vocabulary + context windows; see data_tools/text.py")
+    tx.add_argument("--src", required=True, help="directory with the three text files")
+    tx.add_argument("--out", required=True, help="output directory")
+    tx.add_argument("--vocab", type=int, required=True,
+                    help="vocabulary size, </s> and <unk> included (e.g. 10000)")
+    tx.add_argument("--context", type=int, default=4,
+                    help="tokens of context per example (default 4: a 5-gram model)")
+    tx.add_argument("--shards", type=int, default=4, help="number of train shards (default 4)")
+    tx.add_argument("--tokenize", default=None, choices=("words", "space"),
+                    help="words: lower-case, punctuation split off (default for *.txt); "
+                    "space: whitespace only (default for ptb.*.txt)")
+    tx.add_argument("--seed", type=int, default=0, help="seed of the train shuffle (default 0)")
+    tx.add_argument("--compression", default="gzip-1",
+                    help="gzip-N, lzf or none, optionally +shuffle (default gzip-1)")
+    tx.set_defaults(func=cmd_shard_text)
 
     mf = sub.add_parser("manifest", help="check all shard files in --out and write manifest.json")
     mf.add_argument("--out", required=True)

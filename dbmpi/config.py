@@ -21,13 +21,14 @@ from typing import Any
 from .errors import ConfigError
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
-LAYER_TYPES = ("dense", "local", "l2pool", "lcn")
+LAYER_TYPES = ("dense", "local", "l2pool", "lcn", "embedding")
 # Per layer type: (required positive-int keys, optional positive-int keys, has activation).
 LAYER_KEYS = {
     "dense": (("units",), (), True),
     "local": (("filters", "kernel"), ("stride",), True),
     "l2pool": (("size",), ("stride",), False),
     "lcn": (("size",), (), False),
+    "embedding": (("dim",), ("vocab",), False),  # first layer of a language model
 }
 
 
@@ -103,6 +104,9 @@ class DownpourConfig:
     # takes `straggler_factor` times as long (-1: none).
     straggler_replica: int = -1
     straggler_factor: float = 1.0
+    # With an embedding layer: fetch and push only the embedding rows a step touches
+    # (dbmpi.ps.sparse); false: the whole vector, as for any model.
+    sparse: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,6 +328,10 @@ def validate(cfg: Config, source: str = "config") -> None:
                      f"{where}.{key}", f"must be a positive integer, got {v!r}")
         act = layer.get("activation", "relu")
         _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
+        _require(kind != "embedding" or i == 0, where, "is an embedding layer: it must be the "
+                 "first layer (it takes the word ids)")
+        _require(kind != "embedding" or t.partitions == 1, f"{s} topology.partitions",
+                 f"must be 1 with an embedding layer (not partitioned), got {t.partitions}")
         _require(kind != "lcn" or layer["size"] % 2 == 1, f"{where}.size",
                  f"must be odd for an lcn layer, got {layer.get('size')}")
         _require(kind == "dense" or all(x.get("type", "dense") != "dense" for x in m.layers[:i]),

@@ -74,7 +74,8 @@ class Model:
         return self.params
 
     def _flat(self, x: np.ndarray) -> np.ndarray:
-        return flat_batch(x)
+        # an embedding layer takes word ids: no float cast
+        return flat_batch(x, getattr(self.layers[0], "input_dtype", np.float32))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Logits for a batch (a view of an internal buffer: copy it to keep it)."""

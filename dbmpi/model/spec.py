@@ -89,6 +89,8 @@ class LayerSpec:
         u = self.out_units if units is None else units
         if self.kind == "dense":
             return self.n_in * u + u
+        if self.kind == "embedding":
+            return self.opts["vocab"] * self.opts["dim"]
         if self.kind == "local":
             OW, F = self.out_shape[1], self.out_shape[2]
             k, C = self.opts["kernel"], self.in_shape[2]
@@ -117,6 +119,16 @@ def resolve(input_shape, layers, num_classes: int) -> list[LayerSpec]:
     for i, spec in enumerate(layers):
         kind = spec.get("type", "dense")
         where = f"model.layers[{i}]"
+        if kind == "embedding":  # word ids (context,) -> concatenated embeddings
+            if i != 0 or len(shape) != 1:
+                raise ConfigError(f"{where}: an embedding layer must come first and take word "
+                                  f"ids (context,), got features of shape {shape}: put it first "
+                                  f"and shard text with `python -m data_tools shard text`")
+            opts = {"vocab": int(spec.get("vocab", num_classes)), "dim": int(spec["dim"])}
+            out.append(LayerSpec("embedding", i, shape, (shape[0] * opts["dim"],), opts))
+            shape = (shape[0] * opts["dim"],)
+            seen_dense = True
+            continue
         if kind == "dense":
             n_in = math.prod(shape)
             units = int(spec["units"])
@@ -173,6 +185,10 @@ def make_layer(spec: LayerSpec, units: tuple[int, int] | None = None):
     from .layers import Dense
 
     a, b = (0, spec.out_units) if units is None else units
+    if spec.kind == "embedding":
+        from .embedding import Embedding
+
+        return Embedding(spec.opts["vocab"], spec.opts["dim"], spec.in_shape[0])
     if spec.kind == "dense":
         return Dense(spec.n_in, b - a, spec.opts["activation"])
     # the whole layer reads its whole input (rows past the last window included)
