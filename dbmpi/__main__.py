@@ -1,4 +1,4 @@
-"""The dbmpi command line: ``python -m dbmpi {train,launch,eval,plot} ...``."""
+"""The dbmpi command line: ``python -m dbmpi {train,launch,eval,plot,probe,neurons} ...``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,44 @@ def main(argv: list[str] | None = None) -> int:
                    help="draw this level and print when each run first reached it")
     p.add_argument("--title", default=None)
 
+    p = sub.add_parser("probe", help="autoencoder run: linear probe on learned vs random "
+                                     "features, then fine-tuning (writes RUN_DIR/probe.json)")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="data set directory (default: the run's data.path)")
+    p.add_argument("--train-limit", type=int, default=0, help="first N training examples (0 = all)")
+    p.add_argument("--test-limit", type=int, default=0, help="first N test examples (0 = all)")
+    p.add_argument("--l2", type=float, default=1e-4, help="L2 penalty of the probe (default 1e-4)")
+    p.add_argument("--finetune-epochs", type=int, default=3,
+                   help="epochs of fine-tuning the whole network (default 3; 0 = none)")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="Adagrad rate (default 0.01)")
+    p.add_argument("--scratch", action="store_true",
+                   help="also train the same network from its random weights, supervised only")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("neurons", help="autoencoder run: top-activating test images and "
+                                       "optimal stimuli of chosen neurons, as PNG grids")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="data set directory (default: the run's data.path)")
+    p.add_argument("--unit", type=int, action="append", default=[],
+                   help="output feature index (repeatable; default: the centre unit of each "
+                        "of the first --count channels)")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--top", type=int, default=8, help="top-activating test images per neuron")
+    p.add_argument("--steps", type=int, default=200, help="gradient-ascent steps (default 200)")
+    p.add_argument("--step", type=float, default=0.05,
+                   help="step length as a fraction of the norm bound (default 0.05)")
+    p.add_argument("--test-limit", type=int, default=0)
+    p.add_argument("--docs", default=None, help="also copy the PNGs into this folder")
+    p.add_argument("--name", default=None, help="file stem suffix in --docs (neurons_NAME.png)")
+
+    p = sub.add_parser("neighbors", help="nearest words of a language model run, by cosine "
+                                         "similarity of their embedding rows")
+    p.add_argument("run_dir")
+    p.add_argument("--word", action="append", required=True,
+                   help="word to look up (repeatable)")
+    p.add_argument("-k", type=int, default=10, help="neighbours per word (default 10)")
+    p.add_argument("--data", default=None, help="data set directory (default: the run's data.path)")
+
     args = parser.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -66,6 +104,34 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_run(args.run_dir, args.split, args.data, args.frames)
             print(summary_line(result))
             print(f"wrote {args.run_dir}/eval.json")
+            return 0
+        if args.cmd == "probe":
+            from .probe import probe_run
+
+            for name, v in (("--train-limit", args.train_limit), ("--test-limit", args.test_limit),
+                            ("--finetune-epochs", args.finetune_epochs)):
+                if v < 0:
+                    raise DbmpiError(f"{name} must be >= 0, got {v}")
+            if args.l2 < 0 or args.finetune_lr <= 0:
+                raise DbmpiError("--l2 must be >= 0 and --finetune-lr > 0")
+            probe_run(args.run_dir, args.data, args.train_limit, args.test_limit, args.l2,
+                      args.finetune_epochs, args.finetune_lr, args.scratch, args.seed)
+            print(f"wrote {args.run_dir}/probe.json")
+            return 0
+        if args.cmd == "neurons":
+            from .neurons import neurons
+
+            if args.count < 1 or args.top < 1 or args.steps < 1 or args.step <= 0:
+                raise DbmpiError("--count, --top and --steps must be >= 1 and --step > 0")
+            out = neurons(args.run_dir, args.data, args.unit, args.count, args.top, args.steps,
+                          args.step, args.test_limit, args.docs, args.name)
+            for path in out["pictures"]:
+                print(f"wrote {path}")
+            return 0
+        if args.cmd == "neighbors":
+            from .lm import format_neighbors, neighbors
+
+            print(format_neighbors(neighbors(args.run_dir, args.word, args.k, args.data)))
             return 0
         if args.cmd == "plot":
             from pathlib import Path
