@@ -80,6 +80,23 @@ class Window:
         for part, spec in self._chunks(buf, offset):
             self.win.Get([part, self.mpi_type], target, spec)
 
+    def get_rows(self, buf: np.ndarray, target: int, rows: np.ndarray, offset: int = 0) -> None:
+        """Start reading rows ``rows`` (int64) of a row-major table of rows of ``buf.shape[1]``
+        elements at ``offset`` of ``target`` into ``buf`` (k, row_len), in one ``Get`` with an
+        indexed datatype (byte displacements, so offsets may pass 2**31 elements). Complete
+        with :meth:`flush`; an empty ``rows`` does nothing."""
+        self._check()
+        k, row_len = buf.shape
+        if k == 0:
+            return
+        itemsize = self.dtype.itemsize
+        disp = ((offset + np.asarray(rows, np.int64) * row_len) * itemsize).tolist()
+        rowtype = self.mpi_type.Create_hindexed_block(row_len, disp).Commit()
+        try:
+            self.win.Get([buf, k * row_len, self.mpi_type], target, (0, 1, rowtype))
+        finally:
+            rowtype.Free()  # MPI keeps it alive until the Get completes
+
     def put(self, buf: np.ndarray, target: int, offset: int = 0) -> None:
         """Start writing ``buf`` at ``offset`` of ``target``; complete with :meth:`flush`."""
         self._check()

@@ -76,8 +76,12 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
     """
     dataset = open_dataset(cfg.data.path)
     model = build_model(cfg, dataset)
-    layout = ParamLayout.even(model.num_params, cfg.topology.shards)
-    ps = ParameterServer(topo, layout, partitioned.param_ranges(cfg, model, dataset))
+    sparse = _sparse_parts(cfg, model)  # None: dense traffic (every model without a table)
+    if sparse is None:
+        layout = ParamLayout.even(model.num_params, cfg.topology.shards)
+        ps = ParameterServer(topo, layout, partitioned.param_ranges(cfg, model, dataset))
+    else:
+        layout, ps = sparse["layout"], sparse["ps"](topo)
     is_coord = topo.role is Role.COORDINATOR
     coord = Window(topo.comm, HEAD + ROW * topo.num_workers if is_coord else 0, np.int64, "coord")
     if is_coord and resume is not None:
@@ -104,7 +108,8 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
             if delay:
                 time.sleep(delay)
 
-        service = ShardService(ps, make_optimizer(cfg.optimizer), init, state, applied,
+        service = (ShardService if sparse is None else sparse["service"])(
+                               ps, make_optimizer(cfg.optimizer), init, state, applied,
                                on_checkpoint=write_checkpoint)
     topo.comm.Barrier()  # the shards hold the initial parameters before anyone fetches
     result = None
@@ -122,7 +127,8 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
                           busy_s=round(service.busy_s, 3),
                           busy_cpu_s=round(service.busy_cpu_s, 3))
         elif topo.role is Role.REPLICA:
-            Worker(cfg, topo, partitioned.replica_model(cfg, topo, model, dataset), dataset, ps,
+            (Worker if sparse is None else sparse["worker"])(
+                   cfg, topo, partitioned.replica_model(cfg, topo, model, dataset), dataset, ps,
                    coord, metrics, resume).run()
         else:
             result = Coordinator(cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0,
@@ -133,6 +139,23 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
     coord.free()
     ps.free()
     return result
+
+
+def _sparse_parts(cfg: Config, model) -> dict | None:
+    """The sparse-embedding variants of the layout, PS, shard loop and worker (see
+    :mod:`dbmpi.ps.sparse`), or None when the run moves whole vectors."""
+    from ..ps import sparse
+
+    if not sparse.enabled(cfg, model):
+        return None
+    from .sparse_worker import SparseWorker
+
+    emb = sparse.embedding_of(model)
+    layout = sparse.row_layout(model.num_params, cfg.topology.shards, emb.vocab, emb.dim)
+    return {"layout": layout, "service": sparse.SparseShardService, "worker": SparseWorker,
+            "ps": lambda topo: sparse.SparseParameterServer(
+                topo, layout, [(0, model.num_params)], emb.vocab, emb.dim,
+                sparse.max_rows(cfg, model))}
 
 
 class _TermReporter:
@@ -161,6 +184,9 @@ class Worker:
         self.fault = Fault(topo.rank)
         self.term = _TermReporter(coord)
         self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
+        nbytes = 4 * (self.client.stop - self.client.start)  # per fetch and per push
+        self._bytes = {"fetch_bytes": round(nbytes / self.dp.n_fetch),
+                       "push_bytes": round(nbytes / self.dp.n_push)}
         self.reader = dataset.reader(
             "train", replica=topo.index, num_replicas=cfg.topology.replicas,
             batch_size=cfg.data.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -304,7 +330,7 @@ class Worker:
                                        samples_per_s=win_n / (now - win_t),
                                        fetch_fraction=round(win_fetch / (now - win_t), 4),
                                        push_fraction=round(win_push / (now - win_t), 4),
-                                       **extra)
+                                       **self._bytes, **extra)
                     self.coord.accumulate(np.array([win_n // len(y)], np.int64),
                                           COORDINATOR_RANK, STEPS)
                     self.coord.flush(COORDINATOR_RANK)
