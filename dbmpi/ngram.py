@@ -32,7 +32,7 @@ import numpy as np
 def modified_discounts(counts) -> tuple[float, float, float]:
     """(D1, D2, D3+) from the count-of-counts of ``counts`` (Chen & Goodman's estimates),
     with fallbacks when a count-of-count is zero (tiny corpora)."""
-    cc = Counter(min(int(c), 4) for c in counts)
+    cc = Counter(int(c) for c in counts if c <= 4)  # n_i: n-grams seen exactly i times
     n1, n2, n3, n4 = (cc.get(i, 0) for i in (1, 2, 3, 4))
     y = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.5
     d1 = 1 - 2 * y * n2 / n1 if n1 else 0.5

@@ -120,10 +120,12 @@ def test_read_vocab_errors(tmp_path):
 
 # -- Kneser-Ney --------------------------------------------------------------------------------
 def test_modified_discounts_hand_computed():
-    # n1 = 3, n2 = 2, n3 = 1, n4 = 2: Y = 3/7, D1 = 1 - 2Y*2/3 = 3/7,
-    # D2 = 2 - 3Y/2 = 19/14, D3 = 3 - 4Y*2 = -3/7 -> clipped to 0
-    d = modified_discounts([1, 1, 1, 2, 2, 3, 4, 4])
+    # n1 = 3, n2 = 2, n3 = 1, n4 = 2 (counts above 4 do not enter): Y = 3/7,
+    # D1 = 1 - 2Y*2/3 = 3/7, D2 = 2 - 3Y/2 = 19/14, D3 = 3 - 4Y*2 = -3/7 -> clipped to 0
+    d = modified_discounts([1, 1, 1, 2, 2, 3, 4, 4, 5, 9, 9])
     assert d == pytest.approx((3 / 7, 19 / 14, 0.0))
+    # n1 = 4, n2 = 2, n3 = 2, n4 = 1: Y = 1/2, D1 = 1/2, D2 = 1/2, D3 = 2
+    assert modified_discounts([1, 1, 1, 1, 2, 2, 3, 3, 4, 7, 8]) == pytest.approx((0.5, 0.5, 2.0))
 
 
 def _tiny_bigram():

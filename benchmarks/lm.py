@@ -1,0 +1,220 @@
+"""Neural language model against an interpolated Kneser-Ney 5-gram on a real corpus, and
+sparse against dense embedding traffic.
+
+    python benchmarks/lm.py                                      # King James Bible
+    python benchmarks/lm.py --src ~/ptb --name ptb               # ptb.{train,valid,test}.txt
+    python benchmarks/lm.py --skip traffic                       # perplexities only
+    python benchmarks/lm.py --skip perplexity                    # bytes and time per step only
+
+1. Perplexity. Shards the corpus (``data_tools shard text``, vocabulary ``--vocab``, context
+   ``--context``), trains the config's neural LM with Downpour (``python -m dbmpi launch``,
+   run directory ``runs/lm-bench-NAME``), builds the modified Kneser-Ney model of order
+   context + 1 (:mod:`dbmpi.ngram`) from the same training examples, and scores both on the
+   same valid and test examples (same vocabulary, same tokens, the same ``</s>`` per
+   sentence). The interpolation ``lam p_nn + (1 - lam) p_kn`` has ``lam`` tuned on valid and is
+   reported on test. Nearest neighbours of a few frequent words come from the same run.
+2. Traffic. The same job twice for ``--traffic-steps`` steps per replica, with
+   ``downpour.sparse`` true and false: parameter bytes fetched and gradient bytes pushed per
+   step and replica (from the ``train`` records), ms per step, and the fractions of a step
+   spent fetching and pushing. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import RESULTS, ROOT, machine_info, print_table, write_json  # noqa: E402
+
+WORDS = ["god", "king", "said", "land", "son", "gold", "david", "seven", "heart", "went"]
+
+
+def shard(src: str, out: Path, vocab: int, context: int) -> dict:
+    from data_tools.shards import command_line
+    from data_tools.text import build_text, read_vocab
+
+    if (out / "manifest.json").is_file() and (out / "vocab.json").is_file():
+        v = read_vocab(out)
+        if len(v["words"]) <= vocab and v["context"] == context:
+            print(f"using the shards in {out}", flush=True)
+            return {"reused": True}
+    t0 = time.perf_counter()
+    info = build_text(src, out, vocab=vocab, context=context, shards=4,
+                      command=command_line(["shard", "text", "--src", src, "--out", str(out),
+                                            "--vocab", str(vocab), "--context", str(context)]))
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    print(f"sharded {src} -> {out}: {info}", flush=True)
+    return info
+
+
+def train(cfg_path: str, overrides: list[str], run_dir: Path, timeout: float) -> dict:
+    """``python -m dbmpi launch`` into ``run_dir``; returns its summary.json."""
+    from dbmpi import config as config_mod
+    from dbmpi.launch import command, find_mpiexec, launch_env
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = config_mod.load(cfg_path, overrides)
+    n = cfg.topology.world_size
+    env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions,
+                     env={k: v for k, v in os.environ.items() if not k.startswith("MPIR_CVAR_")})
+    cmd = command(cfg_path, [*overrides, f"run.dir={json.dumps(str(run_dir))}"], n,
+                  find_mpiexec())
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, check=False,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    for line in proc.stderr.splitlines():
+        if "step" in line and "rank 0" in line:
+            print(line, flush=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["train_wall_s"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def perplexities(run_dir: Path, words: list[str], k: int, kn_order: int) -> dict:
+    import numpy as np
+
+    from dbmpi.lm import load_lm, nearest, token_probs
+    from dbmpi.ngram import KneserNey, best_interpolation, perplexity
+
+    model, ds, vocab = load_lm(run_dir)
+    V = ds.num_classes
+    x_tr, y_tr = ds.load("train")
+    order = min(kn_order, x_tr.shape[1] + 1)
+    tail = slice(x_tr.shape[1] - (order - 1), None)  # the n-gram's context: the last words
+    t0 = time.perf_counter()
+    kn = KneserNey(x_tr[:, tail], y_tr, V)
+    kn_build = time.perf_counter() - t0
+    nn_context = x_tr.shape[1]
+    del x_tr, y_tr
+    p = {}
+    for split in ("valid", "test"):
+        x, y = ds.load(split)
+        t0 = time.perf_counter()
+        p[split] = {"nn": token_probs(model, x, y), "kn": kn.probs(x[:, tail], y),
+                    "tokens": len(y)}
+        print(f"{split}: {len(y)} tokens scored in {time.perf_counter() - t0:.1f} s", flush=True)
+    lam, valid_mix = best_interpolation(p["valid"]["nn"], p["valid"]["kn"])
+    res = {"vocab": V, "order": order, "nn_context": nn_context,
+           "kn_build_s": round(kn_build, 1),
+           "kn_discounts": {str(o): [round(d, 4) for d in kn.discounts[o]]
+                            for o in kn.discounts},
+           "lambda_nn": round(lam, 3)}
+    for split in ("valid", "test"):
+        q = p[split]
+        res[split] = {"tokens": q["tokens"], "kn": perplexity(q["kn"]), "nn": perplexity(q["nn"]),
+                      "mix": perplexity(lam * q["nn"] + (1 - lam) * q["kn"])}
+    index = {w: i for i, w in enumerate(vocab["words"])}
+    E = model.layers[0].E
+    res["neighbors"] = {w: [[vocab["words"][i], round(s, 3)] for i, s in nearest(E, index[w], k)]
+                        for w in words if w in index}
+    res["unk_rate_test"] = float(np.mean(ds.load("test")[1] == 1))
+    return res
+
+
+def traffic(cfg_path: str, overrides: list[str], steps: int) -> list[dict]:
+    from _jobs import run_job
+
+    rows = []
+    for sparse in (True, False):
+        ov = [*overrides, f"downpour.sparse={'true' if sparse else 'false'}",
+              f"downpour.steps={steps}", "downpour.epochs=0", "downpour.warm_start_steps=0",
+              "downpour.eval_every_s=1000", "downpour.log_every=25", "checkpoint.every_s=0"]
+        summary, records = run_job(cfg_path, ov)
+        tr = [r for r in records if r["kind"] == "train" and r["step"] > 2 * 25]
+        med = {key: statistics.median(r[key] for r in tr)
+               for key in ("samples_per_s", "fetch_bytes", "push_bytes", "fetch_fraction",
+                           "push_fraction")}
+        batch = next(int(v.split("=")[1]) for v in [*ov, "data.batch_size=128"]
+                     if v.startswith("data.batch_size="))
+        rows.append({"sparse": sparse, "ms_per_step": 1000 * batch / med["samples_per_s"],
+                     **med, "rows_per_push": statistics.median(r.get("rows", 0) for r in tr),
+                     "num_params": summary["num_params"], "records": len(tr)})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", default="/work/shared/data/kjv",
+                    help="train/valid/test.txt or ptb.{train,valid,test}.txt (default KJV)")
+    ap.add_argument("--name", default=None, help="results name (default: the --src folder's)")
+    ap.add_argument("--vocab", type=int, default=10000)
+    ap.add_argument("--context", type=int, default=4,
+                    help="context words of the neural LM (default 4)")
+    ap.add_argument("--kn-order", type=int, default=5,
+                    help="order of the Kneser-Ney model (default 5; at most context + 1): it "
+                    "scores the same tokens from the last order - 1 context words")
+    ap.add_argument("--config", default="jobs/configs/lm_kjv.toml")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for the training runs (repeatable)")
+    ap.add_argument("--skip", action="append", default=[], choices=("perplexity", "traffic"))
+    ap.add_argument("--reuse-run", action="store_true",
+                    help="score runs/lm-bench-NAME as it is (do not train again)")
+    ap.add_argument("--traffic-steps", type=int, default=400)
+    ap.add_argument("--words", default=",".join(WORDS))
+    ap.add_argument("-k", type=int, default=8, help="neighbours per word")
+    ap.add_argument("--timeout", type=float, default=3600)
+    a = ap.parse_args()
+    name = a.name or Path(a.src).resolve().name
+    data = ROOT / "data" / f"lm-{name}-v{a.vocab}-c{a.context}"
+    load0 = os.getloadavg()
+    out = {"src": a.src, "name": name, "config": a.config, "overrides": a.set,
+           "machine": machine_info()}
+    out["shard"] = shard(a.src, data, a.vocab, a.context)
+    overrides = [f"data.path={json.dumps(str(data))}", *a.set]
+    if "perplexity" not in a.skip:
+        run_dir = ROOT / "runs" / f"lm-bench-{name}"
+        if not (a.reuse_run and (run_dir / "params.h5").is_file()):
+            out["train"] = train(a.config, overrides, run_dir, a.timeout)
+        out["run_dir"] = str(run_dir)
+        res = out["perplexity"] = perplexities(run_dir, a.words.split(","), a.k, a.kn_order)
+        print_table(["model", "valid perplexity", "test perplexity"], [
+            [f"Kneser-Ney {res['order']}-gram (interpolated, modified)", res["valid"]["kn"],
+             res["test"]["kn"]],
+            [f"neural LM (ours, Downpour, {res['nn_context']} context words)",
+             res["valid"]["nn"], res["test"]["nn"]],
+            [f"interpolation, lambda_nn = {res['lambda_nn']} (tuned on valid)",
+             res["valid"]["mix"], res["test"]["mix"]],
+        ], title=f"{name}: vocabulary {res['vocab']}, {res['test']['tokens']} test tokens")
+        for w, nn in res["neighbors"].items():
+            print(f"{w}: " + ", ".join(n for n, _ in nn))
+    if "traffic" not in a.skip:
+        rows = out["traffic"] = traffic(a.config, overrides, a.traffic_steps)
+        print_table(["traffic", "fetch KB/step", "push KB/step", "rows/push", "ms/step",
+                     "fetch fraction", "push fraction"],
+                    [["sparse rows" if r["sparse"] else "dense", r["fetch_bytes"] / 1024,
+                      r["push_bytes"] / 1024, r["rows_per_push"] if r["sparse"] else "-",
+                      r["ms_per_step"], r["fetch_fraction"], r["push_fraction"]] for r in rows],
+                    title=f"{name}: bytes and time per step and replica "
+                          f"({rows[0]['num_params']} parameters)")
+    out["loadavg_before"] = load0
+    out["loadavg_after"] = os.getloadavg()
+    prev = RESULTS / f"lm_{name}.json"
+    if prev.is_file():  # keep the part a --skip left out from the last run
+        old = json.loads(prev.read_text())
+        for part in a.skip:
+            key = {"perplexity": "perplexity", "traffic": "traffic"}[part]
+            if key in old:
+                out[key] = old[key]
+                out[f"{key}_from_earlier_run"] = {"loadavg": old.get("loadavg_after"),
+                                                  "overrides": old.get("overrides")}
+    write_json(f"lm_{name}", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
