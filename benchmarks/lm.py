@@ -125,24 +125,41 @@ def perplexities(run_dir: Path, words: list[str], k: int, kn_order: int) -> dict
     return res
 
 
-def traffic(cfg_path: str, overrides: list[str], steps: int) -> list[dict]:
+WIDE = ('model.layers=[{type = "embedding", dim = 256}, '
+        '{type = "dense", units = 32, activation = "tanh"}]')
+
+
+def traffic(cfg_path: str, overrides: list[str], steps: int, repeats: int) -> list[dict]:
+    """Sparse and dense runs of the config's model and of a wide-embedding one (the table
+    most of the parameters), interleaved ``repeats`` times; medians over the train records of
+    all repeats."""
     from _jobs import run_job
 
+    samples: dict[tuple, list] = {}
+    for _ in range(repeats):
+        for model, extra in (("config", []), ("wide embedding", [WIDE])):
+            for sparse in (True, False):
+                ov = [*overrides, *extra, f"downpour.sparse={'true' if sparse else 'false'}",
+                      f"downpour.steps={steps}", "downpour.epochs=0",
+                      "downpour.warm_start_steps=0", "downpour.eval_every_s=1000",
+                      "downpour.log_every=25", "checkpoint.every_s=0"]
+                summary, records = run_job(cfg_path, ov)
+                tr = [r for r in records if r["kind"] == "train" and r["step"] > 2 * 25]
+                for r in tr:
+                    r["num_params"] = summary["num_params"]
+                samples.setdefault((model, sparse), []).extend(tr)
+    from dbmpi import config as config_mod
+
+    batch = config_mod.load(cfg_path, overrides).data.batch_size
     rows = []
-    for sparse in (True, False):
-        ov = [*overrides, f"downpour.sparse={'true' if sparse else 'false'}",
-              f"downpour.steps={steps}", "downpour.epochs=0", "downpour.warm_start_steps=0",
-              "downpour.eval_every_s=1000", "downpour.log_every=25", "checkpoint.every_s=0"]
-        summary, records = run_job(cfg_path, ov)
-        tr = [r for r in records if r["kind"] == "train" and r["step"] > 2 * 25]
+    for (model, sparse), tr in samples.items():
         med = {key: statistics.median(r[key] for r in tr)
                for key in ("samples_per_s", "fetch_bytes", "push_bytes", "fetch_fraction",
                            "push_fraction")}
-        batch = next(int(v.split("=")[1]) for v in [*ov, "data.batch_size=128"]
-                     if v.startswith("data.batch_size="))
-        rows.append({"sparse": sparse, "ms_per_step": 1000 * batch / med["samples_per_s"],
-                     **med, "rows_per_push": statistics.median(r.get("rows", 0) for r in tr),
-                     "num_params": summary["num_params"], "records": len(tr)})
+        rows.append({"model": model, "sparse": sparse,
+                     "ms_per_step": 1000 * batch / med["samples_per_s"], **med,
+                     "rows_per_push": statistics.median(r.get("rows", 0) for r in tr),
+                     "num_params": tr[0]["num_params"], "records": len(tr)})
     return rows
 
 
@@ -164,7 +181,8 @@ def main() -> int:
     ap.add_argument("--skip", action="append", default=[], choices=("perplexity", "traffic"))
     ap.add_argument("--reuse-run", action="store_true",
                     help="score runs/lm-bench-NAME as it is (do not train again)")
-    ap.add_argument("--traffic-steps", type=int, default=400)
+    ap.add_argument("--traffic-steps", type=int, default=300)
+    ap.add_argument("--traffic-repeats", type=int, default=2)
     ap.add_argument("--words", default=",".join(WORDS))
     ap.add_argument("-k", type=int, default=8, help="neighbours per word")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -193,14 +211,15 @@ def main() -> int:
         for w, nn in res["neighbors"].items():
             print(f"{w}: " + ", ".join(n for n, _ in nn))
     if "traffic" not in a.skip:
-        rows = out["traffic"] = traffic(a.config, overrides, a.traffic_steps)
-        print_table(["traffic", "fetch KB/step", "push KB/step", "rows/push", "ms/step",
-                     "fetch fraction", "push fraction"],
-                    [["sparse rows" if r["sparse"] else "dense", r["fetch_bytes"] / 1024,
+        rows = out["traffic"] = traffic(a.config, overrides, a.traffic_steps,
+                                        a.traffic_repeats)
+        print_table(["model (parameters)", "traffic", "fetch KB/step", "push KB/step",
+                     "rows/push", "ms/step", "fetch fraction", "push fraction"],
+                    [[f"{r['model']} ({r['num_params']})",
+                      "sparse rows" if r["sparse"] else "dense", r["fetch_bytes"] / 1024,
                       r["push_bytes"] / 1024, r["rows_per_push"] if r["sparse"] else "-",
                       r["ms_per_step"], r["fetch_fraction"], r["push_fraction"]] for r in rows],
-                    title=f"{name}: bytes and time per step and replica "
-                          f"({rows[0]['num_params']} parameters)")
+                    title=f"{name}: bytes and time per step and replica (medians)")
     out["loadavg_before"] = load0
     out["loadavg_after"] = os.getloadavg()
     prev = RESULTS / f"lm_{name}.json"
