@@ -132,6 +132,9 @@ def _load_run(run_dir: Path, split: str, data: str | None):
         raise DbmpiError(f"{run_dir / 'params.h5'}: not found; the run did not finish "
                          "(the coordinator writes it at the end)")
     params, model_cfg = load_params(run_dir / "params.h5")
+    if model_cfg.get("loss") == "autoencoder":
+        raise DbmpiError(f"{run_dir}: an autoencoder run (no classifier to score): use "
+                         f"`python -m dbmpi probe {run_dir}` or `python -m dbmpi neurons`")
     ds = open_dataset(data_path)
     model = Model.from_spec(ds.feature_shape, model_cfg["layers"], ds.num_classes,
                             model_cfg.get("loss", "softmax"))

@@ -24,10 +24,13 @@ def plot_learning_curve(run_dir: Path) -> Path:
     recs = metrics_mod.read(run_dir)
     evals = [r for r in recs if r["kind"] == "eval"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if evals:
-        ax1.plot([r["wall_s"] for r in evals], [r["accuracy"] for r in evals], "o-")
+    key = "reconstruction" if evals and "reconstruction" in evals[0] else "accuracy"
+    if evals:  # an autoencoder run has no accuracy: its test reconstruction term instead
+        ax1.plot([r["wall_s"] for r in evals], [r[key] for r in evals], "o-")
     ax1.set_xlabel("wall time (s)")
-    ax1.set_ylabel("test accuracy")
+    ax1.set_ylabel(f"test {key}")
+    if key == "reconstruction":
+        ax1.set_yscale("log")
     ax1.set_title("coordinator evaluation")
     ax1.grid(alpha=0.3)
     replicas = sorted({r["replica"] for r in recs if r["kind"] == "train"})

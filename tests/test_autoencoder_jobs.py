@@ -169,7 +169,11 @@ def test_probe_and_neurons_commands_on_a_finished_run(tmp_path, small_data):
         assert im.width > im.height > 0  # 3 rows of 1 + 4 pictures
     with Image.open(docs / "neurons_t_optimal.png") as im:
         assert im.width > 0
-    # a supervised run is refused with one line
+    # no run directory, and `eval` (a classifier's score) on an autoencoder run: one line
     p = subprocess.run([sys.executable, "-m", "dbmpi", "neurons", str(tmp_path / "nope")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "config.toml" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "dbmpi", "eval", str(run)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "autoencoder run" in p.stderr and "probe" in p.stderr
+    assert (run / "learning_curve.png").stat().st_size > 1000
