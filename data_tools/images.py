@@ -244,8 +244,8 @@ def build_images(src, out, *, shards: int = 4, test_shards: int = 1, seed: int =
             data[split] = (x.astype(np.float32) / scale, y.astype(np.int32))
         names = class_names
         num_classes = max(int(data[s][1].max()) for s in data) + 1
-        if names is not None:
-            num_classes = max(num_classes, len(names))
+        if names is not None and len(names) > num_classes:
+            num_classes = len(names)  # classes absent from this data keep their names
         source = f"idx {src.resolve()}"
     else:
         kind = "folder"
@@ -277,6 +277,9 @@ def build_images(src, out, *, shards: int = 4, test_shards: int = 1, seed: int =
         names = class_names or classes
         num_classes = len(classes)
         source = f"folder {src.resolve()} ({color})"
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"--class-names gives {len(names)} names but {src} has {num_classes} "
+                         "classes: give one name per class")
     H, W = data["train"][0].shape[1:3]
     info: dict = {"schema": IMAGES_SCHEMA, "schema_version": IMAGES_VERSION, "source": source,
                   "kind": kind, "image_shape": list(data["train"][0].shape[1:]),

@@ -72,10 +72,12 @@ def test_rgb_folder_with_train_test_split_and_resize(tmp_path):
     _png_folder(tmp_path / "src" / "test", 2, (10, 12), mode="RGB", seed=1)
     p = _shard("--src", tmp_path / "src", "--out", tmp_path / "out", "--shards", 1, check=False)
     assert p.returncode == 2 and "--size" in p.stderr and ".png" in p.stderr
+    jpg = np.random.default_rng(5).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(jpg, mode="RGB").save(tmp_path / "src" / "train" / "dog" / "extra.JPG")
     _shard("--src", tmp_path / "src", "--out", tmp_path / "out", "--shards", 1, "--size", "8x8")
     ds = open_dataset(tmp_path / "out")
     assert ds.feature_shape == (8, 8, 3)
-    assert ds.num_examples("train") == 6 and ds.num_examples("test") == 4
+    assert ds.num_examples("train") == 7 and ds.num_examples("test") == 4  # JPEG read too
     x, _ = ds.load("train")
     with Image.open(tmp_path / "src" / "train" / "cat" / "img00.png") as im:
         a = np.asarray(im, np.float32) / 255
@@ -172,6 +174,7 @@ def test_corrupt_png_is_one_line_error_naming_it(tmp_path):
     (["--patch", "-2", "--patches-per-image", "2"], "--patch -2"),
     (["--whiten-eps", "0", "--whiten", "zca"], "--whiten-eps"),
     (["--size", "8by8"], "--size"),
+    (["--class-names", "a,b,c"], "--class-names"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
     _png_folder(tmp_path / "src", 3)
