@@ -55,20 +55,9 @@ class Autoencoder(Model):
         for layer in layers:
             if isinstance(layer, Local) and layer.activation != "linear":
                 raise ValueError("the local layers of an autoencoder must be linear")
-        self.layers = layers
         self.loss = "autoencoder"
         self.sparsity = float(sparsity)
-        self.num_params = sum(layer.num_params for layer in layers)
-        self.param_range = (0, self.num_params)
-        self.params = np.zeros(self.num_params, dtype=np.float32)
-        self.grads = np.zeros(self.num_params, dtype=np.float32)
-        self.offsets = []
-        off = 0
-        for layer in layers:
-            layer.bind(self.params[off:off + layer.num_params],
-                       self.grads[off:off + layer.num_params])
-            self.offsets.append(off)
-            off += layer.num_params
+        self._bind_layers(layers)
         self._scratch: dict[tuple, np.ndarray] = {}
         self.last_terms: dict[str, float] = {}
 

@@ -19,8 +19,13 @@ class Model:
     def __init__(self, layers: list, loss: str = "softmax"):
         if loss not in ("softmax", "hinge"):
             raise ValueError(f"loss must be 'softmax' or 'hinge', got {loss!r}")
-        self.layers = layers
         self.loss = loss
+        self._bind_layers(layers)
+        self._dlogits: dict[int, np.ndarray] = {}
+
+    def _bind_layers(self, layers: list) -> None:
+        """Allocate the flat parameter and gradient vectors; every layer gets views of them."""
+        self.layers = layers
         self.num_params = sum(layer.num_params for layer in layers)
         self.param_range = (0, self.num_params)  # its range of the replica's global vector
         self.params = np.zeros(self.num_params, dtype=np.float32)
@@ -32,7 +37,6 @@ class Model:
                        self.grads[off:off + layer.num_params])
             self.offsets.append(off)
             off += layer.num_params
-        self._dlogits: dict[int, np.ndarray] = {}
 
     def set_grads(self, grads: np.ndarray) -> None:
         """Have the next backward passes write the gradient into ``grads`` (flat float32 of
