@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import RESULTS, ROOT, machine_info, print_table, write_json  # noqa: E402
+from _common import RESULTS, ROOT, machine_info, print_table, write_json
 
 WORDS = ["god", "king", "said", "land", "son", "gold", "david", "seven", "heart", "went"]
 

@@ -314,7 +314,7 @@ def build_images(src, out, *, shards: int = 4, test_shards: int = 1, seed: int =
     for split, k, sd in (("train", shards, seed), ("test", test_shards, None)):
         x, y = data[split]
         write_split(out, split, x, y, num_shards=k, seed=sd, source=source, **common)
-        info[f"num_{split}"] = int(len(y))
+        info[f"num_{split}"] = len(y)
     build_manifest(out)
     tmp = out / "images.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")

@@ -187,7 +187,7 @@ def build_text(src, out, *, vocab: int, context: int = 4, shards: int = 4,
                     normalization=f"token ids, {context} context tokens, </s>-padded",
                     class_names=None, command=command, source=source, log=log, **extra)
         oov = float(np.mean(y == index[UNK]))
-        summary["splits"][split] = {"sentences": len(sents[split]), "tokens": int(len(y)),
+        summary["splits"][split] = {"sentences": len(sents[split]), "tokens": len(y),
                                     "unk_rate": round(oov, 5)}
     write_vocab(out, words, counts, mode, context, str(Path(src).resolve()))
     build_manifest(out)

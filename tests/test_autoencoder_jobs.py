@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, error_lines, run_job
 from PIL import Image
 
-from conftest import ROOT, error_lines, run_job
 from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
 from dbmpi.model import Model

@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from data_tools.idx import write_idx
 from data_tools.images import read_whitening
 from dbmpi.data import open_dataset

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import error_lines, run_job
+
 from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
 from dbmpi.model import Model

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_job
 
 import cython_kernels.reference as ref
-from conftest import run_job
 from data_tools.text import build_text
 from dbmpi.__main__ import main as dbmpi_main
 from dbmpi.checkpoint import load_params

@@ -63,12 +63,12 @@ class Autoencoder(Model):
 
     @classmethod
     def from_spec(cls, input_shape, layers, num_classes: int = 1, loss: str = "autoencoder",
-                  sparsity: float = 0.1) -> "Autoencoder":
+                  sparsity: float = 0.1) -> Autoencoder:
         specs = resolve(input_shape, layers, max(int(num_classes), 1))[:-1]  # no output layer
         return cls([make_layer(s) for s in specs], sparsity)
 
     @classmethod
-    def from_config(cls, cfg, input_shape, num_classes: int = 1) -> "Autoencoder":
+    def from_config(cls, cfg, input_shape, num_classes: int = 1) -> Autoencoder:
         return cls.from_spec(input_shape, cfg.layers, num_classes, sparsity=cfg.sparsity)
 
     @property

@@ -61,11 +61,11 @@ class Embedding:
             if not accumulate:
                 self._pending.clear()
             self._pending.append((dout.copy(), self.idx.copy()))
-            return None
+            return
         if not accumulate:
             self.dE.fill(0.0)
         ck.embedding_scatter_add(dout, self.idx, self.dE)
-        return None
+        return
 
     def take_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, grad_rows) summed over the backward passes since the last call: sorted

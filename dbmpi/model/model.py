@@ -49,7 +49,7 @@ class Model:
 
     @classmethod
     def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax",
-                  **opts) -> "Model":
+                  **opts) -> Model:
         """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``
         (dense, local, l2pool, lcn: see :mod:`dbmpi.model.spec`). ``loss = "autoencoder"``
         gives the unsupervised :class:`~dbmpi.model.autoencoder.Autoencoder` (``sparsity``)."""
@@ -61,7 +61,7 @@ class Model:
         return cls([make_layer(s) for s in resolve(input_shape, layers, num_classes)], loss)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, input_shape, num_classes: int) -> "Model":
+    def from_config(cls, cfg: ModelConfig, input_shape, num_classes: int) -> Model:
         if cfg.loss == "autoencoder":
             return cls.from_spec(input_shape, cfg.layers, num_classes, cfg.loss,
                                  sparsity=cfg.sparsity)

@@ -42,8 +42,7 @@ from ..errors import ConfigError, TrainingError
 from ..optim.rules import Adagrad, _first_nonfinite
 from .layout import ParamLayout
 from .rma import Window
-from .server import NSLOTS, APPLIED, ParameterServer, PSClient, ShardService, seq_index, \
-    _PER_WORKER
+from .server import _PER_WORKER, APPLIED, NSLOTS, ParameterServer, PSClient, ShardService, seq_index
 
 
 def embedding_of(model):

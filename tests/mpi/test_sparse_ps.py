@@ -24,7 +24,7 @@ N = V * D + REST
 
 @pytest.fixture(autouse=True, params=[True, False], ids=["shared-memory", "rma"])
 def data_path(request, monkeypatch):
-    import dbmpi.ps.rma as rma
+    from dbmpi.ps import rma
 
     monkeypatch.setattr(rma, "SHARED_MEMORY", request.param)
     return request.param
