@@ -184,9 +184,6 @@ class Worker:
         self.fault = Fault(topo.rank)
         self.term = _TermReporter(coord)
         self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
-        nbytes = 4 * (self.client.stop - self.client.start)  # per fetch and per push
-        self._bytes = {"fetch_bytes": round(nbytes / self.dp.n_fetch),
-                       "push_bytes": round(nbytes / self.dp.n_push)}
         self.reader = dataset.reader(
             "train", replica=topo.index, num_replicas=cfg.topology.replicas,
             batch_size=cfg.data.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -277,16 +274,20 @@ class Worker:
         slow = self.replica == dp.straggler_replica and dp.straggler_factor > 1
         win_loss, win_correct, win_n, win_t = 0.0, 0, 0, time.perf_counter()
         win_fetch = win_push = 0.0  # seconds spent in fetch and push this window
+        win_bytes = np.zeros(3, np.int64)  # bytes fetched, bytes pushed, rows pushed
+        win_bytes[0] = 4 * (client.stop - client.start)  # the first fetch, above
+        win_pushes = 0
         while not self._budget_spent():
             head = self._read_head()
             if head[STOP]:
                 break
             self._service(head)
             t_step = time.perf_counter()
-            if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
-                client.fetch(model.params, read_own_pushes=dp.read_own_pushes)
-                win_fetch += time.perf_counter() - t_step
             x, y = self.reader.next_batch()
+            if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
+                t_fetch = time.perf_counter()
+                win_bytes[0] += self._fetch(x)
+                win_fetch += time.perf_counter() - t_fetch
             if direct and pending == 0:
                 t_push = time.perf_counter()
                 accum = client.push_buffer()  # waits only if the shards still pull it
@@ -309,7 +310,8 @@ class Worker:
                     accum += model.grads
             pending += 1
             if pending == dp.n_push:
-                client.push(accum)  # no copy: accum is the slot
+                win_bytes[1:] += self._push(accum)  # no copy: accum is the slot
+                win_pushes += 1
                 pending = 0
             win_push += time.perf_counter() - t_push
             self.step += 1
@@ -322,23 +324,30 @@ class Worker:
                 self._release()
             if self.step % dp.log_every == 0:
                 now = time.perf_counter()
-                extra = partitioned.train_fields(model, self.topo, win_n // len(y))
+                steps = win_n // len(y)
+                extra = partitioned.train_fields(model, self.topo, steps)
                 if extra is not None:  # one record and one STEPS count per replica
+                    extra.update(fetch_bytes=round(win_bytes[0] / steps),
+                                 push_bytes=round(win_bytes[1] / steps))
+                    if self.counts_rows:
+                        extra["rows"] = round(win_bytes[2] / max(win_pushes, 1), 1)
                     self.metrics.write("train", replica=self.replica, step=self.step,
                                        epoch=round(self.reader.epochs_done, 4),
                                        loss=win_loss / win_n, accuracy=win_correct / win_n,
                                        samples_per_s=win_n / (now - win_t),
                                        fetch_fraction=round(win_fetch / (now - win_t), 4),
                                        push_fraction=round(win_push / (now - win_t), 4),
-                                       **self._bytes, **extra)
-                    self.coord.accumulate(np.array([win_n // len(y)], np.int64),
+                                       **extra)
+                    self.coord.accumulate(np.array([steps], np.int64),
                                           COORDINATOR_RANK, STEPS)
                     self.coord.flush(COORDINATOR_RANK)
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
                 win_fetch = win_push = 0.0
+                win_bytes[:] = 0
+                win_pushes = 0
                 self._log_staleness()
         if pending:
-            client.push(accum)
+            self._push(accum)
         client.wait_acknowledged()
         self._log_staleness()
         if warm and self.replica == 0 and self.step < dp.warm_start_steps:
@@ -347,6 +356,20 @@ class Worker:
             self.coord.accumulate(np.array([win_n // self.cfg.data.batch_size], np.int64),
                                   COORDINATOR_RANK, STEPS)
         self._finish()
+
+    # the transport hooks: SparseWorker (dbmpi/train/sparse_worker.py) moves only the
+    # embedding rows a minibatch touches; train records then also carry rows per push
+    counts_rows = False
+
+    def _fetch(self, x: np.ndarray) -> int:
+        """Fetch the parameters the step on minibatch ``x`` reads; returns the bytes."""
+        self.client.fetch(self.model.params, read_own_pushes=self.dp.read_own_pushes)
+        return 4 * (self.client.stop - self.client.start)
+
+    def _push(self, accum: np.ndarray) -> tuple[int, int]:
+        """Push the gradient summed in ``accum``; returns (bytes pushed, rows pushed)."""
+        self.client.push(accum)
+        return 4 * (self.client.stop - self.client.start), 0
 
     def _log_staleness(self) -> None:
         """One ``push`` record per push acknowledged by every shard: its staleness on each.
