@@ -316,11 +316,7 @@ class PSClient:
         ps = self.ps
         for seg in self.segments:
             target = ps.topo.shard_rank(seg.shard)
-            if self.worker is not None:  # one read of the shard's counters, for staleness
-                ctrl = ps.ctrl.read(self._all, target)
-                i = seq_index(self.worker)
-                self._record(seg.shard, ctrl[i:i + _PER_WORKER])  # against the last fetch
-                self.counters[seg.shard].others_at_fetch = int(ctrl[APPLIED] - ctrl[i + 1])
+            self._note_fetch(seg.shard, target)
             lo = seg.start - self.start
             view = ps.params.shared(target)
             if view is not None:  # same node: copy with loads, no RMA
@@ -328,9 +324,24 @@ class PSClient:
                 np.copyto(params[lo:lo + seg.count], view[seg.offset:seg.offset + seg.count])
             else:
                 ps.params.get(params[lo:lo + seg.count], target, seg.offset)
+        self._complete_fetch()
+
+    def _note_fetch(self, shard: int, target: int) -> None:
+        """One read of a shard's counters at a fetch, for staleness (workers only)."""
+        if self.worker is None:
+            return
+        ctrl = self.ps.ctrl.read(self._all, target)
+        i = seq_index(self.worker)
+        self._record(shard, ctrl[i:i + _PER_WORKER])  # against the last fetch
+        self.counters[shard].others_at_fetch = int(ctrl[APPLIED] - ctrl[i + 1])
+
+    def _complete_fetch(self) -> None:
+        """Complete the fetch's Gets (shards on other nodes; same-node copies are done)."""
+        ps = self.ps
         for seg in self.segments:
-            if ps.params.shared(ps.topo.shard_rank(seg.shard)) is None:
-                ps.params.flush(ps.topo.shard_rank(seg.shard))
+            target = ps.topo.shard_rank(seg.shard)
+            if ps.params.shared(target) is None:
+                ps.params.flush(target)
 
     # -- push --------------------------------------------------------------------------------
     def push_buffer(self) -> np.ndarray:

@@ -42,7 +42,7 @@ from ..errors import ConfigError, TrainingError
 from ..optim.rules import Adagrad, _first_nonfinite
 from .layout import ParamLayout
 from .rma import Window
-from .server import _PER_WORKER, APPLIED, NSLOTS, ParameterServer, PSClient, ShardService, seq_index
+from .server import NSLOTS, ParameterServer, PSClient, ShardService
 
 
 def embedding_of(model):
@@ -188,11 +188,7 @@ class SparseClient(PSClient):
         remote_rows = []
         for seg in self.segments:
             target = ps.topo.shard_rank(seg.shard)
-            if self.worker is not None:  # staleness bookkeeping, as in fetch()
-                ctrl = ps.ctrl.read(self._all, target)
-                i = seq_index(self.worker)
-                self._record(seg.shard, ctrl[i:i + _PER_WORKER])
-                self.counters[seg.shard].others_at_fetch = int(ctrl[APPLIED] - ctrl[i + 1])
+            self._note_fetch(seg.shard, target)
             view = ps.params.shared(target)
             if view is not None:
                 ps.params.sync()
@@ -208,7 +204,7 @@ class SparseClient(PSClient):
                     else:
                         buf = np.empty((mine.size, d), np.float32)
                         ps.params.get_rows(buf, target, local, seg.offset)
-                        remote_rows.append((target, mine, buf))
+                        remote_rows.append((mine, buf))
                     nbytes += mine.size * d * 4
             lo = max(seg.start, table)
             if lo < seg.stop:  # the dense rest
@@ -218,11 +214,8 @@ class SparseClient(PSClient):
                 else:
                     ps.params.get(params[lo:seg.stop], target, soff)
                 nbytes += n * 4
-        for seg in self.segments:
-            target = ps.topo.shard_rank(seg.shard)
-            if ps.params.shared(target) is None:
-                ps.params.flush(target)
-        for _target, mine, buf in remote_rows:
+        self._complete_fetch()
+        for mine, buf in remote_rows:
             E[mine] = buf
         return nbytes
 
