@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,22 @@ def make_synth_shards(root: Path, n_train: int, n_test: int, seed: int) -> Path:
 def small_data(tmp_path_factory) -> Path:
     """2400 train examples in 4 shards, 400 test."""
     return make_synth_shards(tmp_path_factory.mktemp("data"), 2400, 400, seed=1)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, dict):  # an inline table (a layer)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v) if isinstance(v, Path) else v)  # JSON scalars are TOML scalars
+
+
+def write_config(path: Path, sections: dict[str, dict]) -> Path:
+    """Write a job config: ``{"topology": {"shards": 2, ...}, ...}`` as TOML at ``path``."""
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n"
+                                                    for k, v in keys.items())
+                            for name, keys in sections.items()))
+    return path
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

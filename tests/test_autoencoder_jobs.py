@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, error_lines, run_job
+from conftest import ROOT, error_lines, run_job, write_config
 from PIL import Image
 
 from dbmpi.checkpoint import load_params
@@ -26,39 +26,15 @@ LAYERS = [{"type": "lcn", "size": 3},
 BATCH, STEPS, LR, EPS, SEED, SPARSITY = 16, 40, 0.02, 1e-8, 5, 0.2
 
 
-def _layers_toml() -> str:
-    items = []
-    for layer in LAYERS:
-        items.append("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in layer.items()) + "}")
-    return "[" + ", ".join(items) + "]"
-
-
 def _config(tmp_path, data, replicas=1, **downpour):
-    dp = {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True, **downpour}
-    text = f"""
-[topology]
-shards = 1
-replicas = {replicas}
-[model]
-loss = "autoencoder"
-sparsity = {SPARSITY}
-layers = {_layers_toml()}
-[data]
-path = "{data}"
-batch_size = {BATCH}
-[optimizer]
-name = "adagrad"
-learning_rate = {LR}
-eps = {EPS}
-[downpour]
-{chr(10).join(f"{k} = {json.dumps(v)}" for k, v in dp.items())}
-[run]
-dir = "{tmp_path / 'run'}"
-seed = {SEED}
-"""
-    path = tmp_path / "ae.toml"
-    path.write_text(text)
-    return path
+    return write_config(tmp_path / "ae.toml", {
+        "topology": {"shards": 1, "replicas": replicas},
+        "model": {"loss": "autoencoder", "sparsity": SPARSITY, "layers": LAYERS},
+        "data": {"path": data, "batch_size": BATCH},
+        "optimizer": {"name": "adagrad", "learning_rate": LR, "eps": EPS},
+        "downpour": {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True,
+                     **downpour},
+        "run": {"dir": tmp_path / "run", "seed": SEED}})
 
 
 def _serial_adagrad(data) -> np.ndarray:

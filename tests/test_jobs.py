@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import error_lines, run_job
+from conftest import error_lines, run_job, write_config
 
 from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
@@ -65,31 +65,14 @@ def _numpy_adagrad_reference(data_path, params0: np.ndarray, n: int = 1) -> np.n
 
 
 def _config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpour):
-    dp = {"n_fetch": 1, "n_push": 1, "steps": STEPS, "eval_every_s": 60.0,
-          "read_own_pushes": True, **downpour}
-    dp_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in dp.items())
-    text = f"""
-[topology]
-shards = {shards}
-replicas = {replicas}
-[model]
-layers = [{{type = "dense", units = {hidden}, activation = "relu"}}]
-[data]
-path = "{data}"
-batch_size = {BATCH}
-[optimizer]
-name = "adagrad"
-learning_rate = {lr}
-eps = {EPS}
-[downpour]
-{dp_lines}
-[run]
-dir = "{tmp_path / 'run'}"
-seed = {SEED}
-"""
-    path = tmp_path / "job.toml"
-    path.write_text(text)
-    return path
+    return write_config(tmp_path / "job.toml", {
+        "topology": {"shards": shards, "replicas": replicas},
+        "model": {"layers": [{"type": "dense", "units": hidden, "activation": "relu"}]},
+        "data": {"path": data, "batch_size": BATCH},
+        "optimizer": {"name": "adagrad", "learning_rate": lr, "eps": EPS},
+        "downpour": {"n_fetch": 1, "n_push": 1, "steps": STEPS, "eval_every_s": 60.0,
+                     "read_own_pushes": True, **downpour},
+        "run": {"dir": tmp_path / "run", "seed": SEED}})
 
 
 @pytest.mark.parametrize("shards,shared", [(1, "1"), (2, "1"), (3, "1"), (2, "0")],

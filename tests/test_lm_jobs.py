@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_job
+from conftest import run_job, write_config
 
 import cython_kernels.reference as ref
 from data_tools.text import build_text
@@ -43,34 +43,15 @@ def text_data(tmp_path_factory):
 
 
 def _config(tmp_path, data, name, replicas=1, sparse=True, **downpour):
-    dp = {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True, "sparse": sparse,
-          "log_every": 10, **downpour}
-    text = f"""
-[topology]
-shards = 2
-replicas = {replicas}
-[model]
-layers = [{", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in L.items()) + "}"
-                     for L in LAYERS)}]
-[data]
-path = "{data}"
-batch_size = {BATCH}
-eval_split = "valid"
-[optimizer]
-name = "adagrad"
-learning_rate = {LR}
-eps = {EPS}
-[downpour]
-{chr(10).join(f"{k} = {json.dumps(v)}" for k, v in dp.items())}
-[checkpoint]
-every_s = 0
-[run]
-dir = "{tmp_path / name}"
-seed = {SEED}
-"""
-    path = tmp_path / f"{name}.toml"
-    path.write_text(text)
-    return path
+    return write_config(tmp_path / f"{name}.toml", {
+        "topology": {"shards": 2, "replicas": replicas},
+        "model": {"layers": LAYERS},
+        "data": {"path": data, "batch_size": BATCH, "eval_split": "valid"},
+        "optimizer": {"name": "adagrad", "learning_rate": LR, "eps": EPS},
+        "downpour": {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True,
+                     "sparse": sparse, "log_every": 10, **downpour},
+        "checkpoint": {"every_s": 0},
+        "run": {"dir": tmp_path / name, "seed": SEED}})
 
 
 def _serial_adagrad(data):
