@@ -16,10 +16,13 @@ from dbmpi.launch import MPICH_YIELD, command, find_mpiexec, launch_env
 
 
 def run_job(cfg_path: str, overrides: list[str], yield_cpu: bool = True,
-            timeout: float = 1800, threads: int | None = None) -> tuple[dict, list[dict]]:
+            timeout: float = 1800, threads: int | None = None,
+            iterates: bool = False) -> tuple[dict, list[dict]]:
     """Run ``train`` like ``python -m dbmpi launch``; return (summary, metrics records).
 
     ``threads`` fixes the BLAS threads per rank (default: the launcher's choice).
+    ``iterates``: the run recorded its parameters (``record_iterates``); score them after it
+    (``python -m dbmpi eval --iterates``) and return those ``eval`` records instead of its own.
     """
     cfg = config_mod.load(cfg_path, overrides)
     n = cfg.topology.world_size
@@ -42,4 +45,10 @@ def run_job(cfg_path: str, overrides: list[str], yield_cpu: bool = True,
         summary = json.loads((run_dir / "summary.json").read_text())
         with (run_dir / "metrics.jsonl").open() as fh:
             records = [json.loads(line) for line in fh if line.strip()]
+        if iterates:
+            from dbmpi.evaluate import evaluate_iterates
+
+            with evaluate_iterates(run_dir).open() as fh:
+                scored = [json.loads(line) for line in fh if line.strip()]
+            records = [r for r in records if r["kind"] != "eval"] + scored
     return summary, records

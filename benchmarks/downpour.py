@@ -145,14 +145,18 @@ def time_to_accuracy_dbmpi(fmnist: Path, replicas: int, target: float, max_epoch
             # epochs count passes over a replica's own part of the data (1/R of it): the same
             # number for every R gives every system the same budget of samples in all
             "downpour.steps=0", f"downpour.epochs={max_epochs}",
-            f"downpour.target_accuracy={target}", "downpour.eval_every_s=1.0",
+            # The coordinator only records the parameters every 0.5 s; they are scored after
+            # the run. DDP evaluates with its clock stopped; evaluating live here would take
+            # 0.11 of the 2 cores from the replicas (measured), so neither side pays for it.
+            "downpour.record_iterates=true", "downpour.eval_every_s=0.5",
             "checkpoint.every_s=0"]
-    summary, recs = run_job("jobs/configs/fashion_mnist.toml", over, threads=1)
+    summary, recs = run_job("jobs/configs/fashion_mnist.toml", over, threads=1, iterates=True)
     evals = [r for r in recs if r["kind"] == "eval"]
     hit = next((r for r in evals if r["accuracy"] >= target), None)
     return {"system": f"dbmpi Downpour+Adagrad, {replicas} replica(s)",
-            "seconds": hit["wall_s"] if hit else None, "best_accuracy": summary[
-                "best_test_accuracy"], "samples": hit["step"] * 64 if hit else None}
+            "seconds": hit["wall_s"] if hit else None,
+            "best_accuracy": max(r["accuracy"] for r in evals),
+            "samples": hit["step"] * 64 if hit else None, "run_s": summary["wall_s"]}
 
 
 def time_to_accuracy_ddp(idx: Path, target: float, max_epochs: float, optim: str,
@@ -235,7 +239,7 @@ def main() -> None:
 
     if "accuracy" not in args.skip:
         target = 0.80 if args.quick else args.target
-        epochs = 2.0 if args.quick else 40.0
+        epochs = 2.0 if args.quick else 30.0
         ddp_opts = [("adagrad", 0.01)] if args.quick else [("adagrad", 0.01), ("adam", 0.001)]
         systems = [("dbmpi", 1), ("dbmpi", 2)] + [("ddp", o) for o in ddp_opts]
         trials: dict = {}
@@ -270,8 +274,7 @@ def main() -> None:
     previous = Path(__file__).resolve().parent / "results" / f"{name}.json"
     if args.skip and previous.exists():  # a partial run updates the tables it measured
         result = {**json.loads(previous.read_text()), **result}
-    path = write_json(name, result)
-    print(f"wrote {path}")
+    write_json(name, result)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,9 @@ def main() -> None:
                       f"{os.cpu_count()} cores ({args.config} {' '.join(args.overrides)})")
     idle = [r["cpu_fraction"] for r in results["yield"]["ranks"] if r["role"] != "replica"]
     print(f"max CPU fraction of non-replica (waiting) ranks with dbmpi's settings: {max(idle):.3f}")
-    path = write_json("idle_cpu", {"machine": machine_info(), "config": args.config,
+    write_json("idle_cpu", {"machine": machine_info(), "config": args.config,
                                    "overrides": args.overrides, "runs": results,
                                    "max_non_replica_cpu_fraction": max(idle)})
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

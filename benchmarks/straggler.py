@@ -55,9 +55,8 @@ def main() -> None:
     print_table(["R", "per replica, no straggler", f"per replica, replica 0 x{args.factor:g}",
                  "job total", "others' total", "others / job", "goal (R-1)/R"], rows,
                 title=f"Downpour samples/s with a straggler ({args.config})")
-    path = write_json("straggler", {"machine": machine_info(), "config": args.config,
+    write_json("straggler", {"machine": machine_info(), "config": args.config,
                                     "results": results})
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

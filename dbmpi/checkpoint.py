@@ -4,6 +4,12 @@
     dataset ``params`` (float32, flat); attributes ``schema``, ``schema_version``,
     ``num_params``, ``model`` (the model config as JSON), ``step``.
 
+``iterates.h5`` (schema ``dbmpi.iterates`` v1), written with ``record_iterates`` and scored
+afterwards by ``python -m dbmpi eval RUN_DIR --iterates``
+    dataset ``iterates`` (one row per recorded parameter vector); Downpour adds ``step`` (the
+    replicas' summed steps) and ``wall_s`` (seconds since the start when the row was fetched);
+    Sandblaster's rows are timed by the ``lbfgs`` records of ``metrics.jsonl`` instead.
+
 A checkpoint (schema ``dbmpi.checkpoint`` v1) is a directory
 ``RUN_DIR/checkpoints/ckpt-KKKKKKKK`` holding
 
@@ -44,6 +50,8 @@ PARAMS_SCHEMA = "dbmpi.params"
 PARAMS_VERSION = 1
 CKPT_SCHEMA = "dbmpi.checkpoint"
 CKPT_VERSION = 1
+ITERATES_SCHEMA = "dbmpi.iterates"
+ITERATES_VERSION = 1
 
 
 def _fsync(path: Path) -> None:
@@ -65,6 +73,26 @@ def save_params(path: str | Path, params: np.ndarray, model: dict, step: int = 0
         f.attrs["model"] = json.dumps(model)
         f.attrs["step"] = int(step)
     os.replace(tmp, path)
+
+
+def append_iterate(path: str | Path, x: np.ndarray, **scalars: float) -> None:
+    """Append parameter vector ``x`` (and one value per named scalar) to ``iterates.h5``.
+
+    Chunked one row at a time and reopened per call, so a run killed between calls leaves
+    every earlier row readable."""
+    with h5py.File(path, "a") as f:
+        if "iterates" not in f:
+            f.attrs["schema"] = ITERATES_SCHEMA
+            f.attrs["schema_version"] = ITERATES_VERSION
+            f.create_dataset("iterates", shape=(0, x.size), maxshape=(None, x.size),
+                             dtype=x.dtype, chunks=(1, x.size))
+            for name in scalars:
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64,
+                                 chunks=(1024,))
+        for name, value in (("iterates", x), *scalars.items()):
+            d = f[name]
+            d.resize(d.shape[0] + 1, axis=0)
+            d[-1] = value
 
 
 def load_params(path: str | Path) -> tuple[np.ndarray, dict]:

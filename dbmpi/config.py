@@ -98,6 +98,10 @@ class DownpourConfig:
     warm_start_steps: int = 0
     target_accuracy: float = 0.0
     eval_every_s: float = 5.0
+    # Instead of evaluating every eval_every_s, the coordinator only fetches the parameters
+    # and appends them to RUN_DIR/iterates.h5, scored after the run by `python -m dbmpi eval
+    # RUN_DIR --iterates`: a learning curve whose evaluation takes no CPU from the replicas.
+    record_iterates: bool = False
     read_own_pushes: bool = False
     log_every: int = 50
     # Test and benchmark knobs: replica `straggler_replica` sleeps so that each of its steps
@@ -363,6 +367,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(0 <= p.target_accuracy <= 1, f"{s} downpour.target_accuracy",
              f"must be in [0, 1], got {p.target_accuracy}")
     _require(p.eval_every_s > 0, f"{s} downpour.eval_every_s", f"must be > 0, got {p.eval_every_s}")
+    _require(not (p.record_iterates and p.target_accuracy), f"{s} downpour.target_accuracy",
+             "must be 0 with downpour.record_iterates = true (the recorded parameters are "
+             "evaluated after the run): stop by steps or epochs")
     _require(p.log_every >= 1, f"{s} downpour.log_every", f"must be >= 1, got {p.log_every}")
     _require(p.straggler_factor >= 1, f"{s} downpour.straggler_factor",
              f"must be >= 1, got {p.straggler_factor}")

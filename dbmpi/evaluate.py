@@ -18,7 +18,9 @@ non-silence frame labels.
 ``--iterates``: Sandblaster's coordinator evaluates the test set once, at the end. For a
 time-to-accuracy curve, run it with ``sandblaster.record_iterates = true`` (every iterate is
 appended to ``iterates.h5``) and ``python -m dbmpi eval RUN_DIR --iterates`` scores each one,
-timed at the end of its L-BFGS iteration, into ``eval_iterates.jsonl``.
+timed at the end of its L-BFGS iteration, into ``eval_iterates.jsonl``. Downpour does the same
+with ``downpour.record_iterates = true``: its coordinator then records the parameters every
+``eval_every_s`` instead of evaluating them, and each row is timed by when it was fetched.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DbmpiError
+from .log import get_logger
+
+log = get_logger("eval")
 
 SILENCE_NAMES = ("sil",)
 EVAL_FRAMES = ("all", "speech")
@@ -213,10 +218,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
 
 def evaluate_iterates(run_dir: str | Path, split: str = "test", data: str | None = None,
                       frames: str = "all") -> Path:
-    """Test accuracy of every iterate a Sandblaster run recorded (``sandblaster.record_iterates``
-    writes ``iterates.h5``), timed by the wall time of its ``lbfgs`` record: written as
-    ``eval`` records to ``RUN_DIR/eval_iterates.jsonl``, which ``python -m dbmpi plot`` draws
-    instead of the run's single final evaluation."""
+    """Test accuracy of every parameter vector a run recorded in ``iterates.h5``
+    (``sandblaster.record_iterates``: each L-BFGS iterate, timed by the wall time of its
+    ``lbfgs`` record; ``downpour.record_iterates``: the parameters every ``eval_every_s``,
+    timed by when they were fetched): written as ``eval`` records to
+    ``RUN_DIR/eval_iterates.jsonl``, which ``python -m dbmpi plot`` draws instead of the
+    run's own evaluations."""
     import h5py
 
     from . import metrics as metrics_mod
@@ -224,21 +231,30 @@ def evaluate_iterates(run_dir: str | Path, split: str = "test", data: str | None
     run_dir = Path(run_dir)
     path = run_dir / "iterates.h5"
     if not path.is_file():
-        raise DbmpiError(f"{path}: not found; run Sandblaster with --set "
-                         "sandblaster.record_iterates=true")
+        raise DbmpiError(f"{path}: not found; run with --set sandblaster.record_iterates=true "
+                         "(or downpour.record_iterates=true)")
     model, _, ds, _, x, y, g = _load_run(run_dir, split, data)
-    when = {r["iteration"]: r["time"] for r in metrics_mod.read(run_dir) if r["kind"] == "lbfgs"}
     out = run_dir / "eval_iterates.jsonl"
     tmp = out.with_name(out.name + ".tmp")
     with h5py.File(path, "r") as f, tmp.open("w") as fh:
         its = f["iterates"]
-        for k in range(its.shape[0]):
+        if "wall_s" in f:  # Downpour: each row carries its own time and step count
+            when = dict(enumerate(f["wall_s"][:].tolist()))
+            steps = dict(enumerate(int(v) for v in f["step"][:]))
+        else:  # Sandblaster: row k is L-BFGS iteration k
+            when = {r["iteration"]: r["time"] for r in metrics_mod.read(run_dir)
+                    if r["kind"] == "lbfgs"}
+            steps = {k: k for k in when}
+        n = its.shape[0]
+        for k in range(n):
             if k not in when:
                 raise DbmpiError(f"{run_dir}/metrics.jsonl has no lbfgs record for iteration "
                                  f"{k} of {path}")
             r = score(model, its[k].astype(np.float32), ds, x, y, g, frames)
-            rec = {"kind": "eval", "iteration": k, "step": k, "loss": r["frame_loss"],
+            rec = {"kind": "eval", "iteration": k, "step": steps[k], "loss": r["frame_loss"],
                    "accuracy": r["frame_accuracy"], "wall_s": when[k]}
+            if (k + 1) % max(1, n // 10) == 0 or k + 1 == n:
+                log.info("scored %d of %d recorded parameter vectors", k + 1, n)
             if "utterance_accuracy" in r:
                 rec["utterance_accuracy"] = r["utterance_accuracy"]
             fh.write(json.dumps(rec) + "\n")

@@ -37,6 +37,7 @@ def test_round_trip_through_toml(tmp_path):
     ("[optimizer]\nname = \"adam\"\n", "optimizer.name"),
     ("[downpour]\nn_fetch = 0\n", "downpour.n_fetch"),
     ("[downpour]\ntarget_accuracy = 1.5\n", "downpour.target_accuracy"),
+    ("[downpour]\ntarget_accuracy = 0.9\nrecord_iterates = true\n", "downpour.target_accuracy"),
     ("[downpour]\nsteps = 0\n", "downpour.steps"),
     ("[downpour]\nread_own_pushes = 1\n", "downpour.read_own_pushes"),
     ("[downpour]\nn_fech = 1\n", "downpour.n_fech"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, run_job
@@ -13,6 +14,7 @@ from test_speech import write_corpus
 from data_tools.__main__ import main as data_tools_main
 from dbmpi import config as config_mod
 from dbmpi.__main__ import main as dbmpi_main
+from dbmpi import checkpoint as ckpt_mod
 from dbmpi.checkpoint import save_params
 from dbmpi.data import open_dataset
 from dbmpi.evaluate import (
@@ -137,6 +139,38 @@ def test_speech_job_then_eval(speech_shards, tmp_path):
     assert e["utterances"] == 12 and 0 <= e["utterance_accuracy"] <= 1
     summary = json.loads((run / "summary.json").read_text())
     assert e["frame_accuracy"] == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
+
+
+def test_downpour_record_iterates_then_eval_iterates(speech_shards, tmp_path):
+    """downpour.record_iterates: the coordinator records instead of evaluating; `eval
+    --iterates` scores the rows afterwards, each timed by when it was fetched."""
+    run = tmp_path / "dp"
+    r = run_job(4, ["train", "jobs/configs/speech_downpour.toml",
+                    "--set", f"data.path={speech_shards}", "--set", "topology.shards=1",
+                    "--set", "topology.replicas=2", "--set", "downpour.epochs=0",
+                    "--set", "downpour.steps=400", "--set", "downpour.eval_every_s=0.3",
+                    "--set", 'model.layers=[{type = "dense", units = 64}]',
+                    "--set", "downpour.record_iterates=true", "--set", f"run.dir={run}"],
+                timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # only the final evaluation ran during the run
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").open()
+             if json.loads(line)["kind"] == "eval"]
+    assert len(evals) == 1
+    with h5py.File(run / "iterates.h5", "r") as f:
+        assert f.attrs["schema"] == "dbmpi.iterates" and f.attrs["schema_version"] == 1
+        rows, params = f["iterates"].shape[0], f["iterates"][-1]
+        steps = f["step"][:]
+    assert rows >= 2 and np.all(np.diff(steps) >= 0) and steps[-1] == 2 * 400
+    # the last row is the final parameters
+    final, _ = ckpt_mod.load_params(run / "params.h5")
+    np.testing.assert_array_equal(params, final)
+    assert dbmpi_main(["eval", str(run), "--iterates"]) == 0
+    recs = [json.loads(line) for line in (run / "eval_iterates.jsonl").open()]
+    assert len(recs) == rows and [x["step"] for x in recs] == steps.astype(int).tolist()
+    assert recs == sorted(recs, key=lambda x: x["wall_s"])
+    assert recs[-1]["accuracy"] == pytest.approx(evals[0]["accuracy"], abs=1e-6)
+    assert recs[0]["accuracy"] < recs[-1]["accuracy"]  # it learned, and the curve shows it
 
 
 def test_sandblaster_speech_job_then_eval_iterates(speech_shards, tmp_path, capsys):

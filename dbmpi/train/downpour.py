@@ -7,8 +7,9 @@ they arrive. Replicas never wait for each other. Warm start: replica 0 trains al
 ``warm_start_steps`` steps, then releases the others, which start from its parameters.
 
 The coordinator (rank 0) evaluates the current parameters on held-out data every
-``eval_every_s`` seconds, logs progress, and raises STOP when ``target_accuracy`` is reached or
-any rank received SIGTERM. A replica stops at its step or epoch budget or at STOP; when every
+``eval_every_s`` seconds (or, with ``record_iterates``, only records them to be evaluated
+after the run, so that evaluating takes no core from the replicas), logs progress, and raises
+STOP when ``target_accuracy`` is reached or any rank received SIGTERM. A replica stops at its step or epoch budget or at STOP; when every
 worker is finished (all its pushes acknowledged), the coordinator has the shards write a last
 checkpoint, stops them, and everyone frees the windows.
 
@@ -420,14 +421,25 @@ class Coordinator:
     def _get(self, field: int) -> int:
         return self.coord.load(self.me, field)
 
-    def evaluate(self, steps: int) -> dict:
+    def _fetch(self) -> float:
+        """The shards' parameters into the model; returns when they were fetched."""
         self.client.fetch(self.model.params)
-        # the parameters evaluated are those of this moment: wall_s is when they were fetched
-        # (what a time-to-accuracy curve needs), eval_s how long evaluating them took
         fetched = time.time()
         if not np.isfinite(self.model.params).all():
             raise TrainingError("the parameters on the shards hold NaN or Inf: training "
                                 "diverged; lower optimizer.learning_rate")
+        return fetched
+
+    def record(self, steps: int) -> None:
+        """``record_iterates``: append the current parameters to iterates.h5, unevaluated."""
+        fetched = self._fetch()
+        ckpt_mod.append_iterate(self.run_dir / "iterates.h5", self.model.params, step=steps,
+                                wall_s=fetched - self.t0)
+
+    def evaluate(self, steps: int) -> dict:
+        # the parameters evaluated are those of this moment: wall_s is when they were fetched
+        # (what a time-to-accuracy curve needs), eval_s how long evaluating them took
+        fetched = self._fetch()
         loss, acc = self.model.evaluate(self.x_eval, self.y_eval)
         rec = {"step": steps, "loss": loss, "accuracy": acc, "wall_s": fetched - self.t0,
                "eval_s": round(time.time() - fetched, 4)}
@@ -479,7 +491,8 @@ class Coordinator:
         next_ckpt_steps = ((self.resume.steps if self.resume else 0) + ck.every_steps
                            if ck.every_steps else math.inf)
         last_steps, last_t = self._get(STEPS), now
-        self.evaluate(last_steps)  # the starting point of the learning curve
+        observe = self.record if dp.record_iterates else self.evaluate
+        observe(last_steps)  # the starting point of the learning curve
         stopped_early = interrupted = False
         while True:
             self.fault.check()
@@ -497,11 +510,14 @@ class Coordinator:
                 while next_ckpt_steps <= self._get(STEPS):
                     next_ckpt_steps += ck.every_steps
             if now >= next_eval:
-                rec = self.evaluate(steps)
+                rec = observe(steps)
                 rate = (steps - last_steps) * self.cfg.data.batch_size / max(now - last_t, 1e-9)
                 last_steps, last_t = steps, now
                 pct = f" ({100 * steps / total:.0f}%)" if total else ""
-                if "reconstruction" in rec:
+                if rec is None:
+                    log.info("step %d%s | %.0f samples/s | parameters recorded | %.1f s", steps,
+                             pct, rate, now - self.t0)
+                elif "reconstruction" in rec:
                     log.info("step %d%s | %.0f samples/s | test reconstruction %.4f sparsity "
                              "%.4f | %.1f s", steps, pct, rate, rec["reconstruction"],
                              rec["sparsity"], now - self.t0)
@@ -509,7 +525,7 @@ class Coordinator:
                     log.info("step %d%s | %.0f samples/s | test loss %.4f accuracy %.4f | "
                              "%.1f s", steps, pct, rate, rec["loss"], rec["accuracy"],
                              now - self.t0)
-                if dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
+                if rec and dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
                         and not stopped_early:
                     log.info("target accuracy %.4f reached: stopping", dp.target_accuracy)
                     self.coord.store(1, self.me, STOP)
@@ -518,6 +534,8 @@ class Coordinator:
             time.sleep(0.02)
         # Every worker's pushes are acknowledged: the shards hold the final parameters.
         steps = self._get(STEPS)
+        if dp.record_iterates:
+            self.record(steps)
         final = self.evaluate(steps)
         self.checkpoint(final=not interrupted)
         request_stop(self.ps)

@@ -81,7 +81,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from ..checkpoint import save_params
+from ..checkpoint import append_iterate, save_params
 from ..config import Config
 from ..data import open_dataset
 from ..errors import DbmpiError, TrainingError
@@ -563,17 +563,7 @@ class Coordinator:
         return out
 
     def _record_iterate(self) -> None:
-        import h5py
-
-        x = self._fetch()  # W == X between iterations
-        path = self.run_dir / "iterates.h5"
-        with h5py.File(path, "a") as f:
-            if "iterates" not in f:
-                f.create_dataset("iterates", shape=(0, x.size), maxshape=(None, x.size),
-                                 dtype=np.float64, chunks=(1, x.size))
-            d = f["iterates"]
-            d.resize(d.shape[0] + 1, axis=0)
-            d[-1] = x
+        append_iterate(self.run_dir / "iterates.h5", self._fetch())  # W == X here
 
     def _report(self, rec: IterationRecord, t_iter: float) -> dict:
         evals = self.objective.log[self._seen:]
