@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 from _common import RESULTS, ROOT, machine_info, print_table, write_json
 
 WORDS = ["god", "king", "said", "land", "son", "gold", "david", "seven", "heart", "went"]
@@ -84,13 +85,44 @@ def train(cfg_path: str, overrides: list[str], run_dir: Path, timeout: float) ->
     return summary
 
 
-def perplexities(run_dir: Path, words: list[str], k: int, kn_order: int) -> dict:
-    import numpy as np
+def select_on_valid(model, ds, run_dir: Path) -> dict | None:
+    """Early stopping, done afterwards: the run recorded its parameters every
+    ``eval_every_s`` (``downpour.record_iterates``); score each on the whole valid split and
+    load the best into ``model``. Test data plays no part in the choice."""
+    import h5py
 
+    from dbmpi.lm import token_probs
+    from dbmpi.ngram import perplexity
+
+    path = run_dir / "iterates.h5"
+    if not path.is_file():
+        return None
+    x, y = ds.load("valid")
+    curve = []
+    with h5py.File(path, "r") as f:
+        rows, wall, step = f["iterates"], f["wall_s"][:], f["step"][:]
+        for i in range(rows.shape[0]):
+            model.params[:] = rows[i]
+            curve.append({"row": i, "step": int(step[i]), "wall_s": round(float(wall[i]), 1),
+                          "valid_ppl": round(perplexity(token_probs(model, x, y)), 3)})
+            print(f"recorded parameters {i}: step {curve[-1]['step']}, valid perplexity "
+                  f"{curve[-1]['valid_ppl']}", flush=True)
+        best = min(curve, key=lambda r: r["valid_ppl"])
+        model.params[:] = rows[best["row"]]
+    return {"chosen": best, "curve": curve}
+
+
+def ranking_accuracy(score_true: np.ndarray, score_corrupt: np.ndarray) -> float:
+    return float(np.mean(score_true > score_corrupt))
+
+
+def perplexities(run_dir: Path, words: list[str], k: int, kn_order: int) -> dict:
     from dbmpi.lm import load_lm, nearest, token_probs
+    from dbmpi.model.ranking import EVAL_SEED, RankingLM
     from dbmpi.ngram import KneserNey, best_interpolation, perplexity
 
     model, ds, vocab = load_lm(run_dir)
+    selected = select_on_valid(model, ds, run_dir)
     V = ds.num_classes
     x_tr, y_tr = ds.load("train")
     order = min(kn_order, x_tr.shape[1] + 1)
@@ -107,8 +139,15 @@ def perplexities(run_dir: Path, words: list[str], k: int, kn_order: int) -> dict
         p[split] = {"nn": token_probs(model, x, y), "kn": kn.probs(x[:, tail], y),
                     "tokens": len(y)}
         print(f"{split}: {len(y)} tokens scored in {time.perf_counter() - t0:.1f} s", flush=True)
-    lam, valid_mix = best_interpolation(p["valid"]["nn"], p["valid"]["kn"])
-    res = {"vocab": V, "order": order, "nn_context": nn_context,
+    # the ranking task of Collobert & Weston on test: the true word against one corrupt word,
+    # the same draw RankingLM.evaluate uses, so the three models face the same pairs
+    x, y = ds.load("test")
+    w = RankingLM.corrupt(y, V, np.random.default_rng(EVAL_SEED))
+    rank = {"kn": ranking_accuracy(p["test"]["kn"], kn.probs(x[:, tail], w)),
+            "nn": ranking_accuracy(p["test"]["nn"], token_probs(model, x, w))}
+    lam, _ = best_interpolation(p["valid"]["nn"], p["valid"]["kn"])
+    res = {"vocab": V, "order": order, "nn_context": nn_context, "ranking_accuracy": rank,
+           "selected_on_valid": selected,
            "kn_build_s": round(kn_build, 1),
            "kn_discounts": {str(o): [round(d, 4) for d in kn.discounts[o]]
                             for o in kn.discounts},
@@ -123,6 +162,24 @@ def perplexities(run_dir: Path, words: list[str], k: int, kn_order: int) -> dict
                         for w in words if w in index}
     res["unk_rate_test"] = float(np.mean(ds.load("test")[1] == 1))
     return res
+
+
+def ranking_run(cfg_path: str, overrides: list[str], run_dir: Path, timeout: float,
+                words: list[str], k: int) -> dict:
+    """The same network trained with Collobert & Weston's ranking objective
+    (``model.loss = "ranking"``): its test ranking accuracy and word neighbours."""
+    from dbmpi.lm import load_lm, nearest
+
+    summary = train(cfg_path, [*overrides, 'model.loss="ranking"'], run_dir, timeout)
+    model, ds, vocab = load_lm(run_dir)
+    x, y = ds.load("test")
+    hinge, acc = model.evaluate(x, y)
+    index = {w: i for i, w in enumerate(vocab["words"])}
+    E = model.layers[0].E
+    return {"train": summary, "test_hinge": hinge, "test_ranking_accuracy": acc,
+            "num_params": model.num_params,
+            "neighbors": {w: [[vocab["words"][i], round(s, 3)] for i, s in nearest(E, index[w], k)]
+                          for w in words if w in index}}
 
 
 WIDE = ('model.layers=[{type = "embedding", dim = 256}, '
@@ -178,7 +235,14 @@ def main() -> int:
     ap.add_argument("--config", default="jobs/configs/lm_kjv.toml")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for the training runs (repeatable)")
-    ap.add_argument("--skip", action="append", default=[], choices=("perplexity", "traffic"))
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=("perplexity", "ranking", "traffic"))
+    ap.add_argument("--rank-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="extra overrides for the ranking-objective run (repeatable)")
+    ap.add_argument("--record-every-s", type=float, default=60.0,
+                    help="the perplexity run records its parameters this often; the record "
+                    "with the best valid perplexity is the one scored on test (early "
+                    "stopping); 0: score the final parameters")
     ap.add_argument("--reuse-run", action="store_true",
                     help="score runs/lm-bench-NAME as it is (do not train again)")
     ap.add_argument("--traffic-steps", type=int, default=300)
@@ -197,7 +261,10 @@ def main() -> int:
     if "perplexity" not in a.skip:
         run_dir = ROOT / "runs" / f"lm-bench-{name}"
         if not (a.reuse_run and (run_dir / "params.h5").is_file()):
-            out["train"] = train(a.config, overrides, run_dir, a.timeout)
+            record = ([] if a.record_every_s <= 0 else
+                      ["downpour.record_iterates=true",
+                       f"downpour.eval_every_s={a.record_every_s}"])
+            out["train"] = train(a.config, [*record, *overrides], run_dir, a.timeout)
         out["run_dir"] = str(run_dir)
         res = out["perplexity"] = perplexities(run_dir, a.words.split(","), a.k, a.kn_order)
         print_table(["model", "valid perplexity", "test perplexity"], [
@@ -209,6 +276,31 @@ def main() -> int:
              res["valid"]["mix"], res["test"]["mix"]],
         ], title=f"{name}: vocabulary {res['vocab']}, {res['test']['tokens']} test tokens")
         for w, nn in res["neighbors"].items():
+            print(f"{w}: " + ", ".join(n for n, _ in nn))
+        if res["selected_on_valid"]:
+            c = res["selected_on_valid"]["chosen"]
+            print(f"early stopping: of {len(res['selected_on_valid']['curve'])} recorded "
+                  f"parameter vectors, the one at step {c['step']} ({c['wall_s']} s) has the "
+                  f"best valid perplexity ({c['valid_ppl']}): scored above")
+    if "ranking" not in a.skip:
+        rank_dir = ROOT / "runs" / f"lm-bench-{name}-ranking"
+        rk = out["ranking"] = ranking_run(a.config, [*overrides, *a.rank_set], rank_dir,
+                                          a.timeout, a.words.split(","), a.k)
+        acc = (out.get("perplexity") or {}).get("ranking_accuracy", {})
+        from dbmpi import config as config_mod
+
+        batch = config_mod.load(a.config, overrides).data.batch_size
+        rate = {"ranking": rk["train"]["steps"] * batch / rk["train"]["wall_s"]}
+        if "train" in out:
+            rate["softmax"] = out["train"]["steps"] * batch / out["train"]["wall_s"]
+        print_table(["model", "test ranking accuracy", "training samples/s"], [
+            ["Kneser-Ney (p(true) > p(corrupt))", acc.get("kn", "-"), "-"],
+            ["neural LM, softmax (p(true) > p(corrupt))", acc.get("nn", "-"),
+             rate.get("softmax", "-")],
+            ["neural LM, Collobert & Weston ranking (f(true) > f(corrupt))",
+             rk["test_ranking_accuracy"], rate["ranking"]],
+        ], title=f"{name}: the true next word against one random word (the same test pairs)")
+        for w, nn in rk["neighbors"].items():
             print(f"{w}: " + ", ".join(n for n, _ in nn))
     if "traffic" not in a.skip:
         rows = out["traffic"] = traffic(a.config, overrides, a.traffic_steps,
@@ -226,7 +318,7 @@ def main() -> int:
     if prev.is_file():  # keep the part a --skip left out from the last run
         old = json.loads(prev.read_text())
         for part in a.skip:
-            key = {"perplexity": "perplexity", "traffic": "traffic"}[part]
+            key = part
             if key in old:
                 out[key] = old[key]
                 out[f"{key}_from_earlier_run"] = {"loadavg": old.get("loadavg_after"),

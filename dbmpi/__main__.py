@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", default="all", choices=("all", "speech"),
                    help="frames that vote in utterance decisions (default all)")
     p.add_argument("--iterates", action="store_true",
-                   help="score every iterate of a Sandblaster run (iterates.h5) into "
+                   help="score every parameter vector a run recorded (iterates.h5: "
+                        "sandblaster.record_iterates or downpour.record_iterates) into "
                         "eval_iterates.jsonl, for `plot`")
 
     p = sub.add_parser("plot", help="one run: draw its learning curve again; several runs (or "

@@ -313,8 +313,14 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be 1 for {cfg.algorithm!r} (model parallelism runs with downpour), "
              f"got {t.partitions}")
     m = cfg.model
-    _require(m.loss in ("softmax", "hinge", "autoencoder"), f"{s} model.loss",
-             f"must be 'softmax', 'hinge' or 'autoencoder', got {m.loss!r}")
+    _require(m.loss in ("softmax", "hinge", "autoencoder", "ranking"), f"{s} model.loss",
+             f"must be 'softmax', 'hinge', 'autoencoder' or 'ranking', got {m.loss!r}")
+    _require(m.loss != "ranking" or (m.layers and m.layers[0].get("type") == "embedding"),
+             f"{s} model.loss", "is 'ranking' (Collobert & Weston): the model must start with "
+             "an embedding layer over word windows (python -m data_tools shard text)")
+    _require(m.loss != "ranking" or cfg.algorithm == "downpour", f"{s} model.loss",
+             "is 'ranking': it samples corrupt words every step, so train it with "
+             "algorithm = 'downpour' (batch L-BFGS needs a deterministic objective)")
     if m.loss == "autoencoder":
         _validate_autoencoder(cfg, s)
     for i, layer in enumerate(m.layers):
@@ -323,6 +329,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         _require(kind in LAYER_TYPES, f"{where}.type", f"must be one of {LAYER_TYPES}, got {kind!r}")
         required, optional, has_act = LAYER_KEYS[kind]
         allowed = {"type", *required, *optional, *(("activation",) if has_act else ())}
+        if kind in ("dense", "embedding"):
+            allowed.add("dropout")
         extra = set(layer) - allowed
         _require(not extra, where, f"has unknown keys {sorted(extra)} (allowed for {kind!r}: "
                  f"{sorted(allowed)})")
@@ -330,6 +338,13 @@ def validate(cfg: Config, source: str = "config") -> None:
             v = layer.get(key)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                      f"{where}.{key}", f"must be a positive integer, got {v!r}")
+        drop = layer.get("dropout", 0.0)
+        _require(isinstance(drop, (int, float)) and not isinstance(drop, bool)
+                 and 0 <= drop < 1, f"{where}.dropout", f"must be in [0, 1), got {drop!r}")
+        _require(not drop or (t.partitions == 1 and cfg.algorithm == "downpour"),
+                 f"{where}.dropout", "needs algorithm = 'downpour' with topology.partitions = 1 "
+                 "(batch L-BFGS needs a deterministic objective; partitions do not drop yet): "
+                 "set it to 0")
         act = layer.get("activation", "relu")
         _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
         _require(kind != "embedding" or i == 0, where, "is an embedding layer: it must be the "

@@ -95,7 +95,7 @@ def plot_time_to_accuracy(run_dirs: list[Path], out: Path, metric: str = "accura
         if labels.count(label) > 1:
             label = f"{label} {d.name}"
         try:
-            iterates = d / "eval_iterates.jsonl"  # a Sandblaster run scored afterwards
+            iterates = d / "eval_iterates.jsonl"  # recorded parameters scored afterwards
             if iterates.is_file():
                 evals = [json.loads(line) for line in iterates.open() if line.strip()]
             else:

@@ -46,7 +46,10 @@ def test_round_trip_through_toml(tmp_path):
     ("[model]\nlayers = [{type = \"dense\", units = 0}]\n", "model.layers[0].units"),
     ("[model]\nlayers = [{type = \"dense\", units = 4, activation = \"gelu\"}]\n",
      "model.layers[0].activation"),
-    ("[model]\nlayers = [{units = 4, dropout = 0.5}]\n", "model.layers[0]"),
+    ("[model]\nlayers = [{units = 4, dropout = 1.5}]\n", "model.layers[0].dropout"),
+    ("[model]\nlayers = [{units = 4, dropout = 0.5}]\n[topology]\npartitions = 2\n",
+     "model.layers[0].dropout"),
+    ("[model]\nlayers = [{type = \"lcn\", size = 3, dropout = 0.5}]\n", "model.layers[0]"),
     ("[bogus]\nx = 1\n", "bogus"),
     ("algorithm = \"hogwild\"\n", "algorithm"),
 ])

@@ -19,6 +19,8 @@ import numpy as np
 
 import cython_kernels as ck
 
+from .layers import Dropout
+
 
 class Embedding:
     """``y[b] = concat(E[x[b, 0]], ..., E[x[b, context - 1]])``."""
@@ -26,8 +28,10 @@ class Embedding:
     input_dtype = np.int64  # the model passes ids through unconverted (no float cast)
     can_accumulate = True
 
-    def __init__(self, vocab: int, dim: int, context: int):
+    def __init__(self, vocab: int, dim: int, context: int, dropout: float = 0.0):
         self.vocab, self.dim, self.context = int(vocab), int(dim), int(context)
+        self.dropout = Dropout(dropout) if dropout > 0 else None
+        self._dropped = False
         self.n_in, self.n_out = self.context, self.context * self.dim
         self.num_params = self.vocab * self.dim
         self.sparse = False
@@ -42,7 +46,8 @@ class Embedding:
         """Uniform in [-0.1, 0.1) (word2vec-style small random vectors)."""
         params[:self.num_params] = rng.uniform(-0.1, 0.1, self.num_params).astype(np.float32)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        """The concatenated embeddings; with ``train``, after dropout (when the layer has it)."""
         B = x.shape[0]
         idx = np.ascontiguousarray(x, dtype=np.int64).reshape(B * self.context)
         y = self._buffers.get(B)
@@ -50,12 +55,15 @@ class Embedding:
             y = self._buffers[B] = np.empty((B, self.n_out), np.float32)
         ck.embedding_lookup(self.E, idx, y.reshape(B * self.context, self.dim))
         self.idx = idx
-        return y
+        self._dropped = train and self.dropout is not None
+        return self.dropout.forward(y) if self._dropped else y
 
     def backward(self, dy: np.ndarray, need_dx: bool = False,
                  accumulate: bool = False) -> None:
         """Add the gradient of ``E`` (dense: into dE, zeroed first unless ``accumulate``;
         sparse: kept for :meth:`take_rows`). Ids have no gradient: returns None."""
+        if self._dropped:
+            self.dropout.backward(dy)
         dout = dy.reshape(-1, self.dim)
         if self.sparse:
             if not accumulate:

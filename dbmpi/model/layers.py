@@ -12,13 +12,51 @@ import numpy as np
 import cython_kernels as ck
 
 
-class Dense:
-    """``y = act(x @ W + b)`` with ``W`` of shape (n_in, n_out)."""
+class Dropout:
+    """Inverted dropout of a layer's output while training (Srivastava et al. 2014): each
+    unit is zeroed with probability ``p`` and the others scaled by ``1 / (1 - p)``, so that
+    evaluation uses the layer as it is. Each replica draws its own masks (:meth:`seed`)."""
 
-    def __init__(self, n_in: int, n_out: int, activation: str = "relu"):
+    def __init__(self, p: float):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = np.random.default_rng(0)
+        self.mask: np.ndarray | None = None  # of the last training forward pass
+        self._buffers: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def seed(self, seed) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, y: np.ndarray) -> np.ndarray:
+        """``y`` with units dropped (a new buffer: ``y`` stays what the backward pass of the
+        activation reads)."""
+        bufs = self._buffers.get(y.shape)
+        if bufs is None:
+            bufs = self._buffers[y.shape] = (np.empty(y.shape, np.float32),
+                                             np.empty(y.shape, np.float32))
+        mask, out = bufs
+        self.rng.random(y.shape, dtype=np.float32, out=mask)
+        np.greater_equal(mask, self.p, out=mask, casting="unsafe")
+        mask *= np.float32(1.0 / (1.0 - self.p))
+        self.mask = mask
+        return np.multiply(y, mask, out=out)
+
+    def backward(self, dy: np.ndarray) -> None:
+        """Through the mask of the last training forward pass, in place."""
+        dy *= self.mask
+
+
+class Dense:
+    """``y = act(x @ W + b)`` with ``W`` of shape (n_in, n_out); optionally dropout on ``y``
+    while training (``dropout`` > 0)."""
+
+    def __init__(self, n_in: int, n_out: int, activation: str = "relu", dropout: float = 0.0):
         self.n_in, self.n_out, self.activation = int(n_in), int(n_out), activation
         self.num_params = self.n_in * self.n_out + self.n_out
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.dropout = Dropout(dropout) if dropout > 0 else None
+        self._dropped = False
 
     def bind(self, params: np.ndarray, grads: np.ndarray) -> None:
         k = self.n_in * self.n_out
@@ -43,11 +81,13 @@ class Dense:
             self._buffers[batch] = bufs
         return bufs
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        """The layer's output; with ``train``, after dropout (when the layer has it)."""
         self.x = x
         self.y = self._bufs(x.shape[0])[0]
         ck.dense_forward(x, self.W, self.b, self.y, self.activation)
-        return self.y
+        self._dropped = train and self.dropout is not None
+        return self.dropout.forward(self.y) if self._dropped else self.y
 
     can_accumulate = True  # backward(accumulate=True) adds to dW, db
 
@@ -56,6 +96,8 @@ class Dense:
         """Write (or, with ``accumulate``, add) dW, db into the gradient vector; return dL/dx
         (``dy`` is overwritten)."""
         dx = self._bufs(dy.shape[0])[1] if need_dx else None
+        if self._dropped:
+            self.dropout.backward(dy)
         ck.dense_backward(self.x, self.W, self.y, dy, self.activation, self.dW, self.db, dx,
                           accumulate)
         return dx

@@ -52,12 +52,17 @@ class Model:
                   **opts) -> Model:
         """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``
         (dense, local, l2pool, lcn: see :mod:`dbmpi.model.spec`). ``loss = "autoencoder"``
-        gives the unsupervised :class:`~dbmpi.model.autoencoder.Autoencoder` (``sparsity``)."""
+        gives the unsupervised :class:`~dbmpi.model.autoencoder.Autoencoder` (``sparsity``),
+        ``loss = "ranking"`` Collobert & Weston's :class:`~dbmpi.model.ranking.RankingLM`."""
         if loss == "autoencoder":
             from .autoencoder import Autoencoder
 
             return Autoencoder.from_spec(input_shape, layers, num_classes,
                                          sparsity=opts.get("sparsity", 0.1))
+        if loss == "ranking":
+            from .ranking import RankingLM
+
+            return RankingLM.from_spec(input_shape, layers, num_classes)
         return cls([make_layer(s) for s in resolve(input_shape, layers, num_classes)], loss)
 
     @classmethod
@@ -81,12 +86,20 @@ class Model:
         # an embedding layer takes word ids: no float cast
         return flat_batch(x, getattr(self.layers[0], "input_dtype", np.float32))
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a batch (a view of an internal buffer: copy it to keep it)."""
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        """Logits for a batch (a view of an internal buffer: copy it to keep it); ``train``:
+        as in a training step (layers with dropout drop units)."""
         h = self._flat(x)
         for layer in self.layers:
-            h = layer.forward(h)
+            h = layer.forward(h, train=True) if train and _drops(layer) else layer.forward(h)
         return h
+
+    def seed_training(self, seed) -> None:
+        """Seed the random draws of training steps (each replica its own): the dropout masks
+        of every layer that has dropout, one stream per layer."""
+        for i, layer in enumerate(self.layers):
+            if _drops(layer):
+                layer.dropout.seed([*np.atleast_1d(seed).tolist(), i])
 
     @property
     def can_accumulate(self) -> bool:
@@ -101,7 +114,7 @@ class Model:
         ``self.grads`` (adds it there with ``accumulate``, see :attr:`can_accumulate`)."""
         if accumulate and not self.can_accumulate:
             raise ValueError("this model's layers cannot accumulate gradients in place")
-        logits = self.forward(x)
+        logits = self.forward(x, train=True)
         batch = logits.shape[0]
         n_correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
         d = self._dlogits.get(batch)
@@ -111,16 +124,29 @@ class Model:
             loss = ck.softmax_xent(logits, labels, d)
         else:
             loss = ck.multiclass_hinge(logits, labels, d)
+        self._backward(d, accumulate)
+        return float(loss), n_correct
+
+    def _backward(self, d: np.ndarray, accumulate: bool) -> None:
+        """From d(loss)/d(output) of the last forward pass down to every layer's gradient."""
         for i in range(len(self.layers) - 1, -1, -1):
             if accumulate and self.layers[i].num_params:
                 d = self.layers[i].backward(d, need_dx=i > 0, accumulate=True)
             else:
                 d = self.layers[i].backward(d, need_dx=i > 0)
-        return float(loss), n_correct
+
+    def rows_read(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Embedding rows (sorted, unique int64) that a training step on ``(x, labels)``
+        reads: what a sparse fetch must bring (:mod:`dbmpi.train.sparse_worker`)."""
+        return np.unique(x).astype(np.int64)
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:
         """(mean loss, accuracy) over a data set, in batches."""
         return evaluate_in_batches(self, x, labels, batch)
+
+
+def _drops(layer) -> bool:
+    return getattr(layer, "dropout", None) is not None
 
 
 def flat_batch(x: np.ndarray, dtype=np.float32) -> np.ndarray:

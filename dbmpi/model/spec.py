@@ -124,7 +124,8 @@ def resolve(input_shape, layers, num_classes: int) -> list[LayerSpec]:
                 raise ConfigError(f"{where}: an embedding layer must come first and take word "
                                   f"ids (context,), got features of shape {shape}: put it first "
                                   f"and shard text with `python -m data_tools shard text`")
-            opts = {"vocab": int(spec.get("vocab", num_classes)), "dim": int(spec["dim"])}
+            opts = {"vocab": int(spec.get("vocab", num_classes)), "dim": int(spec["dim"]),
+                    "dropout": float(spec.get("dropout", 0.0))}
             out.append(LayerSpec("embedding", i, shape, (shape[0] * opts["dim"],), opts))
             shape = (shape[0] * opts["dim"],)
             seen_dense = True
@@ -133,7 +134,8 @@ def resolve(input_shape, layers, num_classes: int) -> list[LayerSpec]:
             n_in = math.prod(shape)
             units = int(spec["units"])
             out.append(LayerSpec("dense", i, (n_in,), (units,),
-                                 {"activation": spec.get("activation", "relu")}))
+                                 {"activation": spec.get("activation", "relu"),
+                                  "dropout": float(spec.get("dropout", 0.0))}))
             shape = (units,)
             seen_dense = True
             continue
@@ -188,9 +190,10 @@ def make_layer(spec: LayerSpec, units: tuple[int, int] | None = None):
     if spec.kind == "embedding":
         from .embedding import Embedding
 
-        return Embedding(spec.opts["vocab"], spec.opts["dim"], spec.in_shape[0])
+        return Embedding(spec.opts["vocab"], spec.opts["dim"], spec.in_shape[0],
+                         spec.opts.get("dropout", 0.0))
     if spec.kind == "dense":
-        return Dense(spec.n_in, b - a, spec.opts["activation"])
+        return Dense(spec.n_in, b - a, spec.opts["activation"], spec.opts.get("dropout", 0.0))
     # the whole layer reads its whole input (rows past the last window included)
     lo, hi = (0, spec.in_shape[0]) if units is None else spec.rows_needed(a, b)
     slab = (hi - lo, *spec.in_shape[1:])

@@ -182,6 +182,8 @@ class Worker:
         self.metrics = metrics
         self.replica = topo.index
         self.worker = topo.worker_id
+        if hasattr(model, "seed_training"):  # each replica its own dropout masks, corruptions
+            model.seed_training([cfg.run.seed, self.worker])
         self.fault = Fault(topo.rank)
         self.term = _TermReporter(coord)
         self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
@@ -287,7 +289,7 @@ class Worker:
             x, y = self.reader.next_batch()
             if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
                 t_fetch = time.perf_counter()
-                win_bytes[0] += self._fetch(x)
+                win_bytes[0] += self._fetch(x, y)
                 win_fetch += time.perf_counter() - t_fetch
             if direct and pending == 0:
                 t_push = time.perf_counter()
@@ -362,8 +364,8 @@ class Worker:
     # embedding rows a minibatch touches; train records then also carry rows per push
     counts_rows = False
 
-    def _fetch(self, x: np.ndarray) -> int:
-        """Fetch the parameters the step on minibatch ``x`` reads; returns the bytes."""
+    def _fetch(self, x: np.ndarray, y: np.ndarray) -> int:
+        """Fetch the parameters the step on minibatch ``(x, y)`` reads; returns the bytes."""
         self.client.fetch(self.model.params, read_own_pushes=self.dp.read_own_pushes)
         return 4 * (self.client.stop - self.client.start)
 

@@ -3,8 +3,9 @@
 The loop is :meth:`dbmpi.train.downpour.Worker.run`; only the transport hooks differ (see
 :mod:`dbmpi.ps.sparse`):
 
-* a fetch reads the dense rest of the model and only the embedding rows of the minibatch's
-  words (the loop reads the minibatch before it fetches);
+* a fetch reads the dense rest of the model and only the embedding rows the step reads (the
+  minibatch's words; with the ranking objective also its target and corrupt words: the
+  model's ``rows_read``; the loop reads the minibatch before it fetches);
 * the embedding layer keeps its gradient as (rows, row gradients); every ``n_push`` steps the
   touched rows (duplicates summed) and the dense rest's gradient are pushed;
 * ``train`` records also carry ``rows`` (unique rows per push); their ``fetch_bytes`` and
@@ -29,8 +30,8 @@ class SparseWorker(Worker):
         self.emb = embedding_of(model)
         self.emb.sparse = True
 
-    def _fetch(self, x: np.ndarray) -> int:
-        rows = np.unique(x).astype(np.int64)
+    def _fetch(self, x: np.ndarray, y: np.ndarray) -> int:
+        rows = self.model.rows_read(x, y)
         return self.client.fetch_rows(self.model.params, rows,
                                       read_own_pushes=self.dp.read_own_pushes)
 
