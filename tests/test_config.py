@@ -1,5 +1,7 @@
 """Config loading, overrides and validation: every mistake names its field."""
 
+from pathlib import Path
+
 import pytest
 
 from dbmpi import config
@@ -73,3 +75,16 @@ def test_missing_and_invalid_files(tmp_path):
         config.load(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(_write(tmp_path, "[topology\n"))
+
+
+def test_every_shipped_config_is_valid():
+    """Each jobs/configs/*.toml loads and validates (a typo there would fail a user's job)."""
+    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    names = sorted(root.glob("*.toml"))
+    assert len(names) >= 10
+    for path in names:
+        cfg = config.load(path)
+        assert cfg.topology.world_size >= 2, path
+    lm = config.load(root / "lm_kjv.toml")
+    assert [layer.get("dropout") for layer in lm.model.layers] == [0.1, 0.4]
+    assert config.load(root / "lm_kjv_ranking.toml").model.loss == "ranking"
