@@ -53,7 +53,10 @@ class ModelConfig:
     """Layers as a list of tables, e.g. ``{type = "dense", units = 256, activation = "relu"}``.
 
     The input size and the number of classes come from the data set; the output layer
-    (``num_classes`` units, linear) and the loss are added after ``layers``.
+    (``num_classes`` units, linear) and the loss are added after ``layers``. ``loss``:
+    ``softmax``, ``hinge`` (multiclass), ``autoencoder`` (image layers, unsupervised) or
+    ``ranking`` (Collobert & Weston's window scorer over an embedding: one output unit).
+    A dense or embedding layer may carry ``dropout`` (probability, while training).
     """
 
     layers: tuple[dict, ...] = ({"type": "dense", "units": 256, "activation": "relu"},)

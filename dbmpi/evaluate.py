@@ -140,6 +140,10 @@ def _load_run(run_dir: Path, split: str, data: str | None):
     if model_cfg.get("loss") == "autoencoder":
         raise DbmpiError(f"{run_dir}: an autoencoder run (no classifier to score): use "
                          f"`python -m dbmpi probe {run_dir}` or `python -m dbmpi neurons`")
+    if model_cfg.get("loss") == "ranking":
+        raise DbmpiError(f"{run_dir}: a ranking-objective run (scores, not class "
+                         f"probabilities): its ranking accuracy is in summary.json; use "
+                         f"`python -m dbmpi neighbors {run_dir} --word WORD`")
     ds = open_dataset(data_path)
     model = Model.from_spec(ds.feature_shape, model_cfg["layers"], ds.num_classes,
                             model_cfg.get("loss", "softmax"))

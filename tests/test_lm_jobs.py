@@ -136,7 +136,7 @@ def test_sparse_run_killed_then_resumed_equals_serial_adagrad(tmp_path, text_dat
     np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
 
 
-def test_one_replica_ranking_with_dropout_equals_serial_adagrad(tmp_path, text_data):
+def test_one_replica_ranking_with_dropout_equals_serial_adagrad(tmp_path, text_data, capsys):
     """Collobert & Weston's objective with dropout, sparse traffic: the replica fetches the
     rows of the corrupt and target words too (RankingLM.rows_read), or it would train on stale
     rows and end elsewhere than the serial run."""
@@ -150,6 +150,11 @@ def test_one_replica_ranking_with_dropout_equals_serial_adagrad(tmp_path, text_d
     np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
     summary = json.loads((tmp_path / "rank" / "summary.json").read_text())
     assert 0.5 < summary["final_test_accuracy"] <= 1  # ranking accuracy: better than chance
+    # `eval` (class probabilities) refuses a ranking run with one line; `neighbors` works
+    assert dbmpi_main(["eval", str(tmp_path / "rank")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ranking-objective run" in err and len(err.splitlines()) == 1
+    assert dbmpi_main(["neighbors", str(tmp_path / "rank"), "--word", "king", "-k", "2"]) == 0
 
 
 def test_two_replicas_sparse_train_and_neighbors(tmp_path, text_data, capsys):
