@@ -9,9 +9,10 @@ they arrive. Replicas never wait for each other. Warm start: replica 0 trains al
 The coordinator (rank 0) evaluates the current parameters on held-out data every
 ``eval_every_s`` seconds (or, with ``record_iterates``, only records them to be evaluated
 after the run, so that evaluating takes no core from the replicas), logs progress, and raises
-STOP when ``target_accuracy`` is reached or any rank received SIGTERM. A replica stops at its step or epoch budget or at STOP; when every
-worker is finished (all its pushes acknowledged), the coordinator has the shards write a last
-checkpoint, stops them, and everyone frees the windows.
+STOP when ``target_accuracy`` is reached or any rank received SIGTERM. A replica stops at its
+step or epoch budget or at STOP; when every worker is finished (all its pushes acknowledged),
+the coordinator has the shards write a last checkpoint, stops them, and everyone frees the
+windows.
 
 Checkpoints (:mod:`dbmpi.checkpoint`): every ``checkpoint.every_s`` seconds the coordinator
 raises CKPT_REQ = k; each worker, at its next step boundary, waits until its pushes are
