@@ -9,11 +9,18 @@ sparse against dense embedding traffic.
 1. Perplexity. Shards the corpus (``data_tools shard text``, vocabulary ``--vocab``, context
    ``--context``), trains the config's neural LM with Downpour (``python -m dbmpi launch``,
    run directory ``runs/lm-bench-NAME``), builds the modified Kneser-Ney model of order
-   context + 1 (:mod:`dbmpi.ngram`) from the same training examples, and scores both on the
+   ``--kn-order`` (5; at most context + 1, on the last words of each context;
+   :mod:`dbmpi.ngram`) from the same training examples, and scores both on the
    same valid and test examples (same vocabulary, same tokens, the same ``</s>`` per
    sentence). The interpolation ``lam p_nn + (1 - lam) p_kn`` has ``lam`` tuned on valid and is
-   reported on test. Nearest neighbours of a few frequent words come from the same run.
-2. Traffic. The same job twice for ``--traffic-steps`` steps per replica, with
+   reported on test. Nearest neighbours of a few frequent words come from the same run. The
+   run records its parameters every ``--record-every-s``; the network scored is the record,
+   or the average of the last K records, with the best perplexity on the whole valid split
+   (early stopping and tail averaging, chosen without test data).
+2. Ranking. The same layers trained with Collobert & Weston's objective (``--rank-set``
+   overrides on top): its ranking accuracy on test against Kneser-Ney's and the softmax
+   network's on the same pairs (true next word against one random word), and its neighbours.
+3. Traffic. The same job twice for ``--traffic-steps`` steps per replica, with
    ``downpour.sparse`` true and false: parameter bytes fetched and gradient bytes pushed per
    step and replica (from the ``train`` records), ms per step, and the fractions of a step
    spent fetching and pushing. Run it on a quiet machine.
@@ -86,9 +93,11 @@ def train(cfg_path: str, overrides: list[str], run_dir: Path, timeout: float) ->
 
 
 def select_on_valid(model, ds, run_dir: Path) -> dict | None:
-    """Early stopping, done afterwards: the run recorded its parameters every
-    ``eval_every_s`` (``downpour.record_iterates``); score each on the whole valid split and
-    load the best into ``model``. Test data plays no part in the choice."""
+    """Early stopping and iterate averaging, done afterwards. The run recorded its parameters
+    every ``eval_every_s`` (``downpour.record_iterates``); the candidates are each record and
+    each average of the last K records (Polyak-Ruppert averaging of the tail, which smooths
+    the asynchronous replicas' noise); each is scored on the whole valid split and the best is
+    loaded into ``model``. Test data plays no part in the choice."""
     import h5py
 
     from dbmpi.lm import token_probs
@@ -98,18 +107,36 @@ def select_on_valid(model, ds, run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     x, y = ds.load("valid")
-    curve = []
+
+    def valid_ppl(params: np.ndarray) -> float:
+        model.params[:] = params
+        return round(perplexity(token_probs(model, x, y)), 3)
+
+    curve, tails = [], []
     with h5py.File(path, "r") as f:
         rows, wall, step = f["iterates"], f["wall_s"][:], f["step"][:]
-        for i in range(rows.shape[0]):
-            model.params[:] = rows[i]
+        n = rows.shape[0]
+        for i in range(n):
             curve.append({"row": i, "step": int(step[i]), "wall_s": round(float(wall[i]), 1),
-                          "valid_ppl": round(perplexity(token_probs(model, x, y)), 3)})
+                          "valid_ppl": valid_ppl(rows[i])})
             print(f"recorded parameters {i}: step {curve[-1]['step']}, valid perplexity "
                   f"{curve[-1]['valid_ppl']}", flush=True)
-        best = min(curve, key=lambda r: r["valid_ppl"])
-        model.params[:] = rows[best["row"]]
-    return {"chosen": best, "curve": curve}
+        total = np.zeros(rows.shape[1], np.float64)
+        for k in range(1, n):  # the first record (the random start) is never averaged in
+            total += rows[n - k]
+            if k > 1:
+                tails.append({"last": k, "from_step": int(step[n - k]),
+                              "valid_ppl": valid_ppl(total / k)})
+                print(f"average of the last {k} records (from step {int(step[n - k])}): "
+                      f"valid perplexity {tails[-1]['valid_ppl']}", flush=True)
+        best = min(curve + tails, key=lambda r: r["valid_ppl"])
+        if "last" in best:
+            k = best["last"]
+            model.params[:] = np.mean([rows[i] for i in range(n - k, n)], axis=0,
+                                      dtype=np.float64)
+        else:
+            model.params[:] = rows[best["row"]]
+    return {"chosen": best, "curve": curve, "tail_averages": tails}
 
 
 def ranking_accuracy(score_true: np.ndarray, score_corrupt: np.ndarray) -> float:
@@ -241,8 +268,8 @@ def main() -> int:
                     help="extra overrides for the ranking-objective run (repeatable)")
     ap.add_argument("--record-every-s", type=float, default=60.0,
                     help="the perplexity run records its parameters this often; the record "
-                    "with the best valid perplexity is the one scored on test (early "
-                    "stopping); 0: score the final parameters")
+                    "or average of the last K records with the best valid perplexity is "
+                    "the one scored on test; 0: score the final parameters")
     ap.add_argument("--reuse-run", action="store_true",
                     help="score runs/lm-bench-NAME as it is (do not train again)")
     ap.add_argument("--traffic-steps", type=int, default=300)
@@ -260,7 +287,9 @@ def main() -> int:
     overrides = [f"data.path={json.dumps(str(data))}", *a.set]
     if "perplexity" not in a.skip:
         run_dir = ROOT / "runs" / f"lm-bench-{name}"
-        if not (a.reuse_run and (run_dir / "params.h5").is_file()):
+        if a.reuse_run and (run_dir / "params.h5").is_file():  # the run, scored again
+            out["train"] = json.loads((run_dir / "summary.json").read_text())
+        else:
             record = ([] if a.record_every_s <= 0 else
                       ["downpour.record_iterates=true",
                        f"downpour.eval_every_s={a.record_every_s}"])
@@ -279,9 +308,11 @@ def main() -> int:
             print(f"{w}: " + ", ".join(n for n, _ in nn))
         if res["selected_on_valid"]:
             c = res["selected_on_valid"]["chosen"]
-            print(f"early stopping: of {len(res['selected_on_valid']['curve'])} recorded "
-                  f"parameter vectors, the one at step {c['step']} ({c['wall_s']} s) has the "
-                  f"best valid perplexity ({c['valid_ppl']}): scored above")
+            what = (f"the average of the last {c['last']} (from step {c['from_step']})"
+                    if "last" in c else f"the one at step {c['step']} ({c['wall_s']} s)")
+            print(f"selected on valid: of {len(res['selected_on_valid']['curve'])} recorded "
+                  f"parameter vectors and their tail averages, {what} has the best valid "
+                  f"perplexity ({c['valid_ppl']}): scored above")
     if "ranking" not in a.skip:
         rank_dir = ROOT / "runs" / f"lm-bench-{name}-ranking"
         rk = out["ranking"] = ranking_run(a.config, [*overrides, *a.rank_set], rank_dir,
@@ -318,8 +349,9 @@ def main() -> int:
     if prev.is_file():  # keep the part a --skip left out from the last run
         old = json.loads(prev.read_text())
         for part in a.skip:
-            key = part
-            if key in old:
+            for key in (part, "train", "run_dir") if part == "perplexity" else (part,):
+                if key not in old:
+                    continue
                 out[key] = old[key]
                 out[f"{key}_from_earlier_run"] = {"loadavg": old.get("loadavg_after"),
                                                   "overrides": old.get("overrides")}
