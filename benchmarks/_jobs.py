@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from _common import ROOT
@@ -15,14 +16,14 @@ from dbmpi import config as config_mod
 from dbmpi.launch import MPICH_YIELD, command, find_mpiexec, launch_env
 
 
-def run_job(cfg_path: str, overrides: list[str], yield_cpu: bool = True,
-            timeout: float = 1800, threads: int | None = None,
-            iterates: bool = False) -> tuple[dict, list[dict]]:
-    """Run ``train`` like ``python -m dbmpi launch``; return (summary, metrics records).
+def launch(cfg_path: str, overrides: list[str], run_dir: Path, yield_cpu: bool = True,
+           timeout: float = 1800, threads: int | None = None) -> dict:
+    """Run ``train`` into ``run_dir`` like ``python -m dbmpi launch``; return the run's
+    ``summary`` (summary.json), ``records`` (metrics.jsonl), ``wall_s`` of the whole job and
+    its ``stderr``.
 
-    ``threads`` fixes the BLAS threads per rank (default: the launcher's choice).
-    ``iterates``: the run recorded its parameters (``record_iterates``); score them after it
-    (``python -m dbmpi eval --iterates``) and return those ``eval`` records instead of its own.
+    ``threads`` fixes the BLAS threads per rank (default: the launcher's choice);
+    ``yield_cpu=False`` drops MPICH's yield settings (to measure what they save).
     """
     cfg = config_mod.load(cfg_path, overrides)
     n = cfg.topology.world_size
@@ -34,21 +35,37 @@ def run_job(cfg_path: str, overrides: list[str], yield_cpu: bool = True,
     if not yield_cpu:
         for key in MPICH_YIELD:
             env.pop(key, None)
+    cmd = command(cfg_path, [*overrides, f"run.dir={json.dumps(str(run_dir))}"], n,
+                  find_mpiexec())
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
+                           f"{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    with (run_dir / "metrics.jsonl").open() as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return {"summary": summary, "records": records,
+            "wall_s": round(time.perf_counter() - t0, 1), "stderr": proc.stderr}
+
+
+def run_job(cfg_path: str, overrides: list[str], yield_cpu: bool = True,
+            timeout: float = 1800, threads: int | None = None,
+            iterates: bool = False) -> tuple[dict, list[dict]]:
+    """:func:`launch` into a throwaway run directory; return (summary, metrics records).
+
+    ``iterates``: the run recorded its parameters (``record_iterates``); score them after it
+    (``python -m dbmpi eval --iterates``) and return those ``eval`` records instead of its own.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = command(cfg_path, [*overrides, f"run.dir={json.dumps(str(run_dir))}"], n,
-                      find_mpiexec())
-        proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        with (run_dir / "metrics.jsonl").open() as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+        job = launch(cfg_path, overrides, run_dir, yield_cpu, timeout, threads)
+        records = job["records"]
         if iterates:
             from dbmpi.evaluate import evaluate_iterates
 
             with evaluate_iterates(run_dir).open() as fh:
                 scored = [json.loads(line) for line in fh if line.strip()]
             records = [r for r in records if r["kind"] != "eval"] + scored
-    return summary, records
+    return job["summary"], records

@@ -22,11 +22,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine_info, print_table, write_json
+from _jobs import launch
 
 CONFIG = "jobs/configs/autoencoder_fmnist.toml"
 SRC = "/work/shared/data/fashion-mnist"
@@ -41,24 +41,9 @@ def ensure_data(src: str, out: Path) -> None:
 
 
 def train(config: str, overrides: list[str], run_dir: Path) -> dict:
-    from dbmpi import config as config_mod
-    from dbmpi.launch import command, find_mpiexec, launch_env
-
-    overrides = [*overrides, f"run.dir={json.dumps(str(run_dir))}"]
-    cfg = config_mod.load(config, overrides)
-    n = cfg.topology.world_size
-    env = launch_env(n, cfg.topology.replicas)
-    cmd = command(config, overrides, n, find_mpiexec())
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600,
-                          check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
-                           f"{proc.stderr[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    evals = [r for r in evals if r["kind"] == "eval"]
-    return {"summary": summary, "job_wall_s": round(time.perf_counter() - t0, 1),
+    job = launch(config, overrides, run_dir, timeout=3600)
+    evals = [r for r in job["records"] if r["kind"] == "eval"]
+    return {"summary": job["summary"], "job_wall_s": job["wall_s"],
             "first_eval": evals[0], "last_eval": evals[-1]}
 
 

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from _common import RESULTS, ROOT, machine_info, print_table, write_json
+from _jobs import launch, run_job
 
 WORDS = ["god", "king", "said", "land", "son", "gold", "david", "seven", "heart", "went"]
 
@@ -66,30 +66,16 @@ def shard(src: str, out: Path, vocab: int, context: int) -> dict:
 
 
 def train(cfg_path: str, overrides: list[str], run_dir: Path, timeout: float) -> dict:
-    """``python -m dbmpi launch`` into ``run_dir``; returns its summary.json."""
-    from dbmpi import config as config_mod
-    from dbmpi.launch import command, find_mpiexec, launch_env
-
+    """``python -m dbmpi launch`` into ``run_dir`` (emptied first); returns its summary.json
+    with ``train_wall_s``, the whole job's wall time."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = config_mod.load(cfg_path, overrides)
-    n = cfg.topology.world_size
-    env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions,
-                     env={k: v for k, v in os.environ.items() if not k.startswith("MPIR_CVAR_")})
-    cmd = command(cfg_path, [*overrides, f"run.dir={json.dumps(str(run_dir))}"], n,
-                  find_mpiexec())
-    print("$ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, check=False,
-                          stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    for line in proc.stderr.splitlines():
+    print(f"training {cfg_path} {' '.join(overrides)} into {run_dir}", flush=True)
+    job = launch(cfg_path, overrides, run_dir, timeout=timeout)
+    for line in job["stderr"].splitlines():
         if "step" in line and "rank 0" in line:
             print(line, flush=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary["train_wall_s"] = round(time.perf_counter() - t0, 1)
-    return summary
+    return {**job["summary"], "train_wall_s": job["wall_s"]}
 
 
 def select_on_valid(model, ds, run_dir: Path) -> dict | None:
@@ -217,8 +203,6 @@ def traffic(cfg_path: str, overrides: list[str], steps: int, repeats: int) -> li
     """Sparse and dense runs of the config's model and of a wide-embedding one (the table
     most of the parameters), interleaved ``repeats`` times; medians over the train records of
     all repeats."""
-    from _jobs import run_job
-
     samples: dict[tuple, list] = {}
     for _ in range(repeats):
         for model, extra in (("config", []), ("wide embedding", [WIDE])):

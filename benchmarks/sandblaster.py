@@ -25,39 +25,24 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, check_threads, machine_info, print_table, run_worker, write_json
+from _common import check_threads, machine_info, print_table, run_worker, write_json
+from _jobs import launch
 
 CONFIG = "jobs/configs/sandblaster_fmnist.toml"
 
 
 # -- jobs ------------------------------------------------------------------------------------
 def run_job(config: str, overrides: list[str], run_dir: Path) -> dict:
-    """Run one training job through ``dbmpi launch``; return its summary and metrics."""
-    from dbmpi import config as config_mod
-    from dbmpi.launch import command, find_mpiexec, launch_env
-
-    overrides = [*overrides, f"run.dir={json.dumps(str(run_dir))}"]
-    cfg = config_mod.load(config, overrides)
-    n = cfg.topology.world_size
-    env = launch_env(n, cfg.topology.replicas)
-    env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
-    cmd = command(config, overrides, n, find_mpiexec())
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"job failed ({proc.returncode}): {' '.join(cmd)}\n"
-                           f"{proc.stderr[-3000:]}")
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return {"summary": json.loads((run_dir / "summary.json").read_text()), "records": recs,
-            "job_wall_s": time.perf_counter() - t0}
+    """One training job through ``dbmpi launch``, single-threaded ranks; its summary and
+    metrics."""
+    job = launch(config, overrides, run_dir, timeout=900, threads=1)
+    return {"summary": job["summary"], "records": job["records"], "job_wall_s": job["wall_s"]}
 
 
 def batch_times(result: dict) -> list[float]:
