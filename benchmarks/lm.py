@@ -99,29 +99,35 @@ def select_on_valid(model, ds, run_dir: Path) -> dict | None:
         return round(perplexity(token_probs(model, x, y)), 3)
 
     curve, tails = [], []
+    best, best_params = None, None
+
+    def consider(candidate: dict, params: np.ndarray) -> None:
+        nonlocal best, best_params
+        candidate["valid_ppl"] = valid_ppl(params)
+        if best is None or candidate["valid_ppl"] < best["valid_ppl"]:
+            best, best_params = candidate, params.astype(np.float32)
+
     with h5py.File(path, "r") as f:
         rows, wall, step = f["iterates"], f["wall_s"][:], f["step"][:]
         n = rows.shape[0]
-        for i in range(n):
-            curve.append({"row": i, "step": int(step[i]), "wall_s": round(float(wall[i]), 1),
-                          "valid_ppl": valid_ppl(rows[i])})
-            print(f"recorded parameters {i}: step {curve[-1]['step']}, valid perplexity "
-                  f"{curve[-1]['valid_ppl']}", flush=True)
         total = np.zeros(rows.shape[1], np.float64)
-        for k in range(1, n):  # the first record (the random start) is never averaged in
-            total += rows[n - k]
+        for k in range(1, n + 1):  # newest first: record n - k, and the average of the last k
+            row = rows[n - k]
+            curve.append({"row": n - k, "step": int(step[n - k]),
+                          "wall_s": round(float(wall[n - k]), 1)})
+            consider(curve[-1], row)
+            print(f"recorded parameters {n - k}: step {curve[-1]['step']}, valid perplexity "
+                  f"{curve[-1]['valid_ppl']}", flush=True)
+            if k == n:  # the first record (the random start) is never averaged in
+                break
+            total += row
             if k > 1:
-                tails.append({"last": k, "from_step": int(step[n - k]),
-                              "valid_ppl": valid_ppl(total / k)})
+                tails.append({"last": k, "from_step": int(step[n - k])})
+                consider(tails[-1], total / k)
                 print(f"average of the last {k} records (from step {int(step[n - k])}): "
                       f"valid perplexity {tails[-1]['valid_ppl']}", flush=True)
-        best = min(curve + tails, key=lambda r: r["valid_ppl"])
-        if "last" in best:
-            k = best["last"]
-            model.params[:] = np.mean([rows[i] for i in range(n - k, n)], axis=0,
-                                      dtype=np.float64)
-        else:
-            model.params[:] = rows[best["row"]]
+    curve.reverse()
+    model.params[:] = best_params
     return {"chosen": best, "curve": curve, "tail_averages": tails}
 
 

@@ -72,15 +72,13 @@ class RankingLM(Model):
         return np.unique(np.concatenate([np.ravel(x), labels, w])).astype(np.int64)
 
     @staticmethod
-    def _windows(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """The 2B windows [context, true word] then [context, corrupt word]."""
-        x = np.asarray(x, np.int64).reshape(len(y), -1)
-        return np.concatenate([np.column_stack([x, y]), np.column_stack([x, w])])
+    def _windows(x: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """The windows [context_b, words_b]."""
+        return np.column_stack([np.asarray(x, np.int64).reshape(len(words), -1), words])
 
     def scores(self, x: np.ndarray, words: np.ndarray) -> np.ndarray:
         """f(context_b, words_b) for every example (float64)."""
-        win = np.column_stack([np.asarray(x, np.int64).reshape(len(words), -1), words])
-        return self.forward(win)[:, 0].astype(np.float64)
+        return self.forward(self._windows(x, words))[:, 0].astype(np.float64)
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray,
                          accumulate: bool = False) -> tuple[float, int]:
@@ -91,7 +89,9 @@ class RankingLM(Model):
         self._prepared = None
         w = p[1] if p is not None and p[0] is labels else self.corrupt(y, self.vocab, self.rng)
         B = len(y)
-        s = self.forward(self._windows(x, y, w), train=True)[:, 0]
+        # one pass over the 2B windows: [context, true word] then [context, corrupt word]
+        both = np.concatenate([self._windows(x, y), self._windows(x, w)])
+        s = self.forward(both, train=True)[:, 0]
         margin = 1.0 - s[:B].astype(np.float64) + s[B:]
         active = margin > 0
         d = self._dlogits.get(2 * B)
