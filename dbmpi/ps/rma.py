@@ -13,6 +13,19 @@ dbmpi therefore has one writer op (SUM or REPLACE) and readers that use ``NO_OP`
 
 Transfers larger than ``CHUNK`` elements are split, so counts stay well inside ``int``.
 
+Two facts of MPI's network path shape every window (measured with MPICH 5 over UCX/TCP and
+libfabric tcp; see docs/multihost.md):
+
+* ``Win.Allocate`` does not zero its memory. On one node MPICH happens to hand out fresh
+  shared memory; across nodes a new window can hold whatever the last one left (up to 1,228
+  non-zero int64 were seen), so a counter would start at garbage. Every window is zeroed here,
+  before any rank can reach it.
+* Passive-target operations complete only while the *target* is inside an MPI call that makes
+  progress (``Iprobe``, ``Flush``; not ``Win.Sync``): over TCP the library emulates RMA in
+  software, and MPICH sends every accumulate-family call as an active message even on
+  InfiniBand. A rank that owns a window others operate on therefore calls :func:`progress`
+  while it waits or polls, and no operation targets a rank that may compute for long.
+
 On-node fast path: MPI-4 lets ``MPI_Win_shared_query`` be called on a window made with
 ``Win.Allocate``; where the target's memory is directly addressable (same node), :meth:`shared`
 returns it as a numpy array and bulk data moves with plain loads and stores (no copy through
@@ -39,6 +52,16 @@ _MPI_TYPES = {
 }
 
 
+# A tag no message of dbmpi uses: probing it never matches, it only drives the progress engine.
+_PROGRESS_TAG = 32_000
+
+
+def progress() -> None:
+    """Let MPI complete one-sided operations that target this rank (cheap: one ``Iprobe``,
+    ~1 us on one node). Call it from every loop in which a window owner waits or polls."""
+    MPI.COMM_WORLD.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
+
+
 class Window:
     """A typed window of ``count`` elements on this rank (0 on ranks that expose nothing).
 
@@ -55,7 +78,10 @@ class Window:
         mem = self.win.tomemory()
         self.local = np.frombuffer(mem, dtype=self.dtype, count=int(count)) if count else \
             np.zeros(0, dtype=self.dtype)
+        self.local[:] = 0  # Allocate does not zero (see above)
         self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.win.Sync()
+        comm.Barrier()  # nobody reaches a window before its owner has zeroed it
         self._freed = False
         self._shared: dict[int, np.ndarray | None] = {}
         self._one = np.zeros(1, dtype=self.dtype)
@@ -109,6 +135,15 @@ class Window:
         for part, spec in self._chunks(buf, offset):
             self.win.Accumulate([part, self.mpi_type], target, spec, op)
 
+    def raccumulate(self, buf: np.ndarray, target: int, offset: int = 0,
+                    op=MPI.SUM) -> MPI.Request:
+        """Start an element-wise atomic ``op`` of ``buf`` (at most ``CHUNK`` elements) into
+        ``target`` and return its request: ``Test`` it instead of waiting in :meth:`flush`
+        for a target that may be busy. ``buf`` must stay untouched until it completes."""
+        self._check()
+        return self.win.Raccumulate([buf, self.mpi_type], target,
+                                    (offset, buf.shape[0], self.mpi_type), op)
+
     def shared(self, target: int) -> np.ndarray | None:
         """``target``'s window memory as an array this rank can load and store directly, or
         None (another node, the fast path off, or an empty window). Order accesses with
@@ -157,10 +192,6 @@ class Window:
         """Complete every operation this rank started on ``target``."""
         self._check()
         self.win.Flush(target)
-
-    def flush_all(self) -> None:
-        self._check()
-        self.win.Flush_all()
 
     def sync(self) -> None:
         """Memory barrier between local loads/stores of ``local`` and RMA (unified model)."""

@@ -15,18 +15,17 @@ from ..errors import TrainingError
 from ..log import get_logger
 from ..topology import Role, Topology
 from .layout import ParamLayout
-from .rma import Window
+from .rma import Window, progress
 
 log = get_logger("ps")
 
-# Gradient slots per worker, in the worker's own window: a worker fills push q+1 into one
-# slot while the shards still pull and apply push q from the other, so pushing overlaps with
-# the shards' optimizer step.
+# Gradient slots per worker: a worker fills push q+1 into one slot while the shards still
+# apply push q from the other, so pushing overlaps with the shards' optimizer step.
 NSLOTS = 2
-# Elements a shard pulls per Get and applies while they sit in its L2 cache (1 MiB). The
-# gradient crosses memory once; a Put into a shard-side slot followed by the shard reading
-# the slot back crossed it three times and made pushes memory-bound.
-PULL_CHUNK = 1 << 18
+# Elements a shard applies between two progress calls (1 MiB of float32, ~0.1 ms of Adagrad):
+# off-node operations aimed at the shard wait for its next MPI call, so it never computes for
+# long without one; the chunk is also cache-sized, so a gradient crosses memory once.
+APPLY_CHUNK = 1 << 18
 # ctrl window layout on each shard:
 # [STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker SEQ, DONE, BASE of each slot]
 STOP, APPLIED, CKPT_REQ, CKPT_ACK = 0, 1, 2, 3
@@ -62,6 +61,10 @@ class ParameterServer:
 
     ``worker_ranges[p]`` is the global ``[start, stop)`` of the flat vector owned by model
     partition ``p`` (the whole vector when a replica is not partitioned).
+
+    ``mapped[s, w]``: shard ``s`` reads worker ``w``'s slots in place (same node, see
+    :meth:`dbmpi.ps.rma.Window.shared`); every other pair with parameters in common has an
+    *inbox* on the shard (``inbox_at``) into which the worker puts its pushes.
     """
 
     def __init__(self, topo: Topology, layout: ParamLayout,
@@ -78,17 +81,48 @@ class ParameterServer:
         block = layout.block_size(topo.index) if is_shard else 0
         comm = topo.comm
         self.params = Window(comm, block, np.float32, "params")
-        # Pushes are pulled: each worker exposes NSLOTS slots of its own range.
+        # Each worker exposes NSLOTS slots of its own range; same-node shards read them.
         self.slot_size = 0
         if topo.role is Role.REPLICA:
             a, b = self.worker_ranges[topo.partition]
             self.slot_size = b - a
         self.grads = Window(comm, NSLOTS * self.slot_size, np.float32, "grads")
         self.ctrl = Window(comm, ctrl_size(self.num_workers) if is_shard else 0, np.int64, "ctrl")
+        self.mapped = self._pair_up()
+        self.inbox_at: dict[tuple[int, int], tuple[int, int]] = {}  # (s, w) -> (offset, n)
+        sizes = [0] * layout.num_shards
+        for s in range(layout.num_shards):
+            for w in range(self.num_workers):
+                n = self.overlap(s, w)
+                if n and not self.mapped[s, w]:
+                    self.inbox_at[s, w] = (sizes[s], n)
+                    sizes[s] += NSLOTS * n
+        self.inbox = Window(comm, sizes[topo.index] if is_shard else 0, np.float32, "inbox")
+        self.post_windows = [self.inbox]  # what a worker's push puts into; flushed before SEQ
+        self.push_windows = [self.grads, self.inbox]  # where a shard reads pushes from
+
+    def overlap(self, shard: int, worker: int) -> int:
+        """How many parameters worker ``worker``'s range has on shard ``shard``."""
+        lo, hi = self.layout.block(shard)
+        ws, we = self.worker_ranges[worker % self.topo.cfg.partitions]
+        return max(0, min(hi, we) - max(lo, ws))
+
+    def _pair_up(self) -> np.ndarray:
+        """Which shards can map which workers' slots: each shard tries, everyone learns."""
+        topo = self.topo
+        row = np.zeros(self.num_workers, np.int8)
+        if topo.role is Role.SHARD:
+            P = topo.cfg.partitions
+            for w in range(self.num_workers):
+                rank = topo.worker_rank(*divmod(w, P))
+                row[w] = self.grads.shared(rank) is not None
+        rows = np.zeros((topo.comm.Get_size(), self.num_workers), np.int8)
+        topo.comm.Allgather(row, rows)
+        return rows[[topo.shard_rank(s) for s in range(self.layout.num_shards)]].astype(bool)
 
     def free(self) -> None:
         """Collective: free every window."""
-        for w in (self.params, self.grads, self.ctrl):
+        for w in (self.params, self.grads, self.ctrl, *self.post_windows):
             w.free()
 
 
@@ -136,14 +170,14 @@ class ShardService:
             self.worker_slices.append(
                 (topo.worker_rank(replica, part), we - ws, a - ws, a - lo, b - lo)
                 if a < b else None)
-        n = min(PULL_CHUNK, self.block)
-        self._pulled = [np.empty(n, np.float32), np.empty(n, np.float32)]
         self.applied = applied
         self.busy_s = 0.0  # wall seconds spent applying pushes
         self.busy_cpu_s = 0.0  # CPU seconds spent applying pushes
 
     def _load_ctrl(self) -> np.ndarray:
-        """My own counters, read with local loads: a shard never calls MPI to poll."""
+        """My own counters, read with local loads after a progress call (which completes the
+        atomics other ranks aimed at them; ``Win.Sync`` alone does not, off-node)."""
+        progress()
         self.ps.ctrl.sync()  # remote atomics on my window are visible to my loads from here
         np.copyto(self._ctrl, self.ps.ctrl.local)
         return self._ctrl
@@ -164,14 +198,15 @@ class ShardService:
         if not pending:
             return 0
         t0, c0 = time.perf_counter(), time.process_time()
+        for win in ps.push_windows:
+            win.sync()  # the pushes' data is visible from here (mapped slots and inboxes)
         applied = 0
         for w in pending:
             i = seq_index(w)
-            sl = self.worker_slices[w]
             for push in range(int(ctrl[i + 1]) + 1, int(ctrl[i]) + 1):  # in push order
                 slot = (push - 1) % NSLOTS
-                if sl is not None:
-                    self._pull_and_apply(w, slot, *sl)
+                if self.worker_slices[w] is not None:
+                    self._apply_push(w, slot)
                 self._publish(i + 2 + slot, self.applied)  # BASE of this push
                 self.applied += 1
                 applied += 1
@@ -185,47 +220,43 @@ class ShardService:
         self.busy_cpu_s += time.process_time() - c0
         return applied
 
-    def _pull_and_apply(self, w: int, slot: int, rank: int, size: int, off: int, a: int,
-                        b: int) -> None:
-        """Apply my part of worker ``w``'s slot: straight from its memory on the same node,
-        else fetched with Get chunk by chunk, each chunk applied while it is in cache (the Get
-        of chunk k+1 is in flight while chunk k is applied)."""
-        grads, bufs = self.ps.grads, self._pulled
-        remote = slot * size + off
-        n = b - a
-        view = grads.shared(rank)
-        if view is not None:  # same node: apply straight from the worker's memory
-            grads.sync()
-            self._apply(w, a, 0, view[remote:remote + n])
-            return
-        step = bufs[0].shape[0]
-        grads.get(bufs[0][:min(step, n)], rank, remote)
-        grads.flush(rank)
-        for k, lo in enumerate(range(0, n, step)):
-            cur = bufs[k % 2][:min(step, n - lo)]
-            nxt = lo + step
-            if nxt < n:
-                grads.get(bufs[(k + 1) % 2][:min(step, n - nxt)], rank, remote + nxt)
-            self._apply(w, a, lo, cur)
-            if nxt < n:
-                grads.flush(rank)
+    def _slot(self, w: int, slot: int, a: int, b: int) -> np.ndarray:
+        """Worker ``w``'s gradient for my block's ``[a, b)`` in push slot ``slot``: in its own
+        memory when it is on my node, else in my inbox, where it put it before posting."""
+        rank, size, off, a0, _ = self.worker_slices[w]
+        ps = self.ps
+        if ps.mapped[self.shard, w]:
+            base = slot * size + off - a0
+            return ps.grads.shared(rank)[base + a:base + b]
+        at, n = ps.inbox_at[self.shard, w]
+        base = at + slot * n - a0
+        return ps.inbox.local[base + a:base + b]
 
-    def _apply(self, w: int, a: int, lo: int, g: np.ndarray) -> None:
-        """Apply gradient piece ``g`` of worker ``w`` to my block at ``a + lo``.
+    def _apply_push(self, w: int, slot: int) -> None:
+        """Apply my part of worker ``w``'s push in ``slot``."""
+        _, _, _, a, b = self.worker_slices[w]
+        self._apply(w, a, self._slot(w, slot, a, b))
+
+    def _apply(self, w: int, a: int, g: np.ndarray) -> None:
+        """Apply gradient ``g`` of worker ``w`` to my block at ``a``, one cache-sized chunk at a
+        time with a progress call between chunks.
 
         Refuses a non-finite push so that parameters and checkpoints stay clean: the job ends
         here, before any NaN reaches the block (the check rides on the update's own pass).
         """
-        s = slice(a + lo, a + lo + g.shape[0])
         state = self.state
-        bad = self.optimizer.step(self.params[s], g, state[s] if state.size else state,
-                                  check_finite=True)
-        if bad >= 0:
-            lo_global = self.ps.layout.block(self.shard)[0]
-            raise TrainingError(
-                f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
-                f"(near parameter {lo_global + a + lo + bad}); training diverged: lower "
-                f"optimizer.learning_rate")
+        for lo in range(0, g.shape[0], APPLY_CHUNK):
+            part = g[lo:lo + APPLY_CHUNK]
+            s = slice(a + lo, a + lo + part.shape[0])
+            bad = self.optimizer.step(self.params[s], part, state[s] if state.size else state,
+                                      check_finite=True)
+            if bad >= 0:
+                lo_global = self.ps.layout.block(self.shard)[0]
+                raise TrainingError(
+                    f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
+                    f"(near parameter {lo_global + a + lo + bad}); training diverged: lower "
+                    f"optimizer.learning_rate")
+            progress()
 
     def _checkpoint(self, sequence: int) -> None:
         if self.on_checkpoint is not None:
@@ -371,10 +402,30 @@ class PSClient:
                 and grads.shape == slot.shape):
             np.copyto(slot, grads)
         ps.grads.sync()  # my stores to the slot are visible before any shard sees SEQ move
+        sent = [ps.topo.shard_rank(seg.shard) for seg in self.segments
+                if self._post(seg, slot, self.pushes % NSLOTS)]
+        for target in sent:  # the inboxes hold the push before SEQ moves
+            for win in ps.post_windows:
+                win.flush(target)
         for seg in self.segments:
             ps.ctrl.fetch_and_op(1, ps.topo.shard_rank(seg.shard), seq_index(self.worker))
             self.counters[seg.shard].pushes += 1
         self.pushes += 1
+
+    def _post(self, seg, slot: np.ndarray, k: int) -> bool:
+        """Start putting my part of ``slot`` (slot number ``k``) on shard ``seg.shard`` into
+        its inbox, unless that shard reads my memory in place; True if a Put was started.
+
+        A push goes into shard-side memory because a shard on another node could only pull
+        it while I am inside MPI, i.e. after my next compute step (measured over TCP: a 52 ms
+        pull for 50 ms of compute)."""
+        ps = self.ps
+        if ps.mapped[seg.shard, self.worker]:
+            return False
+        at, n = ps.inbox_at[seg.shard, self.worker]
+        lo = seg.start - self.start
+        ps.inbox.put(slot[lo:lo + n], ps.topo.shard_rank(seg.shard), at + k * n)
+        return True
 
     def wait_acknowledged(self) -> None:
         """Block until every shard has applied all my pushes."""

@@ -41,7 +41,7 @@ import cython_kernels as ck
 from ..errors import ConfigError, TrainingError
 from ..optim.rules import Adagrad, _first_nonfinite
 from .layout import ParamLayout
-from .rma import Window
+from .rma import Window, progress
 from .server import NSLOTS, ParameterServer, PSClient, ShardService
 
 
@@ -78,8 +78,9 @@ def max_rows(cfg, model) -> int:
 
 
 class SparseParameterServer(ParameterServer):
-    """The dense windows plus ``rows`` (the row ids of each push slot, on each worker).
-    Collective over ``topo.comm``."""
+    """The dense windows plus ``rows`` (the row ids of each push slot, on each worker) and,
+    for workers on other nodes, ``row_inbox`` (the ids of their pushes' rows on this shard,
+    on each shard). Collective over ``topo.comm``."""
 
     def __init__(self, topo, layout, worker_ranges, rows: int, dim: int, rows_max: int):
         super().__init__(topo, layout, worker_ranges)
@@ -90,6 +91,16 @@ class SparseParameterServer(ParameterServer):
 
         n = NSLOTS * self.row_slot if topo.role is Role.REPLICA else 0
         self.rows = Window(topo.comm, n, np.int64, "rows")
+        self.ids_at: dict[tuple[int, int], int] = {}  # (s, w) -> offset in s's row_inbox
+        sizes = [0] * layout.num_shards
+        for (s, w) in self.inbox_at:
+            if layout.block(s)[0] < self.table:  # the shard holds rows of the table
+                self.ids_at[s, w] = sizes[s]
+                sizes[s] += NSLOTS * self.row_slot
+        self.row_inbox = Window(topo.comm, sizes[topo.index] if topo.role is Role.SHARD
+                                else 0, np.int64, "row_inbox")
+        self.post_windows.append(self.row_inbox)
+        self.push_windows += [self.rows, self.row_inbox]
 
     def free(self) -> None:
         super().free()
@@ -108,63 +119,51 @@ class SparseShardService(ShardService):
         self.r0, self.r1 = lo // d, (lo + self.n_table) // d  # my rows [r0, r1)
         self.E = self.params[:self.n_table].reshape(-1, d)
         self.E_state = self.state[:self.n_table].reshape(-1, d) if self.state.size else None
-        self._ids = np.empty(ps.row_slot, np.int64)
-        self._g = np.empty((ps.rows_max, d), np.float32) if self.n_table else None
         self.rows_applied = 0  # row updates applied (all pushes)
 
-    def _pull_and_apply(self, w: int, slot: int, rank: int, size: int, off: int, a: int,
-                        b: int) -> None:
+    def _apply_push(self, w: int, slot: int) -> None:
+        _, _, _, a, b = self.worker_slices[w]
         if a < self.n_table:
-            self._apply_rows(w, slot, rank, size)
+            self._apply_rows(w, slot)
         a2 = max(a, self.n_table)
         if a2 < b:  # the dense rest of my block
-            super()._pull_and_apply(w, slot, rank, size, off + (a2 - a), a2, b)
+            self._apply(w, a2, self._slot(w, slot, a2, b))
 
-    def _read_ids(self, slot: int, rank: int) -> np.ndarray:
-        """The sorted row ids of ``rank``'s push in ``slot``."""
-        rows = self.ps.rows
-        base = slot * self.ps.row_slot
-        view = rows.shared(rank)
-        if view is not None:
-            rows.sync()
-            k = int(view[base])
-            return view[base + 1:base + 1 + k]
-        rows.get(self._ids[:1], rank, base)
-        rows.flush(rank)
-        k = int(self._ids[0])
-        rows.get(self._ids[1:1 + k], rank, base + 1)
-        rows.flush(rank)
-        return self._ids[1:1 + k]
-
-    def _apply_rows(self, w: int, slot: int, rank: int, size: int) -> None:
+    def _pushed_rows(self, w: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted ids of my rows in worker ``w``'s push in ``slot``, their gradients (k, d))."""
         ps, d = self.ps, self.ps.dim
-        ids = self._read_ids(slot, rank)
-        i0, i1 = np.searchsorted(ids, (self.r0, self.r1))
-        k = int(i1 - i0)
+        rank, size = self.worker_slices[w][:2]
+        if ps.mapped[self.shard, w]:  # its memory: every row it pushed, packed at the start
+            base = slot * ps.row_slot
+            view = ps.rows.shared(rank)
+            ids = view[base + 1:base + 1 + int(view[base])]
+            i0, i1 = np.searchsorted(ids, (self.r0, self.r1))
+            g = ps.grads.shared(rank)[slot * size + int(i0) * d:slot * size + int(i1) * d]
+            return ids[i0:i1], g.reshape(-1, d)
+        base = ps.ids_at[self.shard, w] + slot * ps.row_slot  # my inbox: my rows only
+        k = int(ps.row_inbox.local[base])
+        return ps.row_inbox.local[base + 1:base + 1 + k], self._slot(w, slot, 0, k * d)\
+            .reshape(-1, d)
+
+    def _apply_rows(self, w: int, slot: int) -> None:
+        ids, g = self._pushed_rows(w, slot)
+        k = ids.shape[0]
         if k == 0:
             return
-        remote = slot * size + int(i0) * d  # packed row gradients at the slot's start
-        view = ps.grads.shared(rank)
-        if view is not None:
-            ps.grads.sync()
-            g = view[remote:remote + k * d].reshape(k, d)
-        else:
-            g = self._g[:k]
-            ps.grads.get(g.reshape(-1), rank, remote)
-            ps.grads.flush(rank)
         bad = _first_nonfinite(g.reshape(-1))
         if bad >= 0:
             raise TrainingError(
                 f"shard {self.shard}: worker {w} pushed an embedding-row gradient holding NaN "
-                f"or Inf (row {int(ids[i0 + bad // d])}); training diverged: lower "
+                f"or Inf (row {int(ids[bad // self.ps.dim])}); training diverged: lower "
                 f"optimizer.learning_rate")
-        local = ids[i0:i1] - self.r0
+        local = ids - self.r0
         opt = self.optimizer
         if isinstance(opt, Adagrad):
             ck.adagrad_rows(self.E, local, g, self.E_state, opt.lr, opt.eps)
         else:  # SGD
             self.E[local] -= np.float32(opt.lr) * g
         self.rows_applied += k
+        progress()
 
 
 class SparseClient(PSClient):
@@ -174,6 +173,30 @@ class SparseClient(PSClient):
                  replica: int = 0):
         super().__init__(ps, start, stop, worker, replica)
         assert start == 0, "the table is at the start of the vector (no partitions)"
+        self._rows = np.zeros(0, np.int64)  # the rows of the push being posted
+        self._sent_ids: list[np.ndarray] = []  # id lists of Puts not yet flushed
+
+    def _post(self, seg, slot: np.ndarray, k: int) -> bool:
+        """Into a shard on another node's inboxes: the gradients of its rows, packed at the
+        start of its inbox slot, their ids in its ``row_inbox``, then the dense rest at its
+        usual place (a shard reads only its own rows, so each gets only those)."""
+        ps, d = self.ps, self.ps.dim
+        if ps.mapped[seg.shard, self.worker]:
+            return False
+        target = ps.topo.shard_rank(seg.shard)
+        at, n = ps.inbox_at[seg.shard, self.worker]
+        t_hi = min(seg.stop, ps.table)
+        if seg.start < t_hi:
+            i0, i1 = (int(i) for i in np.searchsorted(self._rows, (seg.start // d, t_hi // d)))
+            ids = np.concatenate(([i1 - i0], self._rows[i0:i1])).astype(np.int64)
+            self._sent_ids.append(ids)  # alive until the flush
+            ps.row_inbox.put(ids, target, ps.ids_at[seg.shard, self.worker] + k * ps.row_slot)
+            if i1 > i0:
+                ps.inbox.put(slot[i0 * d:i1 * d], target, at + k * n)
+        lo = max(seg.start, ps.table)
+        if lo < seg.stop:
+            ps.inbox.put(slot[lo:seg.stop], target, at + k * n + (lo - seg.start))
+        return True
 
     def fetch_rows(self, params: np.ndarray, rows: np.ndarray,
                    read_own_pushes: bool = False) -> int:
@@ -232,5 +255,7 @@ class SparseClient(PSClient):
         ps.rows.local[base] = k
         ps.rows.local[base + 1:base + 1 + k] = rows
         ps.rows.sync()  # the ids are visible before SEQ moves (push() syncs the slot)
+        self._rows = rows
         self.push(slot)
+        self._sent_ids.clear()  # push() flushed the Puts that read them
         return (k * d + (self.stop - self.start - ps.table)) * 4 + (k + 1) * 8

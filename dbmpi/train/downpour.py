@@ -21,8 +21,8 @@ has acknowledged (or finished), each shard writes its block and optimizer state,
 coordinator commits the checkpoint directory and raises CKPT_DONE = k, and workers go on. The
 pause makes the checkpoint consistent: no push is in flight while the shards write.
 
-Control flags live in a small int64 window on the coordinator (layout below); every location
-has one writer op and NO_OP readers, as in :mod:`dbmpi.ps`.
+Control flags and reports go through :mod:`dbmpi.train.control` (flags in the workers' memory,
+reports on the coordinator's board), so that no per-step operation waits for the coordinator.
 """
 
 from __future__ import annotations
@@ -43,26 +43,12 @@ from ..metrics import MetricsWriter
 from ..model import Model
 from ..optim import make_optimizer
 from ..ps import ParameterServer, ParamLayout, PSClient, ShardService
-from ..ps.rma import Window
 from ..ps.server import Backoff, request_checkpoint, request_stop
-from ..topology import COORDINATOR_RANK, Role, Topology
+from ..topology import Role, Topology
 from . import partitioned
+from .control import HEAD, ROW, Board, Control, Flag, Row
 
 log = get_logger("downpour")
-
-# Coordinator window: a head, then one row per worker.
-#   STOP, CKPT_REQ, CKPT_DONE (coordinator REPLACE), RELEASED (replica 0 REPLACE),
-#   TERM (any rank REPLACE), DONE, STEPS (workers SUM).
-STOP, CKPT_REQ, CKPT_DONE, RELEASED, TERM, DONE, STEPS = range(7)
-HEAD = 7
-#   per worker (the worker REPLACEs): ACK (last checkpoint answered), STEP, EPOCH, POSITION
-#   of its data reader, FINISHED.
-ACK, W_STEP, W_EPOCH, W_POS, FINISHED = range(5)
-ROW = 5
-
-
-def row(worker: int) -> int:
-    return HEAD + ROW * worker
 
 
 def build_model(cfg: Config, dataset) -> Model:
@@ -84,14 +70,17 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
         ps = ParameterServer(topo, layout, partitioned.param_ranges(cfg, model, dataset))
     else:
         layout, ps = sparse["layout"], sparse["ps"](topo)
-    is_coord = topo.role is Role.COORDINATOR
-    coord = Window(topo.comm, HEAD + ROW * topo.num_workers if is_coord else 0, np.int64, "coord")
-    if is_coord and resume is not None:
-        coord.local[STEPS] = int(resume.workers[:, 0].sum()) // cfg.topology.partitions
-        coord.local[RELEASED] = 1  # no second warm start
-        for w in range(topo.num_workers):
-            coord.local[row(w) + W_STEP:row(w) + W_POS + 1] = resume.workers[w]
-        coord.sync()
+    coord = Control(topo)
+    if resume is not None:  # every rank writes only its own memory here
+        if coord.flags.local.size:
+            coord.flags.local[Flag.RELEASED] = 1  # no second warm start
+        if topo.role is Role.COORDINATOR:
+            board = coord.board.local
+            board[Board.STEPS] = int(resume.workers[:, 0].sum()) // cfg.topology.partitions
+            rows = board[HEAD:].reshape(-1, ROW)
+            rows[:, Row.STEP:Row.POSITION + 1] = resume.workers
+        for win in (coord.flags, coord.board):
+            win.sync()
     metrics = MetricsWriter(run_dir, topo.rank, t0)
     service = None
     if topo.role is Role.SHARD:
@@ -163,13 +152,13 @@ def _sparse_parts(cfg: Config, model) -> dict | None:
 class _TermReporter:
     """Forward this rank's SIGTERM to the coordinator's TERM flag, once."""
 
-    def __init__(self, coord: Window):
+    def __init__(self, coord: Control):
         self.coord = coord
         self.sent = False
 
     def check(self) -> None:
         if TERMINATION.requested and not self.sent:
-            self.coord.store(1, COORDINATOR_RANK, TERM)
+            self.coord.terminate()
             self.sent = True
 
 
@@ -195,7 +184,7 @@ class Worker:
         self.step = 0
         self.answered = 0
         self._staleness: dict[int, list] = {}  # push -> staleness per shard, until complete
-        self._head = np.zeros(HEAD, np.int64)
+        self._head = np.zeros(len(Flag), np.int64)
         if resume is not None:
             step, epoch, position = (int(v) for v in resume.workers[self.worker])
             state = self.reader.state()
@@ -206,31 +195,29 @@ class Worker:
 
     def _read_head(self) -> np.ndarray:
         if self.topo.partition == 0:  # the partitions of a replica act on one reading
-            self.coord.read(self._head, COORDINATOR_RANK, 0)
+            np.copyto(self._head, self.coord.read_flags())
         return partitioned.agree(self.topo, self._head)
 
     def _publish_state(self) -> None:
-        base = row(self.worker)
         st = self.reader.state()
-        for field, value in ((W_STEP, self.step), (W_EPOCH, st["epoch"]),
-                             (W_POS, st["position"])):
-            self.coord.store(int(value), COORDINATOR_RANK, base + field)
+        self.coord.report(self.worker, STEP=self.step, EPOCH=st["epoch"],
+                          POSITION=st["position"])
 
     def _service(self, head: np.ndarray) -> None:
         """Per-step control: faults, SIGTERM, and checkpoint requests (pause until done)."""
         self.fault.check()
         self.term.check()
-        k = int(head[CKPT_REQ])
+        k = int(head[Flag.CKPT_REQ])
         if k <= self.answered:
             return
         self.client.wait_acknowledged()
         self._publish_state()
-        self.coord.store(k, COORDINATOR_RANK, row(self.worker) + ACK)
+        self.coord.report(self.worker, ACK=k)
         self.answered = k
         backoff = Backoff(cap=0.005)
         while True:
             head = self._read_head()
-            if head[CKPT_DONE] >= k or head[STOP]:
+            if head[Flag.CKPT_DONE] >= k or head[Flag.STOP]:
                 return
             self.fault.check()
             backoff.wait()
@@ -240,9 +227,9 @@ class Worker:
         backoff = Backoff(cap=0.01)
         while True:
             head = self._read_head()
-            if head[RELEASED]:
+            if head[Flag.RELEASED]:
                 return True
-            if head[STOP]:
+            if head[Flag.STOP]:
                 return False
             self._service(head)
             backoff.wait()
@@ -252,7 +239,7 @@ class Worker:
         if self.topo.cfg.partitions > 1:
             self.topo.comm_replica.Barrier()  # every partition's pushes are applied
         self.metrics.write("released", replica=self.replica, step=self.step)
-        self.coord.store(1, COORDINATOR_RANK, RELEASED)
+        self.coord.raise_flag(Flag.RELEASED, 1)
         log.info("warm start over: other replicas released")
 
     def _budget_spent(self) -> bool:
@@ -283,7 +270,7 @@ class Worker:
         win_pushes = 0
         while not self._budget_spent():
             head = self._read_head()
-            if head[STOP]:
+            if head[Flag.STOP]:
                 break
             self._service(head)
             t_step = time.perf_counter()
@@ -342,9 +329,7 @@ class Worker:
                                        fetch_fraction=round(win_fetch / (now - win_t), 4),
                                        push_fraction=round(win_push / (now - win_t), 4),
                                        **extra)
-                    self.coord.accumulate(np.array([steps], np.int64),
-                                          COORDINATOR_RANK, STEPS)
-                    self.coord.flush(COORDINATOR_RANK)
+                    self.coord.report_steps(steps)
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
                 win_fetch = win_push = 0.0
                 win_bytes[:] = 0
@@ -357,8 +342,7 @@ class Worker:
         if warm and self.replica == 0 and self.step < dp.warm_start_steps:
             self._release()  # never leave the others waiting
         if win_n and self.topo.partition == 0:
-            self.coord.accumulate(np.array([win_n // self.cfg.data.batch_size], np.int64),
-                                  COORDINATOR_RANK, STEPS)
+            self.coord.report_steps(win_n // self.cfg.data.batch_size)
         self._finish()
 
     # the transport hooks: SparseWorker (dbmpi/train/sparse_worker.py) moves only the
@@ -396,10 +380,8 @@ class Worker:
 
     def _finish(self) -> None:
         """Publish the final state, then tell the coordinator this worker is done."""
-        self._publish_state()
-        self.coord.store(1, COORDINATOR_RANK, row(self.worker) + FINISHED)
-        self.coord.accumulate(np.array([1], np.int64), COORDINATOR_RANK, DONE)
-        self.coord.flush(COORDINATOR_RANK)
+        st = self.reader.state()
+        self.coord.finish(self.worker, self.step, st["epoch"], st["position"])
         self.metrics.write("worker_done", replica=self.replica, partition=self.topo.partition,
                            steps=self.step,
                            fetch_push_wait_s=round(self.client.wait_s, 3))
@@ -419,10 +401,9 @@ class Coordinator:
         self.resume = resume
         self.sequence = resume.sequence if resume is not None else 0
         self.fault = Fault(topo.rank)
-        self.me = COORDINATOR_RANK
 
-    def _get(self, field: int) -> int:
-        return self.coord.load(self.me, field)
+    def _get(self, field: Board) -> int:
+        return int(self.coord.board_view()[field])
 
     def _fetch(self) -> float:
         """The shards' parameters into the model; returns when they were fetched."""
@@ -458,26 +439,23 @@ class Coordinator:
         t = time.time()
         self.sequence += 1
         k = self.sequence
-        workers = self.topo.num_workers
-        self.coord.store(k, self.me, CKPT_REQ)
+        self.coord.raise_flag(Flag.CKPT_REQ, k)
         backoff = Backoff(cap=0.005)
-        rows = np.zeros(ROW * workers, np.int64)
         while True:
             self.fault.check()
-            self.coord.read(rows, self.me, HEAD)
-            r = rows.reshape(workers, ROW)
-            if np.all((r[:, ACK] >= k) | (r[:, FINISHED] == 1)):
+            r = self.coord.rows()
+            if np.all((r[:, Row.ACK] >= k) | (r[:, Row.FINISHED] == 1)):
                 break
             backoff.wait()
         request_checkpoint(self.ps, k, heartbeat=self.fault.check)
         # exact (STEPS lags by up to log_every per worker); each partition counts its replica
-        steps = int(r[:, W_STEP].sum()) // self.cfg.topology.partitions
+        steps = int(r[:, Row.STEP].sum()) // self.cfg.topology.partitions
         ckpt_mod.commit(self.run_dir, k, steps=steps, num_params=self.model.num_params,
                         num_shards=self.cfg.topology.shards,
-                        workers=r[:, W_STEP:W_POS + 1], final=final,
+                        workers=r[:, Row.STEP:Row.POSITION + 1], final=final,
                         model=self.cfg.to_dict()["model"], config=self.cfg.to_dict(),
                         keep=self.cfg.checkpoint.keep)
-        self.coord.store(k, self.me, CKPT_DONE)
+        self.coord.raise_flag(Flag.CKPT_DONE, k)
         self.metrics.write("checkpoint", sequence=k, steps=steps, final=final,
                            seconds=round(time.time() - t, 3))
         log.info("checkpoint %d written (%d steps, %.2f s)%s", k, steps, time.time() - t,
@@ -493,24 +471,24 @@ class Coordinator:
         next_ckpt = now + ck.every_s if ck.every_s else math.inf
         next_ckpt_steps = ((self.resume.steps if self.resume else 0) + ck.every_steps
                            if ck.every_steps else math.inf)
-        last_steps, last_t = self._get(STEPS), now
+        last_steps, last_t = self._get(Board.STEPS), now
         observe = self.record if dp.record_iterates else self.evaluate
         observe(last_steps)  # the starting point of the learning curve
         stopped_early = interrupted = False
         while True:
             self.fault.check()
-            if self._get(DONE) >= workers:
+            if self._get(Board.DONE) >= workers:
                 break
-            if not interrupted and (TERMINATION.requested or self._get(TERM)):
+            if not interrupted and (TERMINATION.requested or self._get(Board.TERM)):
                 log.warning("SIGTERM received: stopping after a last checkpoint")
                 interrupted = True
-                self.coord.store(1, self.me, STOP)
+                self.coord.raise_flag(Flag.STOP, 1)
             now = time.time()
-            steps = self._get(STEPS)
+            steps = self._get(Board.STEPS)
             if not interrupted and (now >= next_ckpt or steps >= next_ckpt_steps):
                 self.checkpoint(final=False)
                 next_ckpt = time.time() + ck.every_s if ck.every_s else math.inf
-                while next_ckpt_steps <= self._get(STEPS):
+                while next_ckpt_steps <= self._get(Board.STEPS):
                     next_ckpt_steps += ck.every_steps
             if now >= next_eval:
                 rec = observe(steps)
@@ -531,12 +509,12 @@ class Coordinator:
                 if rec and dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
                         and not stopped_early:
                     log.info("target accuracy %.4f reached: stopping", dp.target_accuracy)
-                    self.coord.store(1, self.me, STOP)
+                    self.coord.raise_flag(Flag.STOP, 1)
                     stopped_early = True
                 next_eval = time.time() + dp.eval_every_s
             time.sleep(0.02)
         # Every worker's pushes are acknowledged: the shards hold the final parameters.
-        steps = self._get(STEPS)
+        steps = self._get(Board.STEPS)
         if dp.record_iterates:
             self.record(steps)
         final = self.evaluate(steps)

@@ -158,12 +158,12 @@ def test_accumulating_in_the_push_slot():
 
 
 def test_shard_refuses_a_non_finite_push_before_it_reaches_the_parameters(monkeypatch):
-    """A NaN deep inside a push (pulled in several chunks): the shard raises, naming the worker,
+    """A NaN deep inside a push (applied in several chunks): the shard raises, naming the worker,
     and no parameter from the NaN's block on was touched (nothing non-finite was applied)."""
     import dbmpi.ps.server as server
     from dbmpi.errors import TrainingError
 
-    monkeypatch.setattr(server, "PULL_CHUNK", 1000)  # several chunks per push (RMA path)
+    monkeypatch.setattr(server, "APPLY_CHUNK", 1000)  # several chunks per push
     n, bad = 10_000, 5_500
     topo, layout, ps, service = _setup(1, size - 1, n, SGD(1.0), np.zeros(n, np.float32))
     if topo.role is Role.SHARD:
