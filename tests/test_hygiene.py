@@ -168,3 +168,65 @@ def test_a_bad_line_in_a_tracked_file_would_fail(tmp_path):
     hits = [(no, why) for no, line in enumerate(f.read_text().splitlines(), 1)
             for why in bad_paths(line, above=CI)]
     assert [no for no, _ in hits] == [2]
+
+
+# -- Markdown links ----------------------------------------------------------------------------
+# Every relative link of a tracked Markdown file must point at a file of the checkout, and a
+# #fragment at a heading of that file (GitHub's anchors: lower case, punctuation dropped,
+# spaces to hyphens, -1, -2 ... for repeats).
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of the headings of ``markdown`` (headings in code blocks excluded)."""
+    out: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        m = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def broken_links(md: Path, root: Path = ROOT) -> list[str]:
+    text = md.read_text(encoding="utf-8")
+    bad = []
+    for target in _LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, frag = target.partition("#")
+        dest = (md.parent / path).resolve() if path else md
+        if not dest.exists() or root not in (dest, *dest.parents):
+            bad.append(f"{target}: no such file in the checkout")
+        elif frag and dest.suffix == ".md" and frag not in anchors(dest.read_text("utf-8")):
+            bad.append(f"{target}: no heading #{frag} in {dest.name}")
+    return bad
+
+
+def test_markdown_links_resolve():
+    mds = [p for p in _tracked_text_files() if p.suffix == ".md"]
+    assert ROOT / "README.md" in mds
+    failures = [f"{md.relative_to(ROOT)}: {why}" for md in mds for why in broken_links(md)]
+    assert not failures, "broken links:\n" + "\n".join(failures)
+
+
+def test_link_checker_finds_a_broken_link(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text(
+        "# A page\n\n```sh\n# not a heading\n```\n## Why: it works\n")
+    md = tmp_path / "README.md"
+    md.write_text("[ok](docs/a.md) [ok](docs/a.md#why-it-works) [ok](https://example.org/x)\n"
+                  "[gone](docs/b.md) [no anchor](docs/a.md#not-a-heading) [self](#nowhere)\n")
+    assert broken_links(md, root=tmp_path) == [
+        "docs/b.md: no such file in the checkout",
+        "docs/a.md#not-a-heading: no heading #not-a-heading in a.md",
+        "#nowhere: no heading #nowhere in README.md"]
