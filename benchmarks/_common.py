@@ -19,6 +19,31 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# A folder holding the raw data sets the benchmarks read, one subfolder each: fashion-mnist/,
+# mnist/, fsdd/, kjv/, ptb/ (README.md, "Data"). Used where a benchmark's --src is not given.
+DATA_VAR = "DBMPI_DATA"
+START_DIR = Path.cwd()  # relative --src and $DBMPI_DATA mean relative to where one started
+
+
+def data_source(src: str | None, name: str, what: str, flag: str = "--src") -> str:
+    """The raw data set a benchmark reads: ``src`` if given, else ``$DBMPI_DATA/name``.
+
+    With neither (or a ``$DBMPI_DATA`` without ``name/``) prints one line saying what to pass
+    and exits with status 2, as a bad command line does.
+    """
+    if src:
+        return str(START_DIR / Path(src).expanduser())
+    prog = Path(sys.argv[0]).name
+    base = os.environ.get(DATA_VAR)
+    base = base and Path(base).expanduser()
+    if not base:
+        fail = f"no {what}: pass {flag} DIR, or set {DATA_VAR} to a folder holding {name}/"
+    elif not (START_DIR / base / name).is_dir():
+        fail = f"{DATA_VAR}={base} has no {name}/ ({what}): pass {flag} DIR or fix {DATA_VAR}"
+    else:
+        return str(START_DIR / base / name)
+    print(f"{prog}: error: {fail}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def thread_env(threads: int) -> dict[str, str]:

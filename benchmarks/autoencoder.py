@@ -11,8 +11,11 @@
 
 Prints the table and writes ``benchmarks/results/autoencoder.json``.
 
-    python benchmarks/autoencoder.py                                 # about 10 minutes here
+    python benchmarks/autoencoder.py --src DIR                       # about 10 minutes here
     python benchmarks/autoencoder.py --set downpour.epochs=1 --train-limit 10000 --epochs 1
+
+DIR holds Fashion-MNIST's idx files (github.com/zalandoresearch/fashion-mnist, data/fashion/);
+without --src, $DBMPI_DATA/fashion-mnist is used. Neither is needed once --data holds shards.
 """
 
 from __future__ import annotations
@@ -25,16 +28,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine_info, print_table, write_json
+from _common import ROOT, data_source, machine_info, print_table, write_json
 from _jobs import launch
 
 CONFIG = "jobs/configs/autoencoder_fmnist.toml"
-SRC = "/work/shared/data/fashion-mnist"
 
 
-def ensure_data(src: str, out: Path) -> None:
+def ensure_data(src: str | None, out: Path) -> None:
     if (out / "manifest.json").is_file():
         return
+    src = data_source(src, "fashion-mnist", "Fashion-MNIST idx files to shard into " + str(out))
     subprocess.run([sys.executable, "-m", "data_tools", "shard", "images", "--src", src,
                     "--out", str(out), "--shards", "4", "--class-names", "fashion-mnist"],
                    cwd=ROOT, check=True)
@@ -52,7 +55,9 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--src", default=SRC, help="Fashion-MNIST idx files")
+    ap.add_argument("--src", default=None,
+                    help="Fashion-MNIST idx files (default $DBMPI_DATA/fashion-mnist; "
+                    "needed only while --data holds no shards)")
     ap.add_argument("--data", default="data/fmnist-images", help="shard directory")
     ap.add_argument("--run-dir", default="runs/autoencoder-bench")
     ap.add_argument("--skip-train", action="store_true", help="probe an existing --run-dir")

@@ -13,8 +13,12 @@
    ``--repeats`` times, interleaved; the table gives the median (the number of samples an
    asynchronous run needs to reach the target varies from run to run).
 
-    python benchmarks/downpour.py --fmnist data/fmnist --fmnist-idx /work/shared/data/fashion-mnist
+    python benchmarks/downpour.py --fmnist data/fmnist --fmnist-idx DIR
     python benchmarks/downpour.py --quick        # small sizes, a smoke run
+
+Table 3 needs Fashion-MNIST twice: as shards (--fmnist, made by ``python -m data_tools shard
+idx``) and as the raw idx files for the PyTorch side (--fmnist-idx DIR, default
+$DBMPI_DATA/fashion-mnist; from github.com/zalandoresearch/fashion-mnist, data/fashion/).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine_info, print_table, write_json
+from _common import ROOT, data_source, machine_info, print_table, write_json
 from _jobs import run_job
 
 from dbmpi.launch import MPICH_YIELD, find_mpiexec
@@ -181,12 +185,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fmnist", default="data/fmnist", help="Fashion-MNIST shards (data_tools)")
-    ap.add_argument("--fmnist-idx", default="/work/shared/data/fashion-mnist",
-                    help="Fashion-MNIST idx files (for the PyTorch side)")
+    ap.add_argument("--fmnist-idx", default=None,
+                    help="Fashion-MNIST idx files, for the PyTorch side of table 3 "
+                    "(default $DBMPI_DATA/fashion-mnist)")
     ap.add_argument("--target", type=float, default=0.89)
     ap.add_argument("--skip", nargs="*", default=[], choices=["ps", "scaling", "accuracy"])
     ap.add_argument("--repeats", type=int, default=3, help="time-to-accuracy runs per system")
     args = ap.parse_args()
+    if "accuracy" not in args.skip:  # before the long parts: a missing data set stops at once
+        args.fmnist_idx = data_source(args.fmnist_idx, "fashion-mnist",
+                                      "Fashion-MNIST idx files", flag="--fmnist-idx")
     result = {"machine": machine_info()}
 
     if "ps" not in args.skip:

@@ -1,7 +1,7 @@
 """Neural language model against an interpolated Kneser-Ney 5-gram on a real corpus, and
 sparse against dense embedding traffic.
 
-    python benchmarks/lm.py                                      # King James Bible
+    python benchmarks/lm.py --src DIR                            # King James Bible
     python benchmarks/lm.py --src ~/ptb --name ptb               # ptb.{train,valid,test}.txt
     python benchmarks/lm.py --skip traffic                       # perplexities only
     python benchmarks/lm.py --skip perplexity                    # bytes and time per step only
@@ -24,6 +24,8 @@ sparse against dense embedding traffic.
    ``downpour.sparse`` true and false: parameter bytes fetched and gradient bytes pushed per
    step and replica (from the ``train`` records), ms per step, and the fractions of a step
    spent fetching and pushing. Run it on a quiet machine.
+
+The corpus comes from --src, or $DBMPI_DATA/kjv without it (README.md, "Data").
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from _common import RESULTS, ROOT, machine_info, print_table, write_json
+from _common import RESULTS, ROOT, data_source, machine_info, print_table, write_json
 from _jobs import launch, run_job
 
 WORDS = ["god", "king", "said", "land", "son", "gold", "david", "seven", "heart", "went"]
@@ -240,8 +242,9 @@ def traffic(cfg_path: str, overrides: list[str], steps: int, repeats: int) -> li
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", default="/work/shared/data/kjv",
-                    help="train/valid/test.txt or ptb.{train,valid,test}.txt (default KJV)")
+    ap.add_argument("--src", default=None,
+                    help="train/valid/test.txt or ptb.{train,valid,test}.txt "
+                    "(default $DBMPI_DATA/kjv: the King James Bible)")
     ap.add_argument("--name", default=None, help="results name (default: the --src folder's)")
     ap.add_argument("--vocab", type=int, default=10000)
     ap.add_argument("--context", type=int, default=4,
@@ -268,6 +271,7 @@ def main() -> int:
     ap.add_argument("-k", type=int, default=8, help="neighbours per word")
     ap.add_argument("--timeout", type=float, default=3600)
     a = ap.parse_args()
+    a.src = data_source(a.src, "kjv", "text corpus")
     name = a.name or Path(a.src).resolve().name
     data = ROOT / "data" / f"lm-{name}-v{a.vocab}-c{a.context}"
     load0 = os.getloadavg()

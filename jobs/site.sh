@@ -13,7 +13,7 @@ fi
 export PYTHONPATH=$DBMPI_ROOT${PYTHONPATH:+:$PYTHONPATH}  # data_tools from any directory
 
 # Ranks may outnumber cores: MPICH ranks waiting in MPI then yield their core instead of
-# busy-polling (measured in README "Oversubscription"; other MPIs ignore these variables).
+# busy-polling (docs/performance.md, "Oversubscription"; other MPIs ignore these variables).
 export MPIR_CVAR_ENABLE_HEAVY_YIELD=${MPIR_CVAR_ENABLE_HEAVY_YIELD:-1}
 export MPIR_CVAR_POLLS_BEFORE_YIELD=${MPIR_CVAR_POLLS_BEFORE_YIELD:-1}
 export MPIR_CVAR_CH4_PROGRESS_THROTTLE=${MPIR_CVAR_CH4_PROGRESS_THROTTLE:-true}
