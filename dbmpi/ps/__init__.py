@@ -8,40 +8,53 @@ The model's parameters are one flat float32 vector cut into S contiguous blocks
 whole run, each operation completed by ``Flush`` (:mod:`dbmpi.ps.rma`). Shards never post a
 receive: they poll their own memory.
 
+Windows are zeroed when they are made (``Win.Allocate`` does not zero, and off-node a new
+window can hold an old one's bytes), and every rank that owns a window others operate on calls
+:func:`dbmpi.ps.rma.progress` while it polls or computes in chunks: over MPI's network path
+(UCX or libfabric over TCP, and accumulates on any fabric) a one-sided operation completes
+only while its target is inside such a call. No operation targets a rank that computes for
+long: workers are read only by shards on their own node, through mapped memory.
+
 Windows (a rank exposes 0 bytes in a window that is not its own):
 
 ``params`` (float32, block; on each shard)
-    The current parameters. Workers ``Get`` their range (a *fetch*). The shard updates it in
-    place with local stores followed by ``Win.Sync``.
+    The current parameters. Workers ``Get`` their range (a *fetch*; on the same node, a copy
+    from the mapped memory). The shard updates it in place with local stores followed by
+    ``Win.Sync``.
 ``grads`` (float32, NSLOTS x range, NSLOTS = 2; on each worker)
-    Two *slots* of the worker's own parameter range. Push number q goes to slot (q - 1) % 2,
-    so a worker can fill push q + 1 while the shards still pull push q. Pushes are *pulled*:
-    each shard reads its part of the slot with ``Get`` in cache-sized chunks (``PULL_CHUNK``)
-    and applies each chunk while it is in cache, so a gradient crosses memory once on its way
-    into the optimizer (a ``Put`` into a shard-side slot that the shard then read back crossed it three
-    times). A slot is never written while a shard may read it: see ``DONE`` below.
+    Two *slots* of the worker's own parameter range. Push number q is written to slot
+    (q - 1) % 2, so a worker can fill push q + 1 while the shards still apply push q.
+``inbox`` (float32; on each shard, NSLOTS x overlap per worker it cannot map)
+    How a push reaches a shard on another node. ``mapped[s, w]`` (decided once, when the
+    windows are made: shard s can map worker w's memory with ``Shared_query``, i.e. they share
+    a node and ``DBMPI_RMA_SHARED`` is not 0) says whether shard s reads worker w's slot in
+    place (mapped memory, the gradient crosses memory once) or the worker puts its part of
+    the slot into slot ``(q - 1) % 2`` of its inbox on s. The pull of old (a shard ``Get``
+    from the worker's window) waited over TCP for the worker's next MPI call, i.e. its whole
+    compute step.
 ``ctrl`` (int64, 4 + 4W for W workers; on each shard)
     ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2]]``.
 
 A *push* (number q) by worker w, step by step:
 
-1. wait until ``DONE_w >= q - 2`` on every shard of its range (atomic reads): they have pulled
-   the push that last used this slot. At most two pushes per worker are in flight;
+1. wait until ``DONE_w >= q - 2`` on every shard of its range (atomic reads): they have
+   applied the push that last used this slot. At most two pushes per worker are in flight;
 2. write the gradient into the slot with local stores (the backward pass writes it there
-   directly, or gradients are summed there: no copy), then ``Win.Sync``;
+   directly, or gradients are summed there: no copy), then ``Win.Sync``; for every shard that
+   cannot map the slot, ``Put`` its part into that shard's inbox, and ``Flush``;
 3. ``SEQ_w += 1`` on each of those shards (``Fetch_and_op(SUM)``). The push is now *posted*.
 
-The shard's loop reads its own ``ctrl`` with local loads after ``Win.Sync`` (polling never
-calls into the MPI library); for every worker with ``SEQ_w > DONE_w`` it pulls the pending
-slots in push order (on the same node it reads the worker's slot in place, see
-:meth:`dbmpi.ps.rma.Window.shared`; otherwise ``Get`` in chunks), refuses a gradient holding NaN/Inf
+The shard's loop calls ``progress`` and reads its own ``ctrl`` with local loads after
+``Win.Sync``; for every worker with ``SEQ_w > DONE_w`` it takes the pending slots in push order
+(from the worker's mapped memory or from its inbox), refuses a gradient holding NaN/Inf
 (checked block by block inside the Adagrad kernel: the job ends before a non-finite value
 reaches the block), applies the optimizer to its params block and accumulator (state that
-never leaves the shard), records ``BASE_w[slot]`` = pushes applied before this one, calls
-``Win.Sync`` on ``params``, and then publishes ``APPLIED`` and last ``DONE_w = SEQ_w`` with
-local stores and ``Win.Sync`` on ``ctrl``. A push becomes *visible* to fetches at that Sync, and is
-*acknowledged* when DONE_w moves. Each push is applied exactly once: a slot is read only after
-its SEQ moved and written again only after DONE caught up.
+never leaves the shard) one cache-sized chunk at a time with a progress call between chunks,
+records ``BASE_w[slot]`` = pushes applied before this one, calls ``Win.Sync`` on ``params``,
+and then publishes ``APPLIED`` and last ``DONE_w = SEQ_w`` with local stores and ``Win.Sync``
+on ``ctrl``. A push becomes *visible* to fetches at that Sync, and is *acknowledged* when DONE_w
+moves. Each push is applied exactly once: a slot (and its inbox slot) is read only after its
+SEQ moved and written again only after DONE caught up.
 
 Checkpoints: the coordinator stores ``CKPT_REQ = k`` once every worker has paused with its
 pushes acknowledged; the shard writes its block and accumulator and stores ``CKPT_ACK = k``.
@@ -67,7 +80,8 @@ the counters again only when it needs a later one (one read per shard per fetch,
 push while its slots are free).
 """
 
+from .client import PSClient
 from .layout import ParamLayout, Segment
-from .server import ParameterServer, PSClient, ShardService
+from .server import ParameterServer, ShardService
 
 __all__ = ["ParamLayout", "Segment", "ParameterServer", "PSClient", "ShardService"]

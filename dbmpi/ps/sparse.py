@@ -40,9 +40,10 @@ import cython_kernels as ck
 
 from ..errors import ConfigError, TrainingError
 from ..optim.rules import Adagrad, _first_nonfinite
+from .client import PSClient
 from .layout import ParamLayout
 from .rma import Window, progress
-from .server import NSLOTS, ParameterServer, PSClient, ShardService
+from .server import NSLOTS, ParameterServer, ShardService
 
 
 def embedding_of(model):
@@ -249,7 +250,8 @@ class SparseClient(PSClient):
         ps = self.ps
         k, d = rows.shape[0], ps.dim
         if k > ps.rows_max:
-            raise ValueError(f"a push carries {k} rows, more than the {ps.rows_max} it has room for")
+            raise ValueError(f"a push carries {k} rows, more than the {ps.rows_max} it has "
+                             "room for")
         slot[:k * d] = grad_rows.reshape(-1)
         base = ((self.pushes) % NSLOTS) * ps.row_slot
         ps.rows.local[base] = k
