@@ -180,15 +180,25 @@ class Bed:
                 _run(["ip", "-n", ns, "addr", "add", f"{self.addr(h)}/24", "dev", IFACE])
                 _run(["ip", "-n", ns, "link", "set", IFACE, "up"])
                 _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-                if self.rate:  # both directions: each end shapes what it sends
-                    for n, dev in ((ns, IFACE), (br, f"h{h}")):
-                        _run(["tc", "-n", n, "qdisc", "add", "dev", dev, "root", "tbf",
-                              "rate", self.rate, "burst", rate_burst(self.rate),
-                              "latency", "50ms"])
+            if self.rate:
+                self.shape(self.rate)
         except BaseException:
             self.down()
             raise
         return self
+
+    def shape(self, rate: str | None) -> None:
+        """Limit every link to RATE in both directions (tc tbf), or unshape it (None/"none")."""
+        rate = None if rate in (None, "", "none") else rate
+        burst = rate_burst(rate) if rate else ""
+        for h in range(self.hosts):  # each end of a link shapes what it sends
+            for ns, dev in ((self.ns(h), IFACE), (f"{self.id}-br", f"h{h}")):
+                if rate:
+                    _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
+                          "rate", rate, "burst", burst, "latency", "50ms"])
+                else:  # fails harmlessly where there was no tbf
+                    _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+        self.rate = rate
 
     def kill_all(self, grace: float = 3.0) -> int:
         """SIGTERM, then after GRACE s SIGKILL, every process inside the bed; their count."""
