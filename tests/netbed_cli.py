@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("bed", nargs="?", help="its id (default $DBMPI_NETBED or the only one)")
     down.add_argument("--stale", action="store_true", help="remove every bed whose owner died")
     sub.add_parser("list", help="beds on this machine")
+    sub.add_parser("check", help="exit 0 if beds can be made here, else say why and exit 1")
     ex = sub.add_parser("exec", help="run CMD inside host HOST (a number) of a bed")
     ex.add_argument("--bed")
     ex.add_argument("host", type=int)
@@ -103,6 +104,10 @@ def _run_job(a: argparse.Namespace, cmd: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if a.cmd == "check":
+        why = unavailable()
+        print(why or "network namespaces usable")
+        return 1 if why else 0
     try:
         if a.cmd != "list" and (why := unavailable()):
             raise NetbedError(why)
