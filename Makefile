@@ -61,9 +61,12 @@ test-mpi: build
 
 # The MPI suite with its ranks on 3 namespace "hosts" that talk TCP (tests/netbed.py). Needs
 # root; elsewhere it says why and succeeds, unless DBMPI_REQUIRE_NETNS=1.
+# MULTIHOST_TESTS="tests/mpi/test_rma.py -vv" runs part of it.
+MULTIHOST_TESTS ?= tests/mpi
 test-multihost: build
 	@if why=$$($(PY) -m tests.netbed check); then \
-	  OPENBLAS_NUM_THREADS=1 timeout 900 $(PY) -m tests.netbed suite --hosts 3 -n 4 --timeout 600; \
+	  OPENBLAS_NUM_THREADS=1 timeout 900 $(PY) -m tests.netbed suite --hosts 3 -n 4 --timeout 600 \
+	    -- $(MULTIHOST_TESTS); \
 	elif [ "$${DBMPI_REQUIRE_NETNS:-}" = 1 ]; then \
 	  echo "test-multihost: DBMPI_REQUIRE_NETNS=1 but $$why" >&2; exit 1; \
 	else echo "test-multihost: not run: $$why"; fi
