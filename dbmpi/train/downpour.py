@@ -115,6 +115,7 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
 
             applied = service.serve(heartbeat=heartbeat)
             metrics.write("shard", shard=topo.index, pushes_applied=applied,
+                          inbox_workers=sum(s == topo.index for s, _ in ps.inbox_at),
                           busy_s=round(service.busy_s, 3),
                           busy_cpu_s=round(service.busy_cpu_s, 3))
         elif topo.role is Role.REPLICA:
@@ -264,16 +265,17 @@ class Worker:
         pending, start_step = 0, self.step
         slow = self.replica == dp.straggler_replica and dp.straggler_factor > 1
         win_loss, win_correct, win_n, win_t = 0.0, 0, 0, time.perf_counter()
-        win_fetch = win_push = 0.0  # seconds spent in fetch and push this window
+        win_fetch = win_push = win_ctrl = 0.0  # seconds in fetch, push, control this window
         win_bytes = np.zeros(3, np.int64)  # bytes fetched, bytes pushed, rows pushed
         win_bytes[0] = 4 * (client.stop - client.start)  # the first fetch, above
         win_pushes = 0
         while not self._budget_spent():
+            t_step = time.perf_counter()
             head = self._read_head()
             if head[Flag.STOP]:
                 break
             self._service(head)
-            t_step = time.perf_counter()
+            win_ctrl += time.perf_counter() - t_step
             x, y = self.reader.next_batch()
             if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
                 t_fetch = time.perf_counter()
@@ -328,10 +330,11 @@ class Worker:
                                        samples_per_s=win_n / (now - win_t),
                                        fetch_fraction=round(win_fetch / (now - win_t), 4),
                                        push_fraction=round(win_push / (now - win_t), 4),
+                                       ctrl_fraction=round(win_ctrl / (now - win_t), 4),
                                        **extra)
                     self.coord.report_steps(steps)
                 win_loss, win_correct, win_n, win_t = 0.0, 0, 0, now
-                win_fetch = win_push = 0.0
+                win_fetch = win_push = win_ctrl = 0.0
                 win_bytes[:] = 0
                 win_pushes = 0
                 self._log_staleness()

@@ -1,0 +1,123 @@
+"""Whole Downpour and Sandblaster jobs with their ranks on 3 namespace hosts over TCP.
+
+The coordinator and the shards sit on host 0 and the replicas on hosts 1 and 2 of a bed
+(tests/netbed.py), so every fetch, push and control word crosses MPI's network path (UCX over
+TCP between hosts; libfabric's tcp provider for one run): the shards take pushes into their
+inboxes and must make progress for the replicas. Each deterministic job is compared bit for
+bit with the same job on one node through shared memory, which the rest of the suite checks
+against serial numpy references (tests/test_jobs.py, tests/test_sandblaster.py). Needs root
+and ``ip netns``: skipped otherwise, a failure under ``DBMPI_REQUIRE_NETNS=1`` (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from conftest import JOB_ENV, ROOT, run_job, write_config
+
+from dbmpi.checkpoint import load_params
+from tests import netbed
+from tests.netbed import Bed
+
+JOB_TIMEOUT = 300  # s, a last guard: each job takes 5-40 s here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _netns_available():
+    why = netbed.unavailable()
+    if why and os.environ.get("DBMPI_REQUIRE_NETNS") == "1":
+        pytest.fail(f"DBMPI_REQUIRE_NETNS=1 but {why}", pytrace=False)
+    if why:
+        pytest.skip(f"multi-host jobs not run: {why}")
+
+
+@pytest.fixture(scope="module")
+def bed():
+    with Bed(3, name="jobs") as b:
+        yield b
+
+
+def _on_bed(bed: Bed, rank_hosts: list[int], cfg, transport: str = "ucx"):
+    argv = bed.mpiexec_cmd(len(rank_hosts), [sys.executable, "-m", "mpi4py", "-m", "dbmpi",
+                                             "train", str(cfg)],
+                           rank_hosts=rank_hosts, transport=transport)
+    return bed.run(argv, timeout=JOB_TIMEOUT, capture_output=True, text=True, cwd=ROOT,
+                   env={**os.environ, **JOB_ENV})
+
+
+def _downpour(path, data, run_dir, replicas: int, steps: int, **downpour):
+    return write_config(path, {
+        "topology": {"shards": 2, "replicas": replicas},
+        "model": {"layers": [{"type": "dense", "units": 32, "activation": "relu"}]},
+        "data": {"path": data, "batch_size": 32},
+        "optimizer": {"name": "adagrad", "learning_rate": 0.05},
+        "downpour": {"steps": steps, "eval_every_s": 60.0, **downpour},
+        "checkpoint": {"every_steps": steps // 2},
+        "run": {"dir": run_dir, "seed": 3}})
+
+
+@pytest.mark.parametrize("transport", ["ucx", "ofi"])
+def test_downpour_across_hosts_equals_the_same_job_on_one_node(tmp_path, small_data, bed,
+                                                               transport):
+    """One replica reading its own pushes is deterministic: its parameters after 200 steps
+    through the shards' inboxes over TCP are the on-node job's, bit for bit."""
+    params = {}
+    for where in ("one-node", "hosts"):
+        cfg = _downpour(tmp_path / f"{where}.toml", small_data, tmp_path / where, 1, 200,
+                        read_own_pushes=True)
+        proc = (run_job(4, ["train", str(cfg)], timeout=JOB_TIMEOUT) if where == "one-node"
+                else _on_bed(bed, [0, 0, 0, 1], cfg, transport))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        params[where], _ = load_params(tmp_path / where / "params.h5")
+        # on one node the shards read the replica's memory; across hosts it puts into them
+        shards = [json.loads(line) for line in (tmp_path / where / "metrics.jsonl").open()]
+        inbox = [r["inbox_workers"] for r in shards if r["kind"] == "shard"]
+        assert inbox == ([0, 0] if where == "one-node" else [1, 1])
+    np.testing.assert_array_equal(params["hosts"], params["one-node"])
+
+
+def test_two_replicas_on_two_hosts_train_to_the_end(tmp_path, small_data, bed):
+    """Asynchronous Downpour with the replicas on hosts 1 and 2 and the shards on host 0: every
+    push is applied (the shards' counts add up to the replicas'), a checkpoint is written
+    mid-run, and the model learns."""
+    steps = 400
+    cfg = _downpour(tmp_path / "job.toml", small_data, tmp_path / "run", 2, steps,
+                    warm_start_steps=50, log_every=25)
+    proc = _on_bed(bed, [0, 0, 0, 1, 2], cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 * steps
+    assert summary["final_test_accuracy"] > 0.3  # far above the 10% of chance
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    applied = [r["pushes_applied"] for r in recs if r["kind"] == "shard"]
+    assert applied == [2 * steps, 2 * steps]  # n_push = 1: one push per step per replica
+    assert any(r["kind"] == "checkpoint" and not r["final"] for r in recs)
+    train = [r for r in recs if r["kind"] == "train"]
+    assert {r["replica"] for r in train} == {0, 1}
+    assert all(r["ctrl_fraction"] < 0.5 for r in train)
+
+
+def test_sandblaster_across_hosts_equals_the_same_job_on_one_node(tmp_path, small_data, bed):
+    """Sandblaster's shard-local vector math and its replicas' pushes over TCP give the
+    on-node run's parameters bit for bit (uninitialised window memory off-node once made
+    this run finish with wrong numbers and no error)."""
+    params = {}
+    for where in ("one-node", "hosts"):
+        cfg = write_config(tmp_path / f"{where}.toml", {
+            "topology": {"shards": 2, "replicas": 2},
+            "model": {"layers": [{"type": "dense", "units": 16, "activation": "tanh"}]},
+            "data": {"path": small_data},
+            "sandblaster": {"iterations": 8, "history": 5, "portion_size": 100,
+                            "push_every": 2, "l2": 1e-4},
+            "run": {"dir": tmp_path / where, "seed": 0}})
+        cfg.write_text('algorithm = "sandblaster"\n' + cfg.read_text())
+        proc = (run_job(5, ["train", str(cfg)], timeout=JOB_TIMEOUT) if where == "one-node"
+                else _on_bed(bed, [0, 0, 0, 1, 2], cfg))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        params[where], _ = load_params(tmp_path / where / "params.h5")
+    np.testing.assert_array_equal(params["hosts"], params["one-node"])
