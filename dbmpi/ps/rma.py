@@ -42,6 +42,8 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from ..protocol import Tag
+
 CHUNK = 1 << 22  # elements per RMA call (16 MiB of float32)
 SHARED_MEMORY = os.environ.get("DBMPI_RMA_SHARED", "1") != "0"
 
@@ -52,14 +54,10 @@ _MPI_TYPES = {
 }
 
 
-# A tag no message of dbmpi uses: probing it never matches, it only drives the progress engine.
-_PROGRESS_TAG = 32_000
-
-
 def progress() -> None:
     """Let MPI complete one-sided operations that target this rank (cheap: one ``Iprobe``,
     ~1 us on one node). Call it from every loop in which a window owner waits or polls."""
-    MPI.COMM_WORLD.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
+    MPI.COMM_WORLD.Iprobe(MPI.ANY_SOURCE, Tag.PROGRESS)  # a tag never sent
 
 
 class Window:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import TrainingError
 from ..log import get_logger
+from ..protocol import ShardCtrl
 from ..topology import Role, Topology
 from .layout import ParamLayout
 from .rma import Window, progress
@@ -27,10 +28,9 @@ NSLOTS = 2
 APPLY_CHUNK = 1 << 18
 # Seconds a shard with workers on other nodes keeps calling MPI after applying a push.
 HOT_S = 0.005
-# ctrl window layout on each shard:
-# [STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker SEQ, DONE, BASE of each slot]
-STOP, APPLIED, CKPT_REQ, CKPT_ACK = 0, 1, 2, 3
-CTRL_HEAD, PER_WORKER = 4, 2 + NSLOTS
+# ctrl window layout on each shard: ShardCtrl, then per worker SEQ, DONE, BASE of each slot
+STOP, APPLIED, CKPT_REQ, CKPT_ACK = ShardCtrl
+CTRL_HEAD, PER_WORKER = len(ShardCtrl), 2 + NSLOTS
 
 
 def seq_index(worker: int) -> int:

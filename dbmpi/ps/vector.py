@@ -9,15 +9,15 @@ Protocol
 ========
 Commands (coordinator -> shards, point-to-point)
     A *program* is a float64 array of fixed-size records ``[op, a, b, c, alpha, beta]``
-    (:class:`Op`); ``a``, ``b``, ``c`` are vector handles. The coordinator queues operations
-    and sends the program, with a standard ``Send`` of tag :data:`TAG_COMMAND` on a duplicate of
-    the job's communicator, to every shard when it needs results (dot products) or an
-    acknowledgement. A shard polls (``Iprobe`` with backoff, so an idle shard yields its core),
-    receives the program, executes the records in order on its blocks, and joins a ``Reduce``
-    (SUM, root = coordinator) over the coordinator+shards communicator of a vector holding its
-    partial dot products (one slot when there are none: the acknowledgement). Only these
-    scalars travel back; every program is a synchronous round trip, so when ``dots`` returns,
-    every shard has finished every operation sent before.
+    (:class:`Op`); ``a``, ``b``, ``c`` are vector handles. The coordinator queues operations and
+    sends the program, with a standard ``Send`` of tag :attr:`dbmpi.protocol.Tag.COMMAND` on a
+    duplicate of the job's communicator, to every shard when it needs results (dot products) or
+    an acknowledgement. A shard polls (``Iprobe`` with backoff, so an idle shard yields its
+    core), receives the program, executes the records in order on its blocks, and joins a
+    ``Reduce`` (SUM, root = coordinator) over the coordinator+shards communicator of a vector
+    holding its partial dot products (one slot when there are none: the acknowledgement). Only
+    these scalars travel back; every program is a synchronous round trip, so when ``dots``
+    returns, every shard has finished every operation sent before.
 Windows (``MPI.Win.Allocate``, one ``Lock_all(MODE_NOCHECK)`` epoch, :mod:`dbmpi.ps.rma`)
     ``x`` (float64, block)
         Vector ``W`` itself: the point being evaluated. Replicas ``Get`` it at the start of
@@ -51,12 +51,12 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from ..protocol import Tag
 from ..topology import COORDINATOR_RANK, Role, Topology
 from .layout import ParamLayout
 from .rma import Window
 from .server import Backoff
 
-TAG_COMMAND = 101
 RECORD = 6  # float64 fields per command record
 
 
@@ -133,12 +133,12 @@ class VectorShard:
     def _recv_program(self) -> np.ndarray:
         comm, status = self.win.comm, MPI.Status()
         backoff = Backoff(cap=0.001)
-        while not comm.Iprobe(COORDINATOR_RANK, TAG_COMMAND, status):
+        while not comm.Iprobe(COORDINATOR_RANK, Tag.COMMAND, status):
             if self.heartbeat is not None:
                 self.heartbeat()
             backoff.wait()
         prog = np.empty(status.Get_count(MPI.DOUBLE), np.float64)
-        comm.Recv([prog, MPI.DOUBLE], COORDINATOR_RANK, TAG_COMMAND)
+        comm.Recv([prog, MPI.DOUBLE], COORDINATOR_RANK, Tag.COMMAND)
         return prog.reshape(-1, RECORD)
 
     def _wait_count(self, target: int) -> None:
@@ -258,7 +258,7 @@ class ShardVectors:
         self.queue = []
         comm = self.win.comm
         for r in self.shard_ranks:
-            comm.Send([prog, MPI.DOUBLE], r, TAG_COMMAND)
+            comm.Send([prog, MPI.DOUBLE], r, Tag.COMMAND)
         n_dots = int(np.count_nonzero(prog[:, 0] == Op.DOT))
         mine = np.zeros(max(1, n_dots), np.float64)
         out = np.zeros_like(mine)

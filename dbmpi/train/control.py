@@ -6,11 +6,12 @@ only while its target is inside MPI (see :mod:`dbmpi.ps.rma`), so a per-step rea
 coordinator's memory cost a replica a third of its time over TCP.
 
 ``flags`` (on partition 0 of every replica; REPLACE by the coordinator, RELEASED by replica 0)
-    :class:`Flag`. The worker reads its own copy with local loads after a progress call: no
-    message per step. A writer starts the REPLACE on every worker and then completes them all,
-    so it waits at most for the slowest worker's next step.
+    :class:`dbmpi.protocol.Flag`. The worker reads its own copy with local loads after a
+    progress call: no message per step. A writer starts the REPLACE on every worker and then
+    completes them all, so it waits at most for the slowest worker's next step.
 ``board`` (on the coordinator; written by the workers)
-    :class:`Board` (TERM REPLACE, DONE and STEPS SUM), then one :class:`Row` per worker
+    :class:`~dbmpi.protocol.Board` (TERM REPLACE, DONE and STEPS SUM), then one
+    :class:`~dbmpi.protocol.Row` per worker
     (REPLACE). STEPS, reported every ``log_every`` steps, goes with a request-based accumulate
     that the worker only ever tests: steps reported while the last report is still in flight
     are added to the next one. The rare reports (checkpoint answers, the last state) complete
@@ -21,35 +22,12 @@ Every location has one writer op and NO_OP readers, as in :mod:`dbmpi.ps`.
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 from mpi4py import MPI
 
+from ..protocol import Board, Flag, Row
 from ..ps.rma import Window, progress
 from ..topology import COORDINATOR_RANK, Role, Topology
-
-
-class Flag(enum.IntEnum):
-    STOP = 0  # finish now (target reached, SIGTERM)
-    CKPT_REQ = 1  # checkpoint k requested: pause at the next step boundary
-    CKPT_DONE = 2  # checkpoint k committed: go on
-    RELEASED = 3  # the warm start is over
-
-
-class Board(enum.IntEnum):
-    TERM = 0  # some rank received SIGTERM
-    DONE = 1  # workers finished
-    STEPS = 2  # steps trained, summed over replicas (lags by up to log_every per replica)
-
-
-class Row(enum.IntEnum):
-    ACK = 0  # last checkpoint this worker answered
-    STEP = 1
-    EPOCH = 2
-    POSITION = 3  # of its data reader
-    FINISHED = 4
-
 
 HEAD, ROW = len(Board), len(Row)
 

@@ -42,11 +42,12 @@ from ..log import get_logger
 from ..metrics import MetricsWriter
 from ..model import Model
 from ..optim import make_optimizer
+from ..protocol import Board, Flag, Row
 from ..ps import ParameterServer, ParamLayout, PSClient, ShardService
 from ..ps.server import Backoff, request_checkpoint, request_stop
 from ..topology import Role, Topology
 from . import partitioned
-from .control import HEAD, ROW, Board, Control, Flag, Row
+from .control import HEAD, ROW, Control
 
 log = get_logger("downpour")
 

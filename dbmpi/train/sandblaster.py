@@ -17,11 +17,11 @@ The batch of N examples is cut into portions of ``portion_size`` examples (much 
 N / R, so fast replicas do more of them). Scheduling messages are point-to-point float64
 arrays on the vector service's communicator:
 
-request, replica -> coordinator (:data:`TAG_REQUEST`)
+request, replica -> coordinator (:attr:`~dbmpi.protocol.Tag.REQUEST`)
     ``[eval, finished, loss_sum, n_correct, k, p_1 .. p_k]``: the portion it just finished
     (-1 if none) and its *pending* portions ``p_1..p_k`` (finished, gradient summed locally,
     not pushed yet) with their summed loss. A replica's first request has no portions.
-reply, coordinator -> replica (:data:`TAG_REPLY`)
+reply, coordinator -> replica (:attr:`~dbmpi.protocol.Tag.REPLY`)
     ``[decision, eval, batch, portion, lo, hi]``: what to do with the pending portions
     (:class:`Decision`: keep accumulating, GRANT = push them now, REJECT = discard them, STOP)
     and the next portion (-1: none).
@@ -91,6 +91,7 @@ from ..metrics import MetricsWriter
 from ..model import Dense, Model
 from ..model.model import flat_batch
 from ..optim.lbfgs import GW, LBFGS, IterationRecord, W, X, num_vectors
+from ..protocol import Tag
 from ..ps.layout import ParamLayout
 from ..ps.server import Backoff
 from ..ps.vector import ShardVectors, VectorClient, VectorShard, VectorWindows
@@ -98,8 +99,6 @@ from ..topology import COORDINATOR_RANK, Role, Topology
 
 log = get_logger("sandblaster")
 
-TAG_REQUEST = 201
-TAG_REPLY = 202
 REQUEST_HEAD = 5  # eval, finished, loss_sum, n_correct, k
 REPLY_SIZE = 6  # decision, eval, batch, portion, lo, hi
 MAX_COPIES = 2  # holders of one portion at a time, the original included
@@ -235,7 +234,7 @@ class Scheduler:
         self._rep[:] = (decision, self.eval_id, self.batch, portion, -1, -1)
         if portion >= 0:
             self._rep[4:6] = self.bounds[portion]
-        self.comm.Send([self._rep, MPI.DOUBLE], self.rank_of[replica], TAG_REPLY)
+        self.comm.Send([self._rep, MPI.DOUBLE], self.rank_of[replica], Tag.REPLY)
 
     def _pick(self, r: int) -> int:
         """The next portion for replica r, or -1."""
@@ -322,7 +321,7 @@ class Scheduler:
         granted. The pushes may still be landing: the shards wait for them."""
         self.start_eval(batch, n_examples)
         while not self.complete:
-            src = _poll_recv(self.comm, self._req, MPI.ANY_SOURCE, TAG_REQUEST, 2e-4,
+            src = _poll_recv(self.comm, self._req, MPI.ANY_SOURCE, Tag.REQUEST, 2e-4,
                              self.heartbeat)
             self._handle(src)
         assert self.examples_granted == n_examples
@@ -361,7 +360,7 @@ class Scheduler:
             self._reply(self.waiting.popleft(), Decision.STOP)
             stopped += 1
         while stopped < self.R:
-            src = _poll_recv(self.comm, self._req, MPI.ANY_SOURCE, TAG_REQUEST, 1e-3,
+            src = _poll_recv(self.comm, self._req, MPI.ANY_SOURCE, Tag.REQUEST, 1e-3,
                              self.heartbeat)
             self._reply(self.replica_of[src], Decision.STOP)
             stopped += 1
@@ -484,7 +483,7 @@ class Replica:
         req = self._req[:REQUEST_HEAD + k]
         req[:REQUEST_HEAD] = (eval_id, finished, self.loss_sum, self.n_correct, k)
         req[REQUEST_HEAD:] = self.pending
-        self.comm.Send([req, MPI.DOUBLE], COORDINATOR_RANK, TAG_REQUEST)
+        self.comm.Send([req, MPI.DOUBLE], COORDINATOR_RANK, Tag.REQUEST)
 
     def _compute(self, batch: int, lo: int, hi: int) -> None:
         t = time.perf_counter()
@@ -509,7 +508,7 @@ class Replica:
         self._request(-1, -1)
         while True:
             t = time.perf_counter()
-            _poll_recv(self.comm, self._rep, COORDINATOR_RANK, TAG_REPLY, 1e-3, self.fault.check)
+            _poll_recv(self.comm, self._rep, COORDINATOR_RANK, Tag.REPLY, 1e-3, self.fault.check)
             self.wait_s += time.perf_counter() - t
             decision, eval_id, batch, portion, lo, hi = (int(v) for v in self._rep)
             if decision == Decision.GRANT:

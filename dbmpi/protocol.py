@@ -1,0 +1,56 @@
+"""Every word dbmpi puts on the wire, in one place: message tags and control-window layouts.
+
+The protocols that use them are described where they are implemented: the parameter server's
+in :mod:`dbmpi.ps`, Sandblaster's vector service in :mod:`dbmpi.ps.vector`, Downpour's control
+plane in :mod:`dbmpi.train.control`, Sandblaster's scheduling in :mod:`dbmpi.train.sandblaster`.
+Keeping the numbers together is what stops two modules from giving one word two values.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Tag(enum.IntEnum):
+    """Point-to-point message tags (each on its own communicator or use)."""
+
+    COMMAND = 101  # coordinator -> shards: a Sandblaster vector program
+    REQUEST = 201  # replica -> coordinator: Sandblaster work request (and results)
+    REPLY = 202  # coordinator -> replica: Sandblaster work decision
+    PROGRESS = 32_000  # never sent: probing it only drives MPI's progress engine
+
+
+class ShardCtrl(enum.IntEnum):
+    """Head of a shard's ``ctrl`` window; per-worker rows follow (:mod:`dbmpi.ps.server`)."""
+
+    STOP = 0  # coordinator REPLACE: finish once nothing is pending
+    APPLIED = 1  # shard: pushes applied so far
+    CKPT_REQ = 2  # coordinator REPLACE: write checkpoint k
+    CKPT_ACK = 3  # shard: checkpoint k written
+
+
+class Flag(enum.IntEnum):
+    """A Downpour replica's flags, in its own memory (:mod:`dbmpi.train.control`)."""
+
+    STOP = 0  # finish now (target reached, SIGTERM)
+    CKPT_REQ = 1  # checkpoint k requested: pause at the next step boundary
+    CKPT_DONE = 2  # checkpoint k committed: go on
+    RELEASED = 3  # the warm start is over
+
+
+class Board(enum.IntEnum):
+    """Head of the Downpour coordinator's board; one :class:`Row` per worker follows."""
+
+    TERM = 0  # some rank received SIGTERM
+    DONE = 1  # workers finished
+    STEPS = 2  # steps trained, summed over replicas (lags by up to log_every per replica)
+
+
+class Row(enum.IntEnum):
+    """A worker's row on the coordinator's board."""
+
+    ACK = 0  # last checkpoint this worker answered
+    STEP = 1
+    EPOCH = 2
+    POSITION = 3  # of its data reader
+    FINISHED = 4
