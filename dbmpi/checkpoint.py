@@ -10,13 +10,15 @@ afterwards by ``python -m dbmpi eval RUN_DIR --iterates``
     replicas' summed steps) and ``wall_s`` (seconds since the start when the row was fetched);
     Sandblaster's rows are timed by the ``lbfgs`` records of ``metrics.jsonl`` instead.
 
-A checkpoint (schema ``dbmpi.checkpoint`` v1) is a directory
+A checkpoint (schema ``dbmpi.checkpoint`` v2) is a directory
 ``RUN_DIR/checkpoints/ckpt-KKKKKKKK`` holding
 
 ``shard-SSSS.h5``
-    written by shard S: datasets ``params`` (float32, its block) and ``state`` (float32, the
-    optimizer's accumulator, empty for SGD); attributes ``start``/``stop`` (global range),
-    ``applied`` (pushes applied so far), ``checksum`` (CRC-32 of params then state bytes).
+    written by shard S: datasets ``params`` (float32, its block) and ``state`` (float32,
+    ``(len(state_names), block)``: the optimizer's per-parameter state, no rows for SGD);
+    attributes ``start``/``stop`` (global range), ``applied`` (pushes applied so far),
+    ``state_names`` (JSON list, e.g. ``["m", "v", "t"]`` for Adam), ``checksum`` (CRC-32 of
+    params then state bytes). v1 (one state row, stored flat) is still read.
 ``checkpoint.h5``
     written by the coordinator last: attributes ``schema``, ``schema_version``, ``sequence``
     (K), ``steps`` (sum of all workers' steps), ``num_params``, ``num_shards``, ``final``
@@ -49,7 +51,8 @@ log = get_logger("checkpoint")
 PARAMS_SCHEMA = "dbmpi.params"
 PARAMS_VERSION = 1
 CKPT_SCHEMA = "dbmpi.checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2
+CKPT_READS = (1, 2)  # versions this code can resume from
 ITERATES_SCHEMA = "dbmpi.iterates"
 ITERATES_VERSION = 1
 
@@ -133,8 +136,10 @@ def _crc(*arrays: np.ndarray) -> int:
 
 
 def write_shard(run_dir: str | Path, sequence: int, shard: int, start: int, stop: int,
-                params: np.ndarray, state: np.ndarray, applied: int) -> None:
-    """Shard: write its block of checkpoint ``sequence`` (into the pending directory)."""
+                params: np.ndarray, state: np.ndarray, applied: int,
+                state_names: tuple[str, ...] = ()) -> None:
+    """Shard: write its block of checkpoint ``sequence`` (into the pending directory);
+    ``state`` is the optimizer's, ``(len(state_names), stop - start)``."""
     d = pending_dir(run_dir, sequence)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"shard-{shard:04d}.h5"
@@ -143,6 +148,7 @@ def write_shard(run_dir: str | Path, sequence: int, shard: int, start: int, stop
         f.create_dataset("state", data=state)
         f.attrs["start"], f.attrs["stop"] = int(start), int(stop)
         f.attrs["applied"] = int(applied)
+        f.attrs["state_names"] = json.dumps(list(state_names))
         f.attrs["checksum"] = _crc(params, state)
     _fsync(path)
 
@@ -184,7 +190,8 @@ class Checkpoint:
     config: dict = None  # the whole config the checkpoint was written under
 
     def load_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Parameters and optimizer state of the global range ``[start, stop)``."""
+        """Parameters and optimizer state (``(state rows, stop - start)``) of the global range
+        ``[start, stop)``."""
         params = np.empty(stop - start, np.float32)
         state = None
         for lo, hi, path in self.shard_files:
@@ -194,11 +201,13 @@ class Checkpoint:
             with h5py.File(path, "r") as f:
                 params[a - start:b - start] = f["params"][a - lo:b - lo]
                 st = f["state"]
-                if st.shape[0]:
-                    if state is None:
-                        state = np.empty(stop - start, np.float32)
-                    state[a - start:b - start] = st[a - lo:b - lo]
-        return params, (state if state is not None else np.zeros(0, np.float32))
+                rows = st.shape[0] if st.ndim == 2 else int(st.shape[0] > 0)  # v1: flat
+                if state is None:
+                    state = np.empty((rows, stop - start), np.float32)
+                if rows:
+                    state[:, a - start:b - start] = (st[:, a - lo:b - lo] if st.ndim == 2
+                                                     else st[a - lo:b - lo])
+        return params, (state if state is not None else np.zeros((0, stop - start), np.float32))
 
 
 def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
@@ -206,7 +215,7 @@ def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
     ValueError/OSError/KeyError on any problem."""
     d = Path(d)
     with h5py.File(d / "checkpoint.h5", "r") as f:
-        if f.attrs.get("schema") != CKPT_SCHEMA or int(f.attrs["schema_version"]) != CKPT_VERSION:
+        if f.attrs.get("schema") != CKPT_SCHEMA or int(f.attrs["schema_version"]) not in CKPT_READS:
             raise ValueError("unknown schema")
         meta = {k: f.attrs[k] for k in ("sequence", "steps", "num_params", "num_shards", "final")}
         workers = f["workers"][...]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .optim.rules import OPTIMIZERS
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
 LAYER_TYPES = ("dense", "local", "l2pool", "lcn", "embedding")
@@ -78,12 +79,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """The update rule the shards apply: ``adagrad`` (the paper's) or plain ``sgd``."""
+    """The update rule the shards apply (:data:`dbmpi.optim.rules.OPTIMIZERS`): ``adagrad``
+    (the paper's), plain ``sgd``, ``momentum`` (heavy ball) or ``adam``; each reads the keys it
+    needs."""
 
     name: str = "adagrad"
     learning_rate: float = 0.05
-    eps: float = 1e-8
-    initial_accumulator: float = 0.0
+    eps: float = 1e-8  # adagrad, adam
+    initial_accumulator: float = 0.0  # adagrad
+    momentum: float = 0.9  # momentum
+    beta1: float = 0.9  # adam
+    beta2: float = 0.999  # adam
 
 
 @dataclass(frozen=True)
@@ -365,13 +371,16 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(d.eval_limit >= 0, f"{s} data.eval_limit", f"must be >= 0 (0 = all), got {d.eval_limit}")
     _require(bool(d.path), f"{s} data.path", "must name the directory holding manifest.json")
     o = cfg.optimizer
-    _require(o.name in ("adagrad", "sgd"), f"{s} optimizer.name",
-             f"must be 'adagrad' or 'sgd', got {o.name!r}")
+    _require(o.name in OPTIMIZERS, f"{s} optimizer.name",
+             f"must be one of {', '.join(map(repr, OPTIMIZERS))}, got {o.name!r}")
     _require(o.learning_rate > 0, f"{s} optimizer.learning_rate",
              f"must be > 0, got {o.learning_rate} (try 0.05 for adagrad, 0.01 for sgd)")
     _require(o.eps > 0, f"{s} optimizer.eps", f"must be > 0, got {o.eps}")
     _require(o.initial_accumulator >= 0, f"{s} optimizer.initial_accumulator",
              f"must be >= 0, got {o.initial_accumulator}")
+    for key in ("momentum", "beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0 <= value < 1, f"{s} optimizer.{key}", f"must be in [0, 1), got {value}")
     p = cfg.downpour
     _require(p.n_fetch >= 1, f"{s} downpour.n_fetch", f"must be >= 1, got {p.n_fetch}")
     _require(p.n_push >= 1, f"{s} downpour.n_push", f"must be >= 1, got {p.n_push}")

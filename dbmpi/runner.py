@@ -88,6 +88,7 @@ def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn, cfg):
         if ck is not None:
             expected = num_params_fn()
             parts = (ck.config or {}).get("topology", {}).get("partitions", 1)
+            opt = (ck.config or {}).get("optimizer", {}).get("name", "adagrad")
             if ck.num_params != expected:
                 error = (f"{ck.path}: checkpoint of a model with {ck.num_params} parameters, "
                          f"but this config makes {expected}: use another run.dir")
@@ -96,6 +97,11 @@ def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn, cfg):
                 error = (f"{ck.path}: checkpoint written with topology.partitions = {parts}, "
                          f"this config has {cfg.topology.partitions}: resume with {parts} or "
                          f"use another run.dir")
+            elif opt != cfg.optimizer.name and cfg.algorithm == "downpour":
+                # the shards' state is that optimizer's (an accumulator is not Adam's moments)
+                error = (f"{ck.path}: checkpoint written with optimizer.name = {opt!r}, this "
+                         f"config has {cfg.optimizer.name!r}: its state does not carry over; "
+                         f"resume with {opt!r} or use another run.dir")
             found = str(ck.path)
     found, error = comm.bcast((found, error), root=0)
     if error:

@@ -36,7 +36,7 @@ def test_round_trip_through_toml(tmp_path):
     ("[topology]\nshards = 1.5\n", "topology.shards"),
     ("[topology]\nsplit = \"columns\"\n", "topology.split"),
     ("[optimizer]\nlearning_rate = -0.1\n", "optimizer.learning_rate"),
-    ("[optimizer]\nname = \"adam\"\n", "optimizer.name"),
+    ("[optimizer]\nname = \"adamw\"\n", "optimizer.name"),
     ("[downpour]\nn_fetch = 0\n", "downpour.n_fetch"),
     ("[downpour]\ntarget_accuracy = 1.5\n", "downpour.target_accuracy"),
     ("[downpour]\ntarget_accuracy = 0.9\nrecord_iterates = true\n", "downpour.target_accuracy"),

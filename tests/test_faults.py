@@ -149,7 +149,7 @@ def test_kill_while_writing_checkpoint_keeps_newest_readable(tmp_path, fault_dat
     latest = ckpt_mod.find_latest(run)
     assert latest is not None and latest.path == _checkpoints(run)[-1]  # ... the newest is fine
     params, state = latest.load_block(0, latest.num_params)
-    assert params.shape == (latest.num_params,) and state.shape == (latest.num_params,)
+    assert params.shape == (latest.num_params,) and state.shape == (1, latest.num_params)
     again = run_job(4, ["train", str(cfg)], timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _summary(run)["steps"] == STEPS

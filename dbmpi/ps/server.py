@@ -151,11 +151,12 @@ class ShardService:
         self.params = ps.params.local
         self.params[:] = init_block
         ps.params.sync()
+        # the optimizer's state, (len(state_names), block): cut like the block, kept whole
         self.state = optimizer.init_state(self.block)
         if state is not None and state.size:
             if state.shape != self.state.shape:
                 raise ValueError(f"shard {self.shard}: optimizer state has shape {state.shape}, "
-                                 f"expected {self.state.shape}")
+                                 f"{optimizer.name} needs {self.state.shape}")
             self.state[:] = state
         self.on_checkpoint = on_checkpoint
         self.checkpointed = 0
@@ -249,8 +250,7 @@ class ShardService:
         for lo in range(0, g.shape[0], APPLY_CHUNK):
             part = g[lo:lo + APPLY_CHUNK]
             s = slice(a + lo, a + lo + part.shape[0])
-            bad = self.optimizer.step(self.params[s], part, state[s] if state.size else state,
-                                      check_finite=True)
+            bad = self.optimizer.step(self.params[s], part, state[:, s], check_finite=True)
             if bad >= 0:
                 lo_global = self.ps.layout.block(self.shard)[0]
                 raise TrainingError(

@@ -23,10 +23,11 @@ order of syncs are the same):
   for each slot, sorted. Both are written with local stores, then ``Win.Sync``, then the
   SEQ increment: a shard that sees SEQ move sees both.
 * **Apply** (:class:`SparseShardService`): the shard reads ``k`` and the ids, picks the ids in
-  its row range (a contiguous run, the ids being sorted), pulls only those rows' gradients
-  (contiguous in the slot) and applies ``adagrad_rows`` (or SGD) to those rows of its block
-  and accumulator; the dense rest goes through the dense path. A non-finite row gradient is
-  refused before anything is written, like a dense push.
+  its row range (a contiguous run, the ids being sorted), takes only those rows' gradients
+  (contiguous in the slot) and applies the optimizer's row step
+  (:meth:`dbmpi.optim.rules.Optimizer.step_rows`) to those rows of its block and state; the
+  dense rest goes through the dense path. A non-finite row gradient is refused before
+  anything is written, like a dense push.
 
 Each push is still applied exactly once and a slot is still reused only after DONE caught up,
 so everything :mod:`dbmpi.ps` says about visibility and staleness holds.
@@ -36,10 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import cython_kernels as ck
-
 from ..errors import ConfigError, TrainingError
-from ..optim.rules import Adagrad, _first_nonfinite
+from ..optim.rules import first_nonfinite
 from .client import PSClient
 from .layout import ParamLayout
 from .rma import Window, progress
@@ -119,7 +118,10 @@ class SparseShardService(ShardService):
         self.n_table = max(0, min(hi, ps.table) - lo)  # my elements of the table
         self.r0, self.r1 = lo // d, (lo + self.n_table) // d  # my rows [r0, r1)
         self.E = self.params[:self.n_table].reshape(-1, d)
-        self.E_state = self.state[:self.n_table].reshape(-1, d) if self.state.size else None
+        # views (a copy would silently drop the updates): (len(state_names), rows, d)
+        self.E_state = self.state[:, :self.n_table].reshape(-1, self.r1 - self.r0, d) \
+            if self.state.size else np.zeros((0, self.r1 - self.r0, d), np.float32)
+        assert self.E_state.size == 0 or np.shares_memory(self.E_state, self.state)
         self.rows_applied = 0  # row updates applied (all pushes)
 
     def _apply_push(self, w: int, slot: int) -> None:
@@ -151,18 +153,13 @@ class SparseShardService(ShardService):
         k = ids.shape[0]
         if k == 0:
             return
-        bad = _first_nonfinite(g.reshape(-1))
+        bad = first_nonfinite(g.reshape(-1))
         if bad >= 0:
             raise TrainingError(
                 f"shard {self.shard}: worker {w} pushed an embedding-row gradient holding NaN "
                 f"or Inf (row {int(ids[bad // self.ps.dim])}); training diverged: lower "
                 f"optimizer.learning_rate")
-        local = ids - self.r0
-        opt = self.optimizer
-        if isinstance(opt, Adagrad):
-            ck.adagrad_rows(self.E, local, g, self.E_state, opt.lr, opt.eps)
-        else:  # SGD
-            self.E[local] -= np.float32(opt.lr) * g
+        self.optimizer.step_rows(self.E, ids - self.r0, g, self.E_state)
         self.rows_applied += k
         progress()
 

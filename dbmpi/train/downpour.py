@@ -96,7 +96,7 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
 
         def write_checkpoint(sequence: int, svc: ShardService) -> None:
             ckpt_mod.write_shard(run_dir, sequence, topo.index, lo, hi, svc.params, svc.state,
-                                 svc.applied)
+                                 svc.applied, svc.optimizer.state_names)
             if delay:
                 time.sleep(delay)
 
