@@ -40,10 +40,9 @@ from mpi4py import MPI
 
 import cython_kernels as ck
 
-from .image import LCN, L2Pool, Local
-from .model import evaluate_in_batches, flat_batch
-from .partition import PartitionPlan, Range, Transfer, _meet
-from .spec import make_layer
+from .base import Layer
+from .model import Model, evaluate_in_batches, flat_batch
+from .partition import PartitionPlan, Range, Transfer, meet
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -76,26 +75,6 @@ def _spec(buf) -> tuple:
     if isinstance(buf, Block):
         return buf.spec, buf.nbytes
     return buf, buf.nbytes
-
-
-IMAGE_LAYERS = (Local, L2Pool, LCN)
-
-
-def _make_layer(part):
-    """Partition ``part``'s layer object; LCN computes only the rows the partition owns."""
-    spec = part.spec
-    if part.unit == "locations":
-        a, b = part.units
-        o = spec.opts
-        rows = (part.need[1] - part.need[0]) // spec.in_row_size
-        return Local((rows, *spec.in_shape[1:]), o["filters"], o["kernel"], o["stride"],
-                     o["activation"], locations=(a % spec.out_shape[1], b - a))
-    layer = make_layer(part.spec, part.units)
-    if part.spec.kind == "lcn" and part.crop is not None:
-        rs = part.spec.in_row_size
-        layer = LCN(layer.in_shape, part.spec.opts["size"],
-                    rows=(part.crop[0] // rs, part.crop[1] // rs))
-    return layer
 
 
 class Exchange:
@@ -256,7 +235,8 @@ class PartitionedModel:
         self.p = p = self.comm.Get_rank()
         self.P = plan.P
         self.parts = [row[p] for row in plan.parts]
-        self.layers = [_make_layer(part) for part in self.parts]
+        # each kind builds its slice (LCN computes only the rows the partition owns)
+        self.layers: list[Layer] = [part.spec.impl.make_part(part) for part in self.parts]
         self.num_params = plan.param_sizes[p]
         self.param_range = plan.param_range(p)
         self.params = np.zeros(self.num_params, dtype=np.float32)
@@ -278,7 +258,7 @@ class PartitionedModel:
         # covering the columns it reads and those the previous layer writes; that layer
         # writes its rows into it, halos are received into it, and layer i reads it in place.
         n = len(self.layers)
-        image = [isinstance(layer, IMAGE_LAYERS) for layer in self.layers]
+        image = [layer.takes_views for layer in self.layers]
         self._slab_fwd = [i > 0 and image[i - 1] for i in range(n)]
         self._slab_bwd = [self._slab_fwd[i] and image[i] for i in range(n)]
         self._slabs: dict[tuple[int, int], _Slab] = {}
@@ -295,8 +275,6 @@ class PartitionedModel:
 
     def init_params(self, seed: int) -> np.ndarray:
         """The single-rank Model's initial parameters, this partition's share."""
-        from .model import Model
-
         full = Model.from_spec(self.plan.input_shape, self.plan.layer_tables,
                                self.plan.num_classes, self.loss)
         self.set_model_params(full.init_params(seed))
@@ -347,7 +325,7 @@ class PartitionedModel:
             X = own
         else:
             X = self._buf(("x", layer), (B, need[1] - need[0]))
-            m = _meet(need, own_in)
+            m = meet(need, own_in)
             if m is not None:
                 X[:, m[0] - need[0]:m[1] - need[0]] = own[:, m[0] - own_in[0]:m[1] - own_in[0]]
         self.exchange.wait(pending)
@@ -369,7 +347,7 @@ class PartitionedModel:
             D = dX
         else:
             D = self._buf(("d", layer), (B, own_in[1] - own_in[0]))
-            m = _meet(need, own_in) or (own_in[0], own_in[0])
+            m = meet(need, own_in) or (own_in[0], own_in[0])
             a, b = m[0] - own_in[0], m[1] - own_in[0]
             D[:, a:b] = dX[:, m[0] - need[0]:m[1] - need[0]]
             D[:, :a] = 0  # rows I own that my own computation did not read
@@ -408,11 +386,11 @@ class PartitionedModel:
                 sl = self._slab(i, B)
                 ex.wait(ex.start(i, False, sl.sends, sl.recvs))
                 X = sl.x
-            elif i == 0 and isinstance(layer, IMAGE_LAYERS):
+            elif i == 0 and layer.takes_views:
                 X = own[:, part.need[0]:part.need[1]]  # a row slab of the input batch, a view
             else:
                 X = self._gather(i, own, part.own_in, part.need)
-            own = layer.forward(X) if out is None else layer.forward(X, out=out)
+            own = layer.forward(X, out=out)
         last = self.parts[-1]
         logits = self._gather(n, own, last.out_cols, (0, self.plan.num_classes))
         ex.end_pass(range(n + 1), backward=False)
@@ -490,10 +468,3 @@ class _Slab:
         self.unread = [(a - lo, b - lo) for a, b in ((own[0], min(own[1], need[0])),
                                                      (max(own[0], need[1]), own[1])) if a < b]
 
-
-def build(input_shape, layers, num_classes: int, comm: MPI.Comm, loss: str = "softmax",
-          weights=None, timeout_s: float | None = None, label: str = "",
-          split: str = "locations") -> PartitionedModel:
-    """Plan and build partition ``comm.Get_rank()`` of a model over ``comm``'s ranks."""
-    plan = PartitionPlan(input_shape, layers, num_classes, comm.Get_size(), weights, split)
-    return PartitionedModel(plan, comm, loss, timeout_s, label)
