@@ -20,6 +20,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -204,7 +205,7 @@ class LayerKind(ABC):
         bounds = bounds_of(spec.out_units)
         unit = "rows" if self.spatial else "units"
         out = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in pairwise(bounds):
             out.append(Cut((a, b), spec.rows_needed(a, b),
                            (a * spec.unit_size, b * spec.unit_size), self.num_params(spec, b - a),
                            unit))

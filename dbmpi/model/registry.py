@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import pairwise
 
 from ..errors import ConfigError
 from .base import Cut, Layer, LayerKind, LayerSpec, Range
@@ -91,8 +92,8 @@ class EmbeddingKind(LayerKind):
 
     def config_errors(self, table, index, partitions):
         if index != 0:
-            yield (f"model.layers[{index}]", "is an embedding layer: it must be the first layer "
-                   "(it takes the word ids)")
+            yield (f"model.layers[{index}]",
+                   "is an embedding layer: it must be the first layer (it takes the word ids)")
 
     def resolve(self, table, in_shape, index, num_classes) -> LayerSpec:
         if index != 0 or len(in_shape) != 1:
@@ -184,7 +185,7 @@ class LocalKind(_Window):
         bounds = bounds_of(OH * OW)
         return [Cut((a, b), ((a // OW) * s, ((b - 1) // OW) * s + k), (a * F, b * F),
                     (b - a) * self._per_location(spec), "locations")
-                for a, b in zip(bounds[:-1], bounds[1:])]
+                for a, b in pairwise(bounds)]
 
     def param_pieces(self, spec, part, offset) -> Iterator[tuple]:
         """Weights ``(OH*OW, F, k, k, C)`` then biases ``(OH*OW, F)``, by location."""
