@@ -13,6 +13,11 @@ Every activation is a ``(B, features)`` matrix, the per-example image flattened 
   its own weights), so the partitions' work is even to one location where rows would leave it
   uneven by a whole row (19 rows over 2 partitions: 10 and 9, 5% of the layer).
 
+How a kind is cut, what a slice reads and where a slice's parameters sit in the single-rank
+vector are its registry entry's (:class:`~dbmpi.model.base.LayerKind` ``cut``,
+``rows_needed``, ``param_pieces``; :mod:`dbmpi.model.registry`): the planner names no kind.
+A kind with ``partitionable = False`` (the embedding) is refused over more than one partition.
+
 To compute its part, partition p *needs* an input range (the whole input for dense; for a
 spatial layer the rows its output rows read, :meth:`LayerSpec.rows_needed`). It owns part of
 that range already (the previous layer's output it computed); the rest comes from the
