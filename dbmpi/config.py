@@ -19,18 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .model.registry import LAYER_KINDS
 from .optim.rules import OPTIMIZERS
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
-LAYER_TYPES = ("dense", "local", "l2pool", "lcn", "embedding")
-# Per layer type: (required positive-int keys, optional positive-int keys, has activation).
-LAYER_KEYS = {
-    "dense": (("units",), (), True),
-    "local": (("filters", "kernel"), ("stride",), True),
-    "l2pool": (("size",), ("stride",), False),
-    "lcn": (("size",), (), False),
-    "embedding": (("dim",), ("vocab",), False),  # first layer of a language model
-}
 
 
 @dataclass(frozen=True)
@@ -333,38 +325,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if m.loss == "autoencoder":
         _validate_autoencoder(cfg, s)
     for i, layer in enumerate(m.layers):
-        where = f"{s} model.layers[{i}]"
-        kind = layer.get("type", "dense")
-        _require(kind in LAYER_TYPES, f"{where}.type", f"must be one of {LAYER_TYPES}, got {kind!r}")
-        required, optional, has_act = LAYER_KEYS[kind]
-        allowed = {"type", *required, *optional, *(("activation",) if has_act else ())}
-        if kind in ("dense", "embedding"):
-            allowed.add("dropout")
-        extra = set(layer) - allowed
-        _require(not extra, where, f"has unknown keys {sorted(extra)} (allowed for {kind!r}: "
-                 f"{sorted(allowed)})")
-        for key in (*required, *(k for k in optional if k in layer)):
-            v = layer.get(key)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                     f"{where}.{key}", f"must be a positive integer, got {v!r}")
-        drop = layer.get("dropout", 0.0)
-        _require(isinstance(drop, (int, float)) and not isinstance(drop, bool)
-                 and 0 <= drop < 1, f"{where}.dropout", f"must be in [0, 1), got {drop!r}")
-        _require(not drop or (t.partitions == 1 and cfg.algorithm == "downpour"),
-                 f"{where}.dropout", "needs algorithm = 'downpour' with topology.partitions = 1 "
-                 "(batch L-BFGS needs a deterministic objective; partitions do not drop yet): "
-                 "set it to 0")
-        act = layer.get("activation", "relu")
-        _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
-        _require(kind != "embedding" or i == 0, where, "is an embedding layer: it must be the "
-                 "first layer (it takes the word ids)")
-        _require(kind != "embedding" or t.partitions == 1, f"{s} topology.partitions",
-                 f"must be 1 with an embedding layer (not partitioned), got {t.partitions}")
-        _require(kind != "lcn" or layer["size"] % 2 == 1, f"{where}.size",
-                 f"must be odd for an lcn layer, got {layer.get('size')}")
-        _require(kind == "dense" or all(x.get("type", "dense") != "dense" for x in m.layers[:i]),
-                 where, f"is a {kind!r} layer after a dense layer: dense layers flatten the "
-                 f"image, so put the image layers first")
+        _validate_layer(m.layers, i, t.partitions, cfg.algorithm, s)
     d = cfg.data
     _require(d.batch_size >= 1, f"{s} data.batch_size", f"must be >= 1, got {d.batch_size}")
     _require(d.shuffle_buffer >= 1, f"{s} data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
@@ -411,6 +372,47 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _validate_layer(layers, i: int, partitions: int, algorithm: str, s: str) -> None:
+    """``model.layers[i]`` against its kind's entry of the layer registry: its keys, their
+    types and ranges, then the kind's own rules (:meth:`LayerKind.config_errors`)."""
+    layer = layers[i]
+    where = f"{s} model.layers[{i}]"
+    kind = layer.get("type", "dense")
+    types = tuple(LAYER_KINDS)
+    _require(kind in types, f"{where}.type", f"must be one of {types}, got {kind!r}")
+    impl = LAYER_KINDS[kind]
+    allowed = impl.allowed_keys()
+    extra = set(layer) - allowed
+    _require(not extra, where, f"has unknown keys {sorted(extra)} (allowed for {kind!r}: "
+             f"{sorted(allowed)})")
+    for key in (*impl.required, *(k for k in impl.optional if k in layer)):
+        v = layer.get(key)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"{where}.{key}", f"must be a positive integer, got {v!r}")
+    drop = layer.get("dropout", 0.0)
+    _require(isinstance(drop, (int, float)) and not isinstance(drop, bool)
+             and 0 <= drop < 1, f"{where}.dropout", f"must be in [0, 1), got {drop!r}")
+    _require(not drop or (partitions == 1 and algorithm == "downpour"),
+             f"{where}.dropout", "needs algorithm = 'downpour' with topology.partitions = 1 "
+             "(batch L-BFGS needs a deterministic objective; partitions do not drop yet): "
+             "set it to 0")
+    act = layer.get("activation", impl.activation or "relu")
+    _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
+    for fld, message in impl.config_errors(layer, i, partitions):
+        _require(False, f"{s} {fld}", message)
+    _require(impl.partitionable or partitions == 1, f"{s} topology.partitions",
+             f"must be 1 with {_a(kind)} layer (not partitioned), got {partitions}")
+    # flat layers (dense, embedding) flatten the image: no spatial layer after one
+    _require(not impl.spatial or all(LAYER_KINDS[x.get("type", "dense")].spatial
+                                     for x in layers[:i]),
+             where, f"is a {kind!r} layer after a dense layer: dense layers flatten the "
+             f"image, so put the image layers first")
+
+
 def _validate_autoencoder(cfg: Config, s: str) -> None:
     """``loss = "autoencoder"``: image layers only, linear local layers (RICA's encoder)."""
     m = cfg.model
@@ -418,11 +420,12 @@ def _validate_autoencoder(cfg: Config, s: str) -> None:
     kinds = [layer.get("type", "dense") for layer in m.layers]
     _require("local" in kinds, f"{s} model.layers", "needs at least one 'local' layer for "
              "loss = 'autoencoder' (its weights are the encoder and, transposed, the decoder)")
+    image_kinds = ", ".join(k for k, impl in LAYER_KINDS.items() if impl.spatial)
     for i, layer in enumerate(m.layers):
         kind = layer.get("type", "dense")
-        _require(kind != "dense", f"{s} model.layers[{i}]", "is a dense layer: an autoencoder "
-                 "takes image layers only (local, l2pool, lcn); a classifier goes on top with "
-                 "`python -m dbmpi probe RUN_DIR`")
+        _require(kind not in LAYER_KINDS or LAYER_KINDS[kind].spatial, f"{s} model.layers[{i}]",
+                 f"is {_a(kind)} layer: an autoencoder takes image layers only ({image_kinds}); "
+                 f"a classifier goes on top with `python -m dbmpi probe RUN_DIR`")
         _require(kind != "local" or layer.get("activation", "linear") == "linear",
                  f"{s} model.layers[{i}].activation", "must be 'linear' for loss = "
                  "'autoencoder' (the encoder of reconstruction ICA is linear)")

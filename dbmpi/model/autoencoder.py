@@ -33,12 +33,12 @@ import numpy as np
 
 import cython_kernels as ck
 
-from .image import L2Pool, Local, _images
+from .image import L2Pool, Local, image_view
 from .model import Model, flat_batch
 from .spec import make_layer, resolve
 
 
-class Autoencoder(Model):
+class Autoencoder(Model, objective="autoencoder"):
     """The encoder's layers over one flat parameter vector, with the RICA objective.
 
     It has the interface Downpour uses of :class:`~dbmpi.model.Model` (``params``, ``grads``,
@@ -107,8 +107,8 @@ class Autoencoder(Model):
         r = self._buf(("r", i), h.shape)
         dW = self._buf(("dW", i), layer.W.shape)
         db = self._buf(("db", i), layer.b.shape)
-        ck.local_backward(_images(h, layer.in_shape), layer.W, _images(z, layer.out_shape),
-                          layer.s, dW, db, _images(r, layer.in_shape))
+        ck.local_backward(image_view(h, layer.in_shape), layer.W, image_view(z, layer.out_shape),
+                          layer.s, dW, db, image_view(r, layer.in_shape))
         r -= h
         return r
 
@@ -154,15 +154,15 @@ class Autoencoder(Model):
             wr = self._buf(("wr", i), hs[i + 1].shape)
             zero_b = self._buf(("b0", i), layer.b.shape)
             zero_b[...] = 0
-            ck.local_forward(_images(r, layer.in_shape), layer.W, zero_b, layer.s,
-                             _images(wr, layer.out_shape))
+            ck.local_forward(image_view(r, layer.in_shape), layer.W, zero_b, layer.s,
+                             image_view(wr, layer.out_shape))
             g += inv * wr
             dx = layer.backward(g, need_dx=i > 0)
             # the decoder's W^T: dW += z (x) patches(r) / B
             dW = self._buf(("dW", i), layer.W.shape)
             db = self._buf(("db", i), layer.b.shape)
-            ck.local_backward(_images(r, layer.in_shape), layer.W,
-                              _images(hs[i + 1], layer.out_shape), layer.s, dW, db, None)
+            ck.local_backward(image_view(r, layer.in_shape), layer.W,
+                              image_view(hs[i + 1], layer.out_shape), layer.s, dW, db, None)
             layer.dW += inv * dW
             if dx is not None:
                 dx -= inv * r

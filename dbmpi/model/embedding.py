@@ -19,10 +19,11 @@ import numpy as np
 
 import cython_kernels as ck
 
+from .base import Layer
 from .layers import Dropout
 
 
-class Embedding:
+class Embedding(Layer):
     """``y[b] = concat(E[x[b, 0]], ..., E[x[b, context - 1]])``."""
 
     input_dtype = np.int64  # the model passes ids through unconverted (no float cast)
@@ -33,6 +34,7 @@ class Embedding:
         self.dropout = Dropout(dropout) if dropout > 0 else None
         self._dropped = False
         self.n_in, self.n_out = self.context, self.context * self.dim
+        self.out_shape = (self.n_out,)
         self.num_params = self.vocab * self.dim
         self.sparse = False
         self._buffers: dict[int, np.ndarray] = {}
@@ -46,8 +48,10 @@ class Embedding:
         """Uniform in [-0.1, 0.1) (word2vec-style small random vectors)."""
         params[:self.num_params] = rng.uniform(-0.1, 0.1, self.num_params).astype(np.float32)
 
-    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
         """The concatenated embeddings; with ``train``, after dropout (when the layer has it)."""
+        self._check_io(out)
         B = x.shape[0]
         idx = np.ascontiguousarray(x, dtype=np.int64).reshape(B * self.context)
         y = self._buffers.get(B)
@@ -58,10 +62,11 @@ class Embedding:
         self._dropped = train and self.dropout is not None
         return self.dropout.forward(y) if self._dropped else y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = False,
-                 accumulate: bool = False) -> None:
+    def backward(self, dy: np.ndarray, need_dx: bool = False, accumulate: bool = False,
+                 dx_out: np.ndarray | None = None) -> None:
         """Add the gradient of ``E`` (dense: into dE, zeroed first unless ``accumulate``;
         sparse: kept for :meth:`take_rows`). Ids have no gradient: returns None."""
+        self._check_io(None, dx_out)
         if self._dropped:
             self.dropout.backward(dy)
         dout = dy.reshape(-1, self.dim)

@@ -21,6 +21,8 @@ from scipy.special import expit
 
 import cython_kernels as ck
 
+from .base import Layer, NoParams
+
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
 
 
@@ -46,7 +48,7 @@ def _activation_grad(dy: np.ndarray, y: np.ndarray, activation: str) -> None:
         dy *= y * (1 - y)
 
 
-def _images(a: np.ndarray, shape) -> np.ndarray:
+def image_view(a: np.ndarray, shape) -> np.ndarray:
     """The (B, *shape) view of a (B, features) block whose examples are contiguous (never a
     copy: an output written into a copy would be lost)."""
     return a.reshape(a.shape[0], *shape, copy=False)
@@ -68,7 +70,7 @@ class _Buffers:
         return bufs
 
 
-class Local:
+class Local(Layer):
     """Locally connected layer (untied weights, no padding) then an elementwise activation.
 
     ``y[n, i, j, f] = act(b[i, j, f] + sum_{u,v,c} x[n, i*s+u, j*s+v, c] W[i, j, f, u, v, c])``.
@@ -78,6 +80,8 @@ class Local:
     weights ``W (count, F, k, k, C)`` and ``b (count, F)``; the output is ``(count, F)`` per
     example (model parallelism may cut the layer inside a row).
     """
+
+    takes_views = True  # forward(out=...) / backward(dx_out=...) write into column blocks
 
     def __init__(self, in_shape, filters: int, kernel: int, stride: int = 1,
                  activation: str = "linear", locations: tuple[int, int] | None = None):
@@ -115,48 +119,42 @@ class Local:
         params[:k] = rng.uniform(-limit, limit, size=k).astype(np.float32)
         params[k:self.num_params] = 0.0
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
         B = x.shape[0]
         self.x = x
         self.y = self._bufs.get(B)[0] if out is None else out
         if self.first is None:
-            ck.local_forward(_images(x, self.in_shape), self.W, self.b, self.s,
-                             _images(self.y, self.out_shape))
+            ck.local_forward(image_view(x, self.in_shape), self.W, self.b, self.s,
+                             image_view(self.y, self.out_shape))
         else:
-            ck.local_forward_at(_images(x, self.in_shape), self.W, self.b, self.s, self.first,
-                                _images(self.y, self.out_shape))
+            ck.local_forward_at(image_view(x, self.in_shape), self.W, self.b, self.s, self.first,
+                                image_view(self.y, self.out_shape))
         _activate(self.y, self.activation)
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True,
+    def backward(self, dy: np.ndarray, need_dx: bool = True, accumulate: bool = False,
                  dx_out: np.ndarray | None = None) -> np.ndarray | None:
         """Write dW, db; return dL/dx (``dy`` is overwritten)."""
+        self._check_io(None, None, accumulate)
         B = dy.shape[0]
         _activation_grad(dy, self.y, self.activation)
         dx = None if not need_dx else self._bufs.get(B)[1] if dx_out is None else dx_out
-        dx4 = None if dx is None else _images(dx, self.in_shape)
+        dx4 = None if dx is None else image_view(dx, self.in_shape)
         if self.first is None:
-            ck.local_backward(_images(self.x, self.in_shape), self.W,
-                              _images(dy, self.out_shape), self.s, self.dW, self.db, dx4)
+            ck.local_backward(image_view(self.x, self.in_shape), self.W,
+                              image_view(dy, self.out_shape), self.s, self.dW, self.db, dx4)
         else:
-            ck.local_backward_at(_images(self.x, self.in_shape), self.W,
-                                 _images(dy, self.out_shape), self.s, self.first, self.dW,
+            ck.local_backward_at(image_view(self.x, self.in_shape), self.W,
+                                 image_view(dy, self.out_shape), self.s, self.first, self.dW,
                                  self.db, dx4)
         return dx
 
 
-class _NoParams:
-    num_params = 0
-
-    def bind(self, params: np.ndarray, grads: np.ndarray) -> None:
-        pass
-
-    def init(self, params: np.ndarray, rng: np.random.Generator) -> None:
-        pass
-
-
-class L2Pool(_NoParams):
+class L2Pool(NoParams):
     """``y = sqrt(1e-8 + sum of x**2 over each size x size window)``, per channel, no padding."""
+
+    takes_views = True  # forward(out=...) / backward(dx_out=...) write into column blocks
 
     def __init__(self, in_shape, size: int, stride: int | None = None):
         H, W, C = (int(v) for v in in_shape)
@@ -167,33 +165,36 @@ class L2Pool(_NoParams):
         self.n_in, self.n_out = H * W * C, math.prod(self.out_shape)
         self._bufs = _Buffers(self.in_shape, self.out_shape)
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
         B = x.shape[0]
         self.x = x
         self.y = self._bufs.get(B)[0] if out is None else out
-        ck.l2pool_forward(_images(x, self.in_shape), self.size, self.s,
-                          _images(self.y, self.out_shape))
+        ck.l2pool_forward(image_view(x, self.in_shape), self.size, self.s,
+                          image_view(self.y, self.out_shape))
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True,
+    def backward(self, dy: np.ndarray, need_dx: bool = True, accumulate: bool = False,
                  dx_out: np.ndarray | None = None) -> np.ndarray | None:
         if not need_dx:
             return None
         B = dy.shape[0]
         dx = self._bufs.get(B)[1] if dx_out is None else dx_out
-        ck.l2pool_backward(_images(self.x, self.in_shape), _images(self.y, self.out_shape),
-                           _images(dy, self.out_shape), self.size, self.s,
-                           _images(dx, self.in_shape))
+        ck.l2pool_backward(image_view(self.x, self.in_shape), image_view(self.y, self.out_shape),
+                           image_view(dy, self.out_shape), self.size, self.s,
+                           image_view(dx, self.in_shape))
         return dx
 
 
-class LCN(_NoParams):
+class LCN(NoParams):
     """Local contrast normalisation over a ``size x size`` box (same padding, in-image counts).
 
     ``rows = (a, b)``: the input is a slab of the image and only output rows ``[a, b)`` of it
     are computed (model parallelism: the slab holds the ``2r`` halo rows each side that those
     rows read; the outputs near the slab's cut edges would be wrong and are never made).
     """
+
+    takes_views = True  # forward(out=...) / backward(dx_out=...) write into column blocks
 
     def __init__(self, in_shape, size: int, rows: tuple[int, int] | None = None):
         H, W, C = (int(v) for v in in_shape)
@@ -206,7 +207,8 @@ class LCN(_NoParams):
         self._bufs = _Buffers(self.in_shape, self.out_shape)
         self._state: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
         B = x.shape[0]
         self.y = self._bufs.get(B)[0] if out is None else out
         st = self._state.get(B)
@@ -214,16 +216,16 @@ class LCN(_NoParams):
             st = self._state[B] = (np.empty((B, self.n_in), np.float32),
                                    np.empty((B, *self.out_shape[:2]), np.float32))
         self.v, self.den = st
-        ck.lcn_forward(_images(x, self.in_shape), self.size, _images(self.y, self.out_shape),
-                       _images(self.v, self.in_shape), self.den, rows=self.rows)
+        ck.lcn_forward(image_view(x, self.in_shape), self.size, image_view(self.y, self.out_shape),
+                       image_view(self.v, self.in_shape), self.den, rows=self.rows)
         return self.y
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True,
+    def backward(self, dy: np.ndarray, need_dx: bool = True, accumulate: bool = False,
                  dx_out: np.ndarray | None = None) -> np.ndarray | None:
         if not need_dx:
             return None
         B = dy.shape[0]
         dx = self._bufs.get(B)[1] if dx_out is None else dx_out
-        ck.lcn_backward(_images(dy, self.out_shape), _images(self.v, self.in_shape), self.den,
-                        self.size, _images(dx, self.in_shape), rows=self.rows)
+        ck.lcn_backward(image_view(dy, self.out_shape), image_view(self.v, self.in_shape), self.den,
+                        self.size, image_view(dx, self.in_shape), rows=self.rows)
         return dx

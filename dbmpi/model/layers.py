@@ -11,6 +11,8 @@ import numpy as np
 
 import cython_kernels as ck
 
+from .base import Layer
+
 
 class Dropout:
     """Inverted dropout of a layer's output while training (Srivastava et al. 2014): each
@@ -33,10 +35,10 @@ class Dropout:
         activation reads)."""
         bufs = self._buffers.get(y.shape)
         if bufs is None:
-            bufs = self._buffers[y.shape] = (np.empty(y.shape, np.float32),
-                                             np.empty(y.shape, np.float32))
+            bufs = self._buffers[y.shape] = (np.empty(y.shape, y.dtype),
+                                             np.empty(y.shape, y.dtype))
         mask, out = bufs
-        self.rng.random(y.shape, dtype=np.float32, out=mask)
+        self.rng.random(y.shape, dtype=y.dtype, out=mask)
         np.greater_equal(mask, self.p, out=mask, casting="unsafe")
         mask *= np.float32(1.0 / (1.0 - self.p))
         self.mask = mask
@@ -47,12 +49,18 @@ class Dropout:
         dy *= self.mask
 
 
-class Dense:
+class Dense(Layer):
     """``y = act(x @ W + b)`` with ``W`` of shape (n_in, n_out); optionally dropout on ``y``
-    while training (``dropout`` > 0)."""
+    while training (``dropout`` > 0). ``dtype``: of the activations (the kernels are fused
+    over float and double; Sandblaster's float64 replicas bind float64 vectors)."""
 
-    def __init__(self, n_in: int, n_out: int, activation: str = "relu", dropout: float = 0.0):
+    can_accumulate = True  # backward(accumulate=True) adds to dW, db
+
+    def __init__(self, n_in: int, n_out: int, activation: str = "relu", dropout: float = 0.0,
+                 dtype=np.float32):
         self.n_in, self.n_out, self.activation = int(n_in), int(n_out), activation
+        self.out_shape = (self.n_out,)
+        self.dtype = np.dtype(dtype)
         self.num_params = self.n_in * self.n_out + self.n_out
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.dropout = Dropout(dropout) if dropout > 0 else None
@@ -76,28 +84,34 @@ class Dense:
     def _bufs(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         bufs = self._buffers.get(batch)
         if bufs is None:
-            bufs = (np.empty((batch, self.n_out), np.float32),
-                    np.empty((batch, self.n_in), np.float32))
+            bufs = (np.empty((batch, self.n_out), self.dtype),
+                    np.empty((batch, self.n_in), self.dtype))
             self._buffers[batch] = bufs
         return bufs
 
-    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+    def forward(self, x: np.ndarray, train: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
         """The layer's output; with ``train``, after dropout (when the layer has it)."""
+        self._check_io(out)
         self.x = x
         self.y = self._bufs(x.shape[0])[0]
         ck.dense_forward(x, self.W, self.b, self.y, self.activation)
         self._dropped = train and self.dropout is not None
         return self.dropout.forward(self.y) if self._dropped else self.y
 
-    can_accumulate = True  # backward(accumulate=True) adds to dW, db
-
-    def backward(self, dy: np.ndarray, need_dx: bool = True,
-                 accumulate: bool = False) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, need_dx: bool = True, accumulate: bool = False,
+                 dx_out: np.ndarray | None = None) -> np.ndarray | None:
         """Write (or, with ``accumulate``, add) dW, db into the gradient vector; return dL/dx
         (``dy`` is overwritten)."""
+        self._check_io(None, dx_out)
         dx = self._bufs(dy.shape[0])[1] if need_dx else None
         if self._dropped:
             self.dropout.backward(dy)
         ck.dense_backward(self.x, self.W, self.y, dy, self.activation, self.dW, self.db, dx,
                           accumulate)
         return dx
+
+    def float64(self) -> Dense:
+        """Without dropout: float64 replicas run batch L-BFGS, which needs a deterministic
+        objective (the config refuses dropout there)."""
+        return Dense(self.n_in, self.n_out, self.activation, dtype=np.float64)

@@ -1,13 +1,24 @@
-"""A feed-forward model over a flat parameter vector, with a softmax or hinge output."""
+"""A feed-forward model over a flat parameter vector, with a softmax or hinge output.
+
+Models with another objective (:mod:`~dbmpi.model.autoencoder`, :mod:`~dbmpi.model.ranking`)
+subclass :class:`Model` with ``objective=<loss name>``, which registers them, so that
+``Model.from_spec(..., loss=name)`` builds them without this module importing theirs (the
+package's ``__init__`` imports them, and every import of this module runs it first).
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 import cython_kernels as ck
 
-from ..config import ModelConfig
+from .base import Layer
 from .spec import make_layer, resolve
+
+if TYPE_CHECKING:  # config imports the layer registry, which is in this package
+    from ..config import ModelConfig
 
 
 class Model:
@@ -16,14 +27,22 @@ class Model:
     ``params`` and ``grads`` are flat float32 vectors; every layer holds views into them.
     """
 
-    def __init__(self, layers: list, loss: str = "softmax"):
+    # loss name -> the Model subclass that implements it (see the module doc)
+    objectives: ClassVar[dict[str, type[Model]]] = {}
+
+    def __init_subclass__(cls, objective: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if objective is not None:
+            Model.objectives[objective] = cls
+
+    def __init__(self, layers: list[Layer], loss: str = "softmax"):
         if loss not in ("softmax", "hinge"):
             raise ValueError(f"loss must be 'softmax' or 'hinge', got {loss!r}")
         self.loss = loss
         self._bind_layers(layers)
         self._dlogits: dict[int, np.ndarray] = {}
 
-    def _bind_layers(self, layers: list) -> None:
+    def _bind_layers(self, layers: list[Layer]) -> None:
         """Allocate the flat parameter and gradient vectors; every layer gets views of them."""
         self.layers = layers
         self.num_params = sum(layer.num_params for layer in layers)
@@ -51,18 +70,12 @@ class Model:
     def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax",
                   **opts) -> Model:
         """Build from config-style layer tables, e.g. ``[{"type": "dense", "units": 256}]``
-        (dense, local, l2pool, lcn: see :mod:`dbmpi.model.spec`). ``loss = "autoencoder"``
-        gives the unsupervised :class:`~dbmpi.model.autoencoder.Autoencoder` (``sparsity``),
-        ``loss = "ranking"`` Collobert & Weston's :class:`~dbmpi.model.ranking.RankingLM`."""
-        if loss == "autoencoder":
-            from .autoencoder import Autoencoder
-
-            return Autoencoder.from_spec(input_shape, layers, num_classes,
-                                         sparsity=opts.get("sparsity", 0.1))
-        if loss == "ranking":
-            from .ranking import RankingLM
-
-            return RankingLM.from_spec(input_shape, layers, num_classes)
+        (the kinds of :mod:`dbmpi.model.registry`). A registered objective builds its own
+        model: ``loss = "autoencoder"`` the unsupervised
+        :class:`~dbmpi.model.autoencoder.Autoencoder` (``sparsity``), ``loss = "ranking"``
+        Collobert & Weston's :class:`~dbmpi.model.ranking.RankingLM`."""
+        if loss in Model.objectives:
+            return Model.objectives[loss].from_spec(input_shape, layers, num_classes, **opts)
         return cls([make_layer(s) for s in resolve(input_shape, layers, num_classes)], loss)
 
     @classmethod
@@ -84,29 +97,28 @@ class Model:
 
     def _flat(self, x: np.ndarray) -> np.ndarray:
         # an embedding layer takes word ids: no float cast
-        return flat_batch(x, getattr(self.layers[0], "input_dtype", np.float32))
+        return flat_batch(x, self.layers[0].input_dtype)
 
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """Logits for a batch (a view of an internal buffer: copy it to keep it); ``train``:
         as in a training step (layers with dropout drop units)."""
         h = self._flat(x)
         for layer in self.layers:
-            h = layer.forward(h, train=True) if train and _drops(layer) else layer.forward(h)
+            h = layer.forward(h, train=train)
         return h
 
     def seed_training(self, seed) -> None:
         """Seed the random draws of training steps (each replica its own): the dropout masks
         of every layer that has dropout, one stream per layer."""
         for i, layer in enumerate(self.layers):
-            if _drops(layer):
+            if layer.dropout is not None:
                 layer.dropout.seed([*np.atleast_1d(seed).tolist(), i])
 
     @property
     def can_accumulate(self) -> bool:
         """Whether forward_backward(accumulate=True) is supported: every layer with
         parameters can add its gradient in place."""
-        return all(getattr(layer, "can_accumulate", False) or layer.num_params == 0
-                   for layer in self.layers)
+        return all(layer.can_accumulate or layer.num_params == 0 for layer in self.layers)
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray,
                          accumulate: bool = False) -> tuple[float, int]:
@@ -130,10 +142,8 @@ class Model:
     def _backward(self, d: np.ndarray, accumulate: bool) -> None:
         """From d(loss)/d(output) of the last forward pass down to every layer's gradient."""
         for i in range(len(self.layers) - 1, -1, -1):
-            if accumulate and self.layers[i].num_params:
-                d = self.layers[i].backward(d, need_dx=i > 0, accumulate=True)
-            else:
-                d = self.layers[i].backward(d, need_dx=i > 0)
+            layer = self.layers[i]
+            d = layer.backward(d, need_dx=i > 0, accumulate=accumulate and layer.num_params > 0)
 
     def rows_read(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Embedding rows (sorted, unique int64) that a training step on ``(x, labels)``
@@ -143,10 +153,6 @@ class Model:
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:
         """(mean loss, accuracy) over a data set, in batches."""
         return evaluate_in_batches(self, x, labels, batch)
-
-
-def _drops(layer) -> bool:
-    return getattr(layer, "dropout", None) is not None
 
 
 def flat_batch(x: np.ndarray, dtype=np.float32) -> np.ndarray:

@@ -13,6 +13,11 @@ Every activation is a ``(B, features)`` matrix, the per-example image flattened 
   its own weights), so the partitions' work is even to one location where rows would leave it
   uneven by a whole row (19 rows over 2 partitions: 10 and 9, 5% of the layer).
 
+How a kind is cut, what a slice reads and where a slice's parameters sit in the single-rank
+vector are its registry entry's (:class:`~dbmpi.model.base.LayerKind` ``cut``,
+``rows_needed``, ``param_pieces``; :mod:`dbmpi.model.registry`): the planner names no kind.
+A kind with ``partitionable = False`` (the embedding) is refused over more than one partition.
+
 To compute its part, partition p *needs* an input range (the whole input for dense; for a
 spatial layer the rows its output rows read, :meth:`LayerSpec.rows_needed`). It owns part of
 that range already (the previous layer's output it computed); the rest comes from the
@@ -40,9 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from .spec import LayerSpec, resolve
-
-Range = tuple[int, int]
+from .base import LayerSpec, Range
+from .spec import resolve
 
 
 def split(n: int, parts: int, weights=None) -> tuple[int, ...]:
@@ -65,10 +69,11 @@ def split(n: int, parts: int, weights=None) -> tuple[int, ...]:
     return tuple(int(b) for b in bounds)
 
 
-_split = split
+_split = split  # the planner's argument `split` shadows the function
 
 
-def _meet(a: Range, b: Range) -> Range | None:
+def meet(a: Range, b: Range) -> Range | None:
+    """The overlap of two column ranges, or None."""
     lo, hi = max(a[0], b[0]), min(a[1], b[1])
     return (lo, hi) if lo < hi else None
 
@@ -136,36 +141,25 @@ class PartitionPlan:
         n_in = self.specs[0].n_in
         own_in = [(0, n_in)] * P  # every partition reads the whole input batch
         for spec in self.specs:
-            by_loc = split == "locations" and spec.kind == "local"
-            n_units = spec.out_shape[0] * spec.out_shape[1] if by_loc else spec.out_units
+            impl = spec.impl
+            if P > 1 and not impl.partitionable:
+                raise ConfigError(f"{spec.name} cannot be split over topology.partitions = {P}: "
+                                  f"use topology.partitions = 1")
             try:
-                bounds = _split(n_units, P, self.weights)
+                cuts = impl.cut(spec, lambda n: _split(n, P, self.weights), split)
             except ValueError:
                 what = "output rows" if spec.spatial else "output units"
                 raise ConfigError(
                     f"{spec.name} has {spec.out_units} {what}, too few to split over "
                     f"topology.partitions = {P} (each partition needs at least one): use fewer "
                     f"partitions or a larger layer") from None
+            rs = spec.in_row_size
             row = []
-            for p in range(P):
-                a, b = bounds[p], bounds[p + 1]
-                rs = spec.in_row_size
-                if by_loc:
-                    OW, F = spec.out_shape[1], spec.out_shape[2]
-                    s_, k = spec.opts["stride"], spec.opts["kernel"]
-                    lo, hi = (a // OW) * s_, ((b - 1) // OW) * s_ + k
-                    out_cols = (a * F, b * F)
-                    n_par = (b - a) * F * (k * k * spec.in_shape[2] + 1)
-                    unit = "locations"
-                else:
-                    lo, hi = spec.rows_needed(a, b)
-                    out_cols = (a * spec.unit_size, b * spec.unit_size)
-                    n_par = spec.num_params(b - a)
-                    unit = "rows" if spec.spatial else "units"
-                need = (lo * rs, hi * rs)
-                computed = (lo * rs, hi * rs) if spec.kind == "lcn" else out_cols
-                row.append(LayerPart(spec, (a, b), out_cols, need, own_in[p], computed, n_par,
-                                     unit))
+            for p, c in enumerate(cuts):
+                need = (c.rows[0] * rs, c.rows[1] * rs)
+                computed = need if impl.computes_slab else c.out_cols
+                row.append(LayerPart(spec, c.units, c.out_cols, need, own_in[p], computed,
+                                     c.num_params, c.unit))
             self.parts.append(row)
             own_in = [part.out_cols for part in row]
         self.param_sizes = tuple(sum(row[p].num_params for row in self.parts) for p in range(P))
@@ -182,7 +176,7 @@ class PartitionPlan:
             if i > 0:  # layer 0 reads the replicated input batch
                 for p in range(self.P):
                     for q in range(self.P):
-                        cols = _meet(row[p].need, row[q].own_in) if q != p else None
+                        cols = meet(row[p].need, row[q].own_in) if q != p else None
                         if cols is not None:
                             ts.append(Transfer(i, q, p, cols))
             out.append(ts)
@@ -236,34 +230,14 @@ class PartitionPlan:
             [s.num_params() for s in self.specs])])][:-1]
 
     def _pieces(self, p: int):
-        """(partition offset, model slices) of partition p's parameters, layer by layer.
-
-        Each piece is (local offset, count, model index array or slice). Dense weights are a
-        column block of (n_in, n_out): a strided view, described by (offset, shape, strides).
-        """
-        moff = self.model_offsets()
+        """(partition offset, model piece) of partition p's parameters, layer by layer, the
+        pieces as each kind's ``param_pieces`` describes them."""
         local = 0
-        for row, off in zip(self.parts, moff):
+        for row, off in zip(self.parts, self.model_offsets()):
             part = row[p]
-            spec = part.spec
-            a, b = part.units
-            if spec.kind == "dense":
-                n_in, n_out = spec.n_in, spec.n_out
-                yield local, ("matrix", off, n_in, n_out, a, b)
-                local += n_in * (b - a)
-                yield local, ("range", off + n_in * n_out + a, b - a)
-                local += b - a
-            elif spec.kind == "local":
-                OH, OW, F = spec.out_shape
-                k, C = spec.opts["kernel"], spec.in_shape[2]
-                if part.unit == "rows":  # in locations
-                    a, b = a * OW, b * OW
-                loc_w = F * k * k * C
-                nW = OH * OW * loc_w
-                yield local, ("range", off + a * loc_w, (b - a) * loc_w)
-                local += (b - a) * loc_w
-                yield local, ("range", off + nW + a * F, (b - a) * F)
-                local += (b - a) * F
+            for piece in part.spec.impl.param_pieces(part.spec, part, off):
+                yield local, piece
+                local += piece[2] if piece[0] == "range" else piece[2] * (piece[5] - piece[4])
 
     @staticmethod
     def _model_view(model_vec: np.ndarray, piece):

@@ -25,7 +25,7 @@ from .spec import make_layer, resolve
 EVAL_SEED = 20080705  # the corrupt words of every evaluation (ICML 2008's first day)
 
 
-class RankingLM(Model):
+class RankingLM(Model, objective="ranking"):
     """Window scorer over ``context + 1`` word ids with one output unit; trained by ranking."""
 
     def __init__(self, layers: list, vocab: int):

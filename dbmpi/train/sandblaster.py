@@ -113,15 +113,9 @@ class Decision(enum.IntEnum):
 
 
 # -- the model in float64 --------------------------------------------------------------------
-class _Dense64(Dense):
+def _Dense64(n_in: int, n_out: int, activation: str = "relu") -> Dense:
     """:class:`Dense` with float64 activations (the kernels are fused over float and double)."""
-
-    def _bufs(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        bufs = self._buffers.get(batch)
-        if bufs is None:
-            bufs = (np.empty((batch, self.n_out)), np.empty((batch, self.n_in)))
-            self._buffers[batch] = bufs
-        return bufs
+    return Dense(n_in, n_out, activation, dtype=np.float64)
 
 
 class Model64(Model):
@@ -144,11 +138,11 @@ def build_model(cfg: Config, dataset) -> Model:
     model = Model.from_config(cfg.model, dataset.feature_shape, dataset.num_classes)
     if cfg.sandblaster.dtype == "float32":
         return model
-    if not all(type(layer) is Dense for layer in model.layers):
+    layers = [layer.float64() for layer in model.layers]  # None: no float64 kernels
+    if any(layer is None for layer in layers):
         raise DbmpiError("sandblaster.dtype: float64 replicas support dense layers only; set "
                          "sandblaster.dtype = \"float32\" for this model")
-    return Model64([_Dense64(d.n_in, d.n_out, d.activation) for d in model.layers],
-                   cfg.model.loss)
+    return Model64(layers, cfg.model.loss)
 
 
 # -- batches and portions --------------------------------------------------------------------
