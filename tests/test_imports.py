@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "dbmpi"
 
 # Cycles (as the sorted modules of a strongly connected component) that their owners fix.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("dbmpi.train.downpour", "dbmpi.train.sparse_worker"),  # the lead splits these
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 # (importer, module, name): imports of another module's private name, for their owners.
 KNOWN_PRIVATE: set[tuple[str, str, str]] = {
     ("dbmpi.lm", "dbmpi.evaluate", "_run_config"),

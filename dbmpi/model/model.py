@@ -147,7 +147,7 @@ class Model:
 
     def rows_read(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Embedding rows (sorted, unique int64) that a training step on ``(x, labels)``
-        reads: what a sparse fetch must bring (:mod:`dbmpi.train.sparse_worker`)."""
+        reads: what a sparse fetch must bring (:mod:`dbmpi.train.downpour.sparse_worker`)."""
         return np.unique(x).astype(np.int64)
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray, batch: int = 1024) -> tuple[float, float]:

@@ -119,8 +119,7 @@ class SparseShardService(ShardService):
         self.r0, self.r1 = lo // d, (lo + self.n_table) // d  # my rows [r0, r1)
         self.E = self.params[:self.n_table].reshape(-1, d)
         # views (a copy would silently drop the updates): (len(state_names), rows, d)
-        self.E_state = self.state[:, :self.n_table].reshape(-1, self.r1 - self.r0, d) \
-            if self.state.size else np.zeros((0, self.r1 - self.r0, d), np.float32)
+        self.E_state = self.state[:, :self.n_table].reshape(len(self.state), self.r1 - self.r0, d)
         assert self.E_state.size == 0 or np.shares_memory(self.E_state, self.state)
         self.rows_applied = 0  # row updates applied (all pushes)
 

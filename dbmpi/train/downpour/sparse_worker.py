@@ -1,6 +1,6 @@
 """The Downpour replica with sparse embedding traffic (``downpour.sparse = true``).
 
-The loop is :meth:`dbmpi.train.downpour.Worker.run`; only the transport hooks differ (see
+The loop is :meth:`dbmpi.train.downpour.worker.Worker.run`; only the transport hooks differ (see
 :mod:`dbmpi.ps.sparse`):
 
 * a fetch reads the dense rest of the model and only the embedding rows the step reads (the
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ps.sparse import SparseClient, embedding_of
-from .downpour import Worker
+from ...ps.sparse import SparseClient, embedding_of
+from .worker import Worker
 
 
 class SparseWorker(Worker):

@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ..protocol import Board, Flag, Row
-from ..ps.rma import Window, progress
-from ..topology import COORDINATOR_RANK, Role, Topology
+from ...protocol import Board, Flag, Row
+from ...ps.rma import Window, progress
+from ...topology import COORDINATOR_RANK, Role, Topology
 
 HEAD, ROW = len(Board), len(Row)
 

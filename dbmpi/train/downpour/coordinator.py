@@ -1,0 +1,172 @@
+"""The Downpour coordinator: evaluates, reports progress, checkpoints, decides when to stop."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ... import checkpoint as ckpt_mod
+from ...errors import TrainingError
+from ...faults import TERMINATION, Fault
+from ...log import get_logger
+from ...protocol import Board, Flag, Row
+from ...ps import PSClient
+from ...ps.server import Backoff, request_checkpoint, request_stop
+from .. import partitioned
+
+log = get_logger("downpour")
+
+
+class Coordinator:
+    """Evaluates, reports progress, checkpoints, decides when to stop, writes the results."""
+
+    def __init__(self, cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0, resume):
+        self.cfg, self.topo, self.model, self.ps = cfg, topo, model, ps
+        self.coord, self.metrics, self.run_dir, self.t0 = coord, metrics, run_dir, t0
+        limit = cfg.data.eval_limit or None
+        self.x_eval, self.y_eval = dataset.load(cfg.data.eval_split, limit=limit)
+        self.client = partitioned.coordinator_client(PSClient(ps, 0, model.num_params), cfg,
+                                                     dataset)
+        self.history: list[dict] = []
+        self.resume = resume
+        self.sequence = resume.sequence if resume is not None else 0
+        self.fault = Fault(topo.rank)
+
+    def _get(self, field: Board) -> int:
+        return int(self.coord.board_view()[field])
+
+    def _fetch(self) -> float:
+        """The shards' parameters into the model; returns when they were fetched."""
+        self.client.fetch(self.model.params)
+        fetched = time.time()
+        if not np.isfinite(self.model.params).all():
+            raise TrainingError("the parameters on the shards hold NaN or Inf: training "
+                                "diverged; lower optimizer.learning_rate")
+        return fetched
+
+    def record(self, steps: int) -> None:
+        """``record_iterates``: append the current parameters to iterates.h5, unevaluated."""
+        fetched = self._fetch()
+        ckpt_mod.append_iterate(self.run_dir / "iterates.h5", self.model.params, step=steps,
+                                wall_s=fetched - self.t0)
+
+    def evaluate(self, steps: int) -> dict:
+        # the parameters evaluated are those of this moment: wall_s is when they were fetched
+        # (what a time-to-accuracy curve needs), eval_s how long evaluating them took
+        fetched = self._fetch()
+        loss, acc = self.model.evaluate(self.x_eval, self.y_eval)
+        rec = {"step": steps, "loss": loss, "accuracy": acc, "wall_s": fetched - self.t0,
+               "eval_s": round(time.time() - fetched, 4)}
+        if getattr(self.model, "unsupervised", False):  # autoencoder: its objective's terms
+            rec.update(reconstruction=self.model.last_eval["reconstruction"],
+                       sparsity=self.model.last_eval["sparsity"])
+        self.metrics.write("eval", **rec)
+        self.history.append(rec)
+        return rec
+
+    def checkpoint(self, final: bool) -> None:
+        """Pause the workers (unless finished), have the shards write, commit."""
+        t = time.time()
+        self.sequence += 1
+        k = self.sequence
+        self.coord.raise_flag(Flag.CKPT_REQ, k)
+        backoff = Backoff(cap=0.005)
+        while True:
+            self.fault.check()
+            r = self.coord.rows()
+            if np.all((r[:, Row.ACK] >= k) | (r[:, Row.FINISHED] == 1)):
+                break
+            backoff.wait()
+        request_checkpoint(self.ps, k, heartbeat=self.fault.check)
+        # exact (STEPS lags by up to log_every per worker); each partition counts its replica
+        steps = int(r[:, Row.STEP].sum()) // self.cfg.topology.partitions
+        ckpt_mod.commit(self.run_dir, k, steps=steps, num_params=self.model.num_params,
+                        num_shards=self.cfg.topology.shards,
+                        workers=r[:, Row.STEP:Row.POSITION + 1], final=final,
+                        model=self.cfg.to_dict()["model"], config=self.cfg.to_dict(),
+                        keep=self.cfg.checkpoint.keep)
+        self.coord.raise_flag(Flag.CKPT_DONE, k)
+        self.metrics.write("checkpoint", sequence=k, steps=steps, final=final,
+                           seconds=round(time.time() - t, 3))
+        log.info("checkpoint %d written (%d steps, %.2f s)%s", k, steps, time.time() - t,
+                 " (final)" if final else "")
+
+    def run(self) -> dict:
+        dp, ck = self.cfg.downpour, self.cfg.checkpoint
+        R = self.cfg.topology.replicas
+        workers = self.topo.num_workers
+        total = dp.steps * R if dp.steps else 0
+        now = time.time()
+        next_eval = now + dp.eval_every_s
+        next_ckpt = now + ck.every_s if ck.every_s else math.inf
+        next_ckpt_steps = ((self.resume.steps if self.resume else 0) + ck.every_steps
+                           if ck.every_steps else math.inf)
+        last_steps, last_t = self._get(Board.STEPS), now
+        observe = self.record if dp.record_iterates else self.evaluate
+        observe(last_steps)  # the starting point of the learning curve
+        stopped_early = interrupted = False
+        while True:
+            self.fault.check()
+            if self._get(Board.DONE) >= workers:
+                break
+            if not interrupted and (TERMINATION.requested or self._get(Board.TERM)):
+                log.warning("SIGTERM received: stopping after a last checkpoint")
+                interrupted = True
+                self.coord.raise_flag(Flag.STOP, 1)
+            now = time.time()
+            steps = self._get(Board.STEPS)
+            if not interrupted and (now >= next_ckpt or steps >= next_ckpt_steps):
+                self.checkpoint(final=False)
+                next_ckpt = time.time() + ck.every_s if ck.every_s else math.inf
+                while next_ckpt_steps <= self._get(Board.STEPS):
+                    next_ckpt_steps += ck.every_steps
+            if now >= next_eval:
+                rec = observe(steps)
+                rate = (steps - last_steps) * self.cfg.data.batch_size / max(now - last_t, 1e-9)
+                last_steps, last_t = steps, now
+                pct = f" ({100 * steps / total:.0f}%)" if total else ""
+                if rec is None:
+                    log.info("step %d%s | %.0f samples/s | parameters recorded | %.1f s", steps,
+                             pct, rate, now - self.t0)
+                elif "reconstruction" in rec:
+                    log.info("step %d%s | %.0f samples/s | test reconstruction %.4f sparsity "
+                             "%.4f | %.1f s", steps, pct, rate, rec["reconstruction"],
+                             rec["sparsity"], now - self.t0)
+                else:
+                    log.info("step %d%s | %.0f samples/s | test loss %.4f accuracy %.4f | "
+                             "%.1f s", steps, pct, rate, rec["loss"], rec["accuracy"],
+                             now - self.t0)
+                if rec and dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
+                        and not stopped_early:
+                    log.info("target accuracy %.4f reached: stopping", dp.target_accuracy)
+                    self.coord.raise_flag(Flag.STOP, 1)
+                    stopped_early = True
+                next_eval = time.time() + dp.eval_every_s
+            time.sleep(0.02)
+        # Every worker's pushes are acknowledged: the shards hold the final parameters.
+        steps = self._get(Board.STEPS)
+        if dp.record_iterates:
+            self.record(steps)
+        final = self.evaluate(steps)
+        self.checkpoint(final=not interrupted)
+        request_stop(self.ps)
+        ckpt_mod.save_params(self.run_dir / "params.h5", self.model.params,
+                    self.cfg.to_dict()["model"], steps)
+        wall = time.time() - self.t0
+        log.info("%s: %d steps in %.1f s | final test loss %.4f accuracy %.4f",
+                 "interrupted" if interrupted else "done", steps, wall, final["loss"],
+                 final["accuracy"])
+        return {"steps": steps, "wall_s": wall, "final_test_loss": final["loss"],
+                "final_test_accuracy": final["accuracy"],
+                "best_test_accuracy": max(r["accuracy"] for r in self.history),
+                "target_reached": bool(dp.target_accuracy and (
+                    stopped_early or final["accuracy"] >= dp.target_accuracy)),
+                "interrupted": interrupted,
+                "resumed_from": ({"sequence": self.resume.sequence, "steps": self.resume.steps}
+                                 if self.resume else None),
+                "num_params": self.model.num_params,
+                **({"final_test_reconstruction": final["reconstruction"],
+                    "final_test_sparsity": final["sparsity"]} if "reconstruction" in final
+                   else {})}
