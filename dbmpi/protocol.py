@@ -2,7 +2,7 @@
 
 The protocols that use them are described where they are implemented: the parameter server's
 in :mod:`dbmpi.ps`, Sandblaster's vector service in :mod:`dbmpi.ps.vector`, Downpour's control
-plane in :mod:`dbmpi.train.control`, Sandblaster's scheduling in :mod:`dbmpi.train.sandblaster`.
+plane in :mod:`dbmpi.train.downpour.control`, Sandblaster's scheduling in :mod:`dbmpi.train.sandblaster`.
 Keeping the numbers together is what stops two modules from giving one word two values.
 """
 
@@ -30,7 +30,7 @@ class ShardCtrl(enum.IntEnum):
 
 
 class Flag(enum.IntEnum):
-    """A Downpour replica's flags, in its own memory (:mod:`dbmpi.train.control`)."""
+    """A Downpour replica's flags, in its own memory (:mod:`dbmpi.train.downpour.control`)."""
 
     STOP = 0  # finish now (target reached, SIGTERM)
     CKPT_REQ = 1  # checkpoint k requested: pause at the next step boundary
