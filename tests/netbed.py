@@ -335,13 +335,16 @@ def beds() -> dict[str, Bed]:
 
 
 def find(bed_id: str | None) -> Bed:
-    """The bed BED_ID, or $DBMPI_NETBED, or the only bed there is."""
+    """The bed BED_ID (its id, or its name if only one bed has it), or $DBMPI_NETBED, or the
+    only bed there is."""
     all_beds = beds()
     bed_id = bed_id or os.environ.get("DBMPI_NETBED")
     if bed_id:
-        if bed_id not in all_beds:
-            raise NetbedError(f"no bed {bed_id}; beds here: {sorted(all_beds) or 'none'}")
-        return all_beds[bed_id]
+        named = [b for b in all_beds.values() if b.name == bed_id]
+        if bed_id not in all_beds and len(named) != 1:
+            raise NetbedError(f"no bed {bed_id} (or more than one of that name); beds here: "
+                              f"{sorted(all_beds) or 'none'}")
+        return all_beds.get(bed_id) or named[0]
     if len(all_beds) != 1:
         raise NetbedError(f"say which bed (--bed ID or DBMPI_NETBED): {len(all_beds)} here "
                           f"{sorted(all_beds)}")
