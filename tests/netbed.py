@@ -111,7 +111,8 @@ def _on_signal(signum, frame):
 
 
 def _guard():
-    """Once per process: remove our beds at exit and on SIGTERM/SIGINT, then die as asked."""
+    """Once per process: remove our beds at exit and on SIGTERM/SIGHUP (SIGINT too where
+    nothing else handles it), then die of that signal as asked."""
     if getattr(_guard, "done", False):
         return
     _guard.done = True
@@ -235,6 +236,9 @@ class Bed:
         for ns in gone:
             _run(["ip", "netns", "del", ns], check=False)
         _LIVE.pop(self.id, None)
+        left = set(self.namespaces) & _netns()
+        if left:
+            raise NetbedError(f"could not delete {sorted(left)} (see `ip netns pids NAME`)")
         return gone
 
     def __enter__(self) -> Self:
