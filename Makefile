@@ -76,9 +76,10 @@ lint: setup
 	$(PY) -m ruff check dbmpi data_tools tests benchmarks
 
 SLURM_DIR ?= /tmp/dbmpi-slurm
+# SLURM_NETNS=3: three nodes on namespace hosts (docs/multihost.md); clients via cluster.sh exec
 slurm-up:   # one-node SLURM cluster on this machine (root); then: export SLURM_CONF=$(SLURM_DIR)/slurm.conf
 	test -x /usr/sbin/slurmd || jobs/slurm/cluster.sh install
-	jobs/slurm/cluster.sh up $(SLURM_DIR)
+	jobs/slurm/cluster.sh up $(SLURM_DIR) $(if $(SLURM_NETNS),--netns $(SLURM_NETNS))
 
 slurm-down:
 	jobs/slurm/cluster.sh down $(SLURM_DIR)

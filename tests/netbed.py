@@ -111,7 +111,8 @@ def _on_signal(signum, frame):
 
 
 def _guard():
-    """Once per process: remove our beds at exit and on SIGTERM/SIGINT, then die as asked."""
+    """Once per process: remove our beds at exit and on SIGTERM/SIGHUP (SIGINT too where
+    nothing else handles it), then die of that signal as asked."""
     if getattr(_guard, "done", False):
         return
     _guard.done = True
@@ -235,6 +236,9 @@ class Bed:
         for ns in gone:
             _run(["ip", "netns", "del", ns], check=False)
         _LIVE.pop(self.id, None)
+        left = set(self.namespaces) & _netns()
+        if left:
+            raise NetbedError(f"could not delete {sorted(left)} (see `ip netns pids NAME`)")
         return gone
 
     def __enter__(self) -> Self:
@@ -335,13 +339,16 @@ def beds() -> dict[str, Bed]:
 
 
 def find(bed_id: str | None) -> Bed:
-    """The bed BED_ID, or $DBMPI_NETBED, or the only bed there is."""
+    """The bed BED_ID (its id, or its name if only one bed has it), or $DBMPI_NETBED, or the
+    only bed there is."""
     all_beds = beds()
     bed_id = bed_id or os.environ.get("DBMPI_NETBED")
     if bed_id:
-        if bed_id not in all_beds:
-            raise NetbedError(f"no bed {bed_id}; beds here: {sorted(all_beds) or 'none'}")
-        return all_beds[bed_id]
+        named = [b for b in all_beds.values() if b.name == bed_id]
+        if bed_id not in all_beds and len(named) != 1:
+            raise NetbedError(f"no bed {bed_id} (or more than one of that name); beds here: "
+                              f"{sorted(all_beds) or 'none'}")
+        return all_beds.get(bed_id) or named[0]
     if len(all_beds) != 1:
         raise NetbedError(f"say which bed (--bed ID or DBMPI_NETBED): {len(all_beds)} here "
                           f"{sorted(all_beds)}")

@@ -177,3 +177,25 @@ def test_cli_errors_are_one_line():
     assert "rate 'fast' is not like 10gbit" in r.stderr
     with pytest.raises(netbed.NetbedError, match="need one host in 0..1 for each of 3 ranks"):
         Bed(2, name="x").placement(3, rank_hosts=[0, 2, 1])
+
+
+def test_owner_exit_or_sigterm_removes_its_bed():
+    """A bed goes with the process that made it: at exit (atexit) and on SIGTERM."""
+    code = "from tests.netbed import Bed; print(Bed(1, name='atexit').up().id)"
+    gone = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    assert gone.endswith("-atexit") and gone not in netbed.beds()
+    job = subprocess.Popen([sys.executable, "-m", "tests.netbed", "mpiexec", "--hosts", "2",
+                            "-n", "2", "--", "sleep", "300"], cwd=ROOT, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "DBMPI_NETBED": ""})
+    try:
+        bed_id = f"{netbed.PREFIX}-{job.pid}-job"
+        deadline = time.monotonic() + 30
+        while not (bed_id in netbed.beds() and len(netbed.beds()[bed_id].pids()) >= 2):
+            assert time.monotonic() < deadline and job.poll() is None, "the job never started"
+            time.sleep(0.1)
+        job.terminate()
+        assert job.wait(timeout=30) == -15
+    finally:
+        job.kill()
+    assert bed_id not in netbed.beds(), "SIGTERM must remove the bed and what runs in it"
