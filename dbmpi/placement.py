@@ -7,8 +7,11 @@ P partitions each); this module only chooses hosts for it:
   host); the shards are dealt over the ps hosts by load (coordinator counted), in contiguous
   blocks so that each host appears once in the launch line;
 * each replica's P partitions share one host: they exchange activations every step;
-* replicas go round-robin over the hosts that are not ps hosts, skipping hosts without P free
-  slots; only when those are full (or there are none) do the ps hosts' free slots take them.
+* replicas are dealt round-robin over the hosts that are not ps hosts, skipping hosts without
+  P free slots; only when those are full (or there are none) do the ps hosts' free slots take
+  them. Each host's replicas are then numbered consecutively (the last ps host's first, then
+  the other hosts in ``--hosts`` order, then the other ps hosts), so a host is one entry of
+  the launch line whenever that is possible.
 
 A plan that does not fit the slots raises a one-line :class:`PlacementError` that says the
 fix, unless ``oversubscribe`` lets hosts take more ranks than slots.
@@ -227,9 +230,10 @@ def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
         for _ in range(counts[name]):
             places.append(Place(len(places), "shard", len(places) - 1, 0, name))
 
-    # replicas: round-robin over the other hosts, then over the ps hosts' free slots
+    # replicas: dealt round-robin over the other hosts, then over the ps hosts' free slots
     rings = [[n for n in names if n not in ps], ps]
     nexts = [0, 0]
+    dealt = {name: 0 for name in names}
     for r in range(replicas):
         host = None
         for ring_no, ring in enumerate(rings):
@@ -250,8 +254,16 @@ def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
                 f"{left} are left: give hosts slots in multiples of topology.partitions "
                 f"({partitions}) or add hosts{_fit_hint()}")
         free[host] -= partitions
-        for p in range(partitions):
-            places.append(Place(len(places), "replica", r, p, host))
+        dealt[host] += 1
+    # Numbered host by host, so that each host's replicas are consecutive ranks, the last ps
+    # host's right after its shards: hydra then needs one entry per host (ranks of two
+    # entries do not share memory, even on one host), and replica numbers carry no meaning.
+    r = 0
+    for host in [ps[-1]] + rings[0] + ps[:-1]:
+        for _ in range(dealt[host]):
+            for p in range(partitions):
+                places.append(Place(len(places), "replica", r, p, host))
+            r += 1
     return places
 
 

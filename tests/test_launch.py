@@ -161,11 +161,11 @@ def _run_group(cmd, env, timeout, marker: str, cwd=ROOT):
 
 def test_hydra_keeps_the_planned_rank_order(tmp_path):
     """The -hosts list that launch builds puts every rank on its planned host, including a
-    host named twice (ha:2,hb:2,ha:1)."""
+    host named twice (ha:2,hb:2,hc:1,ha:1)."""
     rsh = _uts_rsh(tmp_path)
     (tmp_path / "who.py").write_text(WHO)
-    places = placement.plan(1, 3, 1, placement.parse_hosts("ha:4,hb:2"))
-    assert placement.hydra_hosts(places) == "ha:2,hb:2,ha:1"
+    places = placement.plan(2, 3, 1, placement.parse_hosts("ha:3,hb:2,hc:1"), ["ha", "hb"])
+    assert placement.hydra_hosts(places) == "ha:2,hb:2,hc:1,ha:1"
     cmd = launch.placed_command([launch.find_mpiexec(), "-n", str(len(places)), sys.executable,
                                  str(tmp_path / "who.py")], places)
     env = {**os.environ, **JOB_ENV, "HYDRA_LAUNCHER": "rsh", "HYDRA_LAUNCHER_EXEC": str(rsh)}

@@ -38,13 +38,14 @@ def test_one_ps_host_replicas_on_the_others():
 def test_shards_balanced_over_ps_hosts_and_partitions_kept_together():
     # ps a,b: coordinator on a (load 1), shard -> b (load 0), then a/b tie -> a, then a is
     # full (2 slots) -> b: a holds shard 0, b shards 1-2 (contiguous blocks in ps order).
-    # Replicas of 2 partitions round-robin over c, d: r0 c, r1 d, r2 c.
+    # Replicas of 2 partitions dealt round-robin over c, d: c, d, c; numbered host by host:
+    # replicas 0-1 on c, replica 2 on d.
     places = pl.plan(3, 3, 2, H("a:2,b:2,c:4,d:4"), ps_hosts=["a", "b"])
-    assert hosts_of(places) == ["a", "a", "b", "b", "c", "c", "d", "d", "c", "c"]
+    assert hosts_of(places) == ["a", "a", "b", "b", "c", "c", "c", "c", "d", "d"]
     assert [(p.role, p.index, p.partition) for p in places[4:]] == [
         ("replica", 0, 0), ("replica", 0, 1), ("replica", 1, 0), ("replica", 1, 1),
         ("replica", 2, 0), ("replica", 2, 1)]
-    assert pl.hydra_hosts(places) == "a:2,b:2,c:2,d:2,c:2"
+    assert pl.hydra_hosts(places) == "a:2,b:2,c:4,d:2"
 
 
 def test_coordinator_counts_in_the_shard_balance():
@@ -58,15 +59,25 @@ def test_coordinator_counts_in_the_shard_balance():
 
 
 def test_replicas_spill_onto_the_ps_host_when_the_others_are_full():
+    # dealt b, b, a; a's replica is numbered first, right after a's shard: one entry per host
     places = pl.plan(1, 3, 1, H("a:4,b:2"))
-    assert hosts_of(places) == ["a", "a", "b", "b", "a"]
-    assert pl.hydra_hosts(places) == "a:2,b:2,a:1"  # a named twice: hydra keeps both
+    assert hosts_of(places) == ["a", "a", "a", "b", "b"]
+    assert pl.hydra_hosts(places) == "a:3,b:2"
+
+
+def test_a_host_appears_twice_only_when_two_ps_hosts_take_replicas():
+    # coordinator a; shard 0 a, shard 1 b (load balance); replicas dealt c, then a, b;
+    # numbered b (after its shard), c, a
+    places = pl.plan(2, 3, 1, H("a:3,b:2,c:1"), ps_hosts=["a", "b"])
+    assert hosts_of(places) == ["a", "a", "b", "b", "c", "a"]
+    assert pl.hydra_hosts(places) == "a:2,b:2,c:1,a:1"
 
 
 def test_round_robin_skips_hosts_without_room_for_a_replica():
-    # b has 1 slot < 2 partitions: r0 c, r1 c (b skipped), r2 on the ps host a
+    # b has 1 slot < 2 partitions: dealt c, c (b skipped), then the ps host a;
+    # numbered a's first (replica 0), then c's (replicas 1-2)
     places = pl.plan(1, 3, 2, H("a:4,b:1,c:4"))
-    assert hosts_of(places) == ["a", "a", "c", "c", "c", "c", "a", "a"]
+    assert hosts_of(places) == ["a", "a", "a", "a", "c", "c", "c", "c"]
 
 
 def test_one_host_holds_everything():
@@ -77,8 +88,9 @@ def test_one_host_holds_everything():
 
 def test_every_host_is_a_ps_host():
     places = pl.plan(2, 2, 1, H("a:3,b:3"), ps_hosts=["a", "b"])
-    # coordinator a; shard -> b, then tie a/b -> a; replicas: no other host, ps ring a, b
-    assert hosts_of(places) == ["a", "a", "b", "a", "b"]
+    # coordinator a; shard -> b, then tie a/b -> a (blocks: a shard 0, b shard 1);
+    # replicas: no other host, dealt over the ps hosts a, b; numbered b's first
+    assert hosts_of(places) == ["a", "a", "b", "b", "a"]
 
 
 # ---------------------------------------------------------------- errors
@@ -104,9 +116,9 @@ def test_plans_that_do_not_fit_say_why_and_the_fix(args, kw, words):
 
 def test_oversubscribe_overfills_instead_of_refusing():
     assert hosts_of(pl.plan(2, 1, 1, H("a:1"), oversubscribe=True)) == ["a"] * 4
-    # free slots first (r0 b, r1 c), then plain round-robin over b, c for r2
+    # free slots first (b, c), then plain round-robin over b, c: b again
     places = pl.plan(1, 3, 2, H("a:3,b:3,c:2"), oversubscribe=True)
-    assert hosts_of(places) == ["a", "a", "b", "b", "c", "c", "b", "b"]
+    assert hosts_of(places) == ["a", "a", "b", "b", "b", "b", "c", "c"]
 
 
 @pytest.mark.parametrize("spec, words", [
