@@ -177,8 +177,8 @@ def slurm_hosts(env: dict, scontrol: str | None = None) -> list[Host]:
 # ---------------------------------------------------------------- the plan
 
 
-def _fit_hint(oversubscribe_ok: bool = True) -> str:
-    return ", or pass --oversubscribe" if oversubscribe_ok else ""
+# every "does not fit" error ends with the way round it
+_OVER = ", or pass --oversubscribe"
 
 
 def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
@@ -199,13 +199,13 @@ def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
         raise PlacementError(
             f"--hosts: the job needs {need} ranks (1 coordinator + {shards} shards + {replicas} "
             f"replicas x {partitions} partitions) but the hosts have {total} slots: add hosts "
-            f"or slots (host:N){_fit_hint()}")
+            f"or slots (host:N){_OVER}")
     biggest = max(free.values())
     if partitions > biggest and not oversubscribe:
         raise PlacementError(
             f"topology.partitions: a replica's {partitions} partitions must share one host but "
             f"the largest host has {biggest} slots: give hosts at least {partitions} slots "
-            f"(host:{partitions}) or lower topology.partitions{_fit_hint()}")
+            f"(host:{partitions}) or lower topology.partitions{_OVER}")
 
     # coordinator and shards: each shard to the ps host with the fewest ranks so far among
     # those with a free slot (earlier host on ties); contiguous blocks in --ps-hosts order
@@ -219,8 +219,8 @@ def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
             have = sum(h.slots for h in hosts if h.name in ps)
             raise PlacementError(
                 f"--ps-hosts: the coordinator and {shards} shards need {shards + 1} slots but "
-                f"{', '.join(ps)} have {have}: name more ps hosts (--ps-hosts a,b), give them "
-                f"more slots, or lower topology.shards{_fit_hint()}")
+                f"the ps hosts ({', '.join(ps)}) have {have}: name more ps hosts (--ps-hosts a,b), give them "
+                f"more slots, or lower topology.shards{_OVER}")
         best = min(open_, key=lambda n: (load[n], ps.index(n)))
         load[best] += 1
         counts[best] += 1
@@ -252,7 +252,7 @@ def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
             raise PlacementError(
                 f"--hosts: replica {r} needs {partitions} free slots on one host but only "
                 f"{left} are left: give hosts slots in multiples of topology.partitions "
-                f"({partitions}) or add hosts{_fit_hint()}")
+                f"({partitions}) or add hosts{_OVER}")
         free[host] -= partitions
         dealt[host] += 1
     # Numbered host by host, so that each host's replicas are consecutive ranks, the last ps

@@ -99,7 +99,7 @@ def test_every_host_is_a_ps_host():
 @pytest.mark.parametrize("args, kw, words", [
     ((2, 2, 1, "a:1,b:2"), {}, ["needs 5 ranks", "have 3 slots", "--oversubscribe"]),
     ((1, 1, 5, "a:4,b:4"), {}, ["topology.partitions", "largest host has 4 slots", "host:5"]),
-    ((3, 1, 1, "a:2,b:8"), {}, ["--ps-hosts", "need 4 slots", "a have 2"]),
+    ((3, 1, 1, "a:2,b:8"), {}, ["--ps-hosts", "need 4 slots", "ps hosts (a) have 2"]),
     ((1, 3, 2, "a:3,b:3,c:2"), {}, ["replica 2 needs 2 free slots", "a:1, b:1, c:0"]),
     ((1, 1, 1, "a:2,b:2"), {"ps_hosts": ["z"]}, ["--ps-hosts: z is not one of the hosts"]),
     ((1, 1, 1, "a:2,b:2"), {"ps_hosts": ["a", "a"]}, ["listed twice"]),
