@@ -24,7 +24,19 @@ def main(argv: list[str] | None = None) -> int:
                                       "and oversubscription settings")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command (and the rank -> host table) only")
+    p.add_argument("--hosts", default=None, metavar="HOST:SLOTS,...",
+                   help="place ranks on these hosts (see docs/placement.md); inside a SLURM "
+                        "job the allocation's nodes are the default")
+    p.add_argument("--hostfile", default=None, metavar="FILE",
+                   help="hosts from a file, one `host:SLOTS` (or `host slots=N`) a line")
+    p.add_argument("--ps-hosts", default=None, metavar="HOST,...",
+                   help="hosts for the coordinator and the shards (default: the first host)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="let hosts take more ranks than slots instead of refusing")
+    p.add_argument("--rankfile", default=None, metavar="FILE",
+                   help="also write an Open MPI rankfile of the plan there")
 
     p = sub.add_parser("eval", help="frame and utterance accuracy of a finished run "
                                     "(writes RUN_DIR/eval.json)")
@@ -96,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "launch":
             from .launch import main as launch_main
 
-            return launch_main(args.config, args.set, args.dry_run)
+            return launch_main(args.config, args.set, args.dry_run, args.hosts,
+                               args.hostfile, args.ps_hosts, args.oversubscribe,
+                               args.rankfile)
         if args.cmd == "eval":
             from .evaluate import evaluate_iterates, evaluate_run, summary_line
 

@@ -4,6 +4,9 @@ It reads the config to compute N = 1 + shards + replicas x partitions, and, when
 cores it may use, tells MPICH to yield the CPU while a rank waits (measured here: without these
 settings every waiting rank burns a full core), and gives each rank one BLAS thread. Settings
 already in the environment win.
+
+With ``--hosts a:8,b:8`` (or ``--hostfile``, or inside a SLURM job) it also chooses each rank's
+host (:mod:`dbmpi.placement`, docs/placement.md) and hands mpiexec that order.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from . import placement
 
 # MPICH CVARs that make ranks blocked in MPI yield their core (harmless for other MPIs).
 MPICH_YIELD = {
@@ -68,11 +72,64 @@ def command(config_path: str, overrides: list[str], nranks: int, mpiexec: str) -
     return cmd
 
 
-def main(config_path: str, overrides: list[str], dry_run: bool = False) -> int:
+def host_list(hosts: str | None, hostfile: str | None, env: dict) -> list | None:
+    """The hosts to place ranks on: --hosts, --hostfile, else SLURM's allocation inside a job,
+    else None (every rank where mpiexec puts it, as without placement)."""
+    if hosts and hostfile:
+        raise placement.PlacementError("--hosts and --hostfile: give one of them")
+    if hosts:
+        return placement.parse_hosts(hosts)
+    if hostfile:
+        return placement.read_hostfile(hostfile)
+    if env.get("SLURM_JOB_ID"):
+        return placement.slurm_hosts(env)
+    return None
+
+
+def placed_command(cmd: list[str], places: list) -> list[str]:
+    """``mpiexec -hosts a:3,b:2,a:2 -n N ...``: MPICH hydra fills these entries in order.
+
+    Per-section ``-hosts`` in an MPMD line (``-n 1 -hosts a cmd : -n 2 -hosts b cmd``) is
+    refused by hydra 5.0 ("duplicate host file or host list setting"); one ordered list is not.
+    """
+    return [cmd[0], "-hosts", placement.hydra_hosts(places), *cmd[1:]]
+
+
+def plan_job(cfg, hosts: str | None = None, hostfile: str | None = None,
+             ps_hosts: str | None = None, oversubscribe: bool = False,
+             env: dict | None = None) -> list | None:
+    """The rank -> host plan for this config, or None without hosts to place on."""
+    env = dict(os.environ if env is None else env)
+    host_objs = host_list(hosts, hostfile, env)
+    if host_objs is None:
+        if ps_hosts:
+            raise placement.PlacementError("--ps-hosts needs the hosts too: add --hosts "
+                                           "a:N,b:N or --hostfile FILE")
+        return None
+    ps = [x.strip() for x in ps_hosts.split(",") if x.strip()] if ps_hosts else None
+    t = cfg.topology
+    return placement.plan(t.shards, t.replicas, t.partitions, host_objs, ps, oversubscribe)
+
+
+def main(config_path: str, overrides: list[str], dry_run: bool = False,
+         hosts: str | None = None, hostfile: str | None = None, ps_hosts: str | None = None,
+         oversubscribe: bool = False, rankfile: str | None = None) -> int:
     cfg = config_mod.load(config_path, overrides)
     n = cfg.topology.world_size
     env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions)
+    places = plan_job(cfg, hosts, hostfile, ps_hosts, oversubscribe)
     cmd = command(config_path, overrides, n, find_mpiexec())
+    if places is not None:
+        cmd = placed_command(cmd, places)
+        if dry_run:
+            print(placement.table(places), flush=True)
+        if rankfile:
+            Path(rankfile).write_text(placement.rankfile(places))
+            print(f"dbmpi launch: wrote the Open MPI rankfile {rankfile}: mpirun -np {n} "
+                  f"--rankfile {rankfile} {' '.join(command(config_path, overrides, n, '')[3:])}",
+                  file=sys.stderr, flush=True)
+    elif rankfile:
+        raise placement.PlacementError("--rankfile needs the hosts: add --hosts or --hostfile")
     print("dbmpi launch: " + " ".join(cmd), file=sys.stderr, flush=True)
     if dry_run:
         return 0

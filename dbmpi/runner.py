@@ -160,6 +160,7 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
                  cfg.topology.replicas, cfg.topology.partitions, run_dir)
         if checkpoint is not None:
             log.info("resuming from %s (%d steps)", checkpoint.path, checkpoint.steps)
+    _log_placement(topo, run_dir)
     TERMINATION.install()
     try:
         if cfg.algorithm == "sandblaster":
@@ -192,6 +193,24 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
     TERMINATION.uninstall()
     interrupted = comm.bcast(bool(result and result.get("interrupted")), root=0)
     return 143 if interrupted else 0
+
+
+def _log_placement(topo: Topology, run_dir: Path) -> None:
+    """Collective: where every rank runs (host, pid), logged and kept in placement.json.
+
+    Placement decides speed (a replica's partitions on one host, shards where asked), so
+    the log says where ranks actually landed, whatever launched them.
+    """
+    from .placement import host_lines
+
+    row = {"rank": topo.rank, "role": topo.role.name.lower(), "index": topo.index,
+           "partition": topo.partition, "host": MPI.Get_processor_name(), "pid": os.getpid()}
+    log.debug("on host %s, pid %d", row["host"], row["pid"])
+    rows = topo.comm.gather(row, root=0)
+    if topo.rank == 0:
+        for line in host_lines(rows, topo.cfg.partitions):
+            log.info("%s", line)
+        write_json(run_dir / "placement.json", {"ranks": rows})
 
 
 def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
