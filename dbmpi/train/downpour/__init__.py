@@ -21,7 +21,7 @@ has acknowledged (or finished), each shard writes its block and optimizer state,
 coordinator commits the checkpoint directory and raises CKPT_DONE = k, and workers go on. The
 pause makes the checkpoint consistent: no push is in flight while the shards write.
 
-Control flags and reports go through :mod:`dbmpi.train.control` (flags in the workers' memory,
+Control flags and reports go through :mod:`.control` (flags in the workers' memory,
 reports on the coordinator's board), so that no per-step operation waits for the coordinator.
 """
 
