@@ -228,9 +228,7 @@ def test_launch_on_three_simulated_hosts(small_data, tmp_path):
     assert [h for *_, h in expect] == ["ha", "ha", "hb", "hb", "hc", "hc"]
     # written at start-up, before training: the ranks landed where planned
     assert _placement_rows(tmp_path / "run") == expect
-    if r is None:
-        pytest.xfail("placement right, but training hung: ranks on other hosts wait for the "
-                     "shard's RMA, which makes no MPI progress while it polls (dbmpi/ps)")
+    assert r is not None, "placement right, but training did not finish in time"
     assert r.returncode == 0, r.stderr[-3000:]
     assert "final test accuracy" in r.stdout
 
@@ -238,9 +236,11 @@ def test_launch_on_three_simulated_hosts(small_data, tmp_path):
 def test_launch_on_a_network_namespace_bed(small_data, tmp_path):
     """The same job on three hosts made of network namespaces (tests/netbed.py): own
     hostnames, own addresses, TCP between them. launch runs in host 0 and places by address."""
-    netbed = pytest.importorskip("netbed", reason="tests/netbed.py (the netbed test bed) is "
-                                                  "not in this checkout")
+    from tests import netbed
+
     why = netbed.unavailable()
+    if why and os.environ.get("DBMPI_REQUIRE_NETNS") == "1":
+        pytest.fail(f"DBMPI_REQUIRE_NETNS=1 but {why}", pytrace=False)
     if why:
         pytest.skip(f"no network namespace bed: {why}")
     cfg = _tiny_config(tmp_path, small_data, replicas=2, partitions=2)
@@ -260,8 +260,6 @@ def test_launch_on_a_network_namespace_bed(small_data, tmp_path):
                   for p in placement.plan(1, 2, 2, placement.parse_hosts(hosts))]
     assert [h for *_, h in expect] == [bed.ns(h) for h in (0, 0, 1, 1, 2, 2)]
     assert _placement_rows(tmp_path / "run") == expect
-    if r is None:
-        pytest.xfail("placement right, but training hung: ranks on other hosts wait for the "
-                     "shard's RMA, which makes no MPI progress while it polls (dbmpi/ps)")
+    assert r is not None, "placement right, but training did not finish in time"
     assert r.returncode == 0, r.stderr[-3000:]
     assert "final test accuracy" in r.stdout
