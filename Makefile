@@ -1,6 +1,7 @@
 # dbmpi: two commands from a fresh clone.
 #   make demo   set up, make the demo data, train with Downpour under mpiexec (5 ranks)
-#   make test   set up, then the whole suite: serial tests, MPI tests at 2 and 4 ranks
+#   make test   set up, then the whole suite: serial tests, MPI tests at 2 and 4 ranks, and
+#               the MPI tests with 4 ranks on 3 network-namespace hosts over TCP (root only)
 # Uses the active virtualenv if there is one, else creates .venv. The PyPI `mpich` wheel is
 # installed unless the machine already has an mpiexec (on a cluster: bring the site's MPI).
 
@@ -50,7 +51,7 @@ $(DEMO)/shards/manifest.json:
 demo: build $(DEMO)/shards/manifest.json
 	$(PY) -m dbmpi launch jobs/configs/demo.toml
 
-test: build test-serial test-mpi
+test: build test-serial test-mpi test-multihost
 
 test-serial: build
 	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest tests
