@@ -77,6 +77,7 @@ def cluster(request, tmp_path_factory):
                if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "DBMPI_LAUNCHER"))}
         project = tmp_path_factory.mktemp("netproject")
         (project / "logs").mkdir()
+        (project / "jobs").symlink_to(ROOT / "jobs")  # job scripts source jobs/site.sh
         (project / "netprobe.sbatch").write_text(JOB.format(
             iface=netbed.IFACE, python=sys.executable, probe=ROOT / "tests" / "netbed_probe.py"))
         yield NetnsCluster(state, project, env)
@@ -121,3 +122,30 @@ def test_mpi_job_spans_three_nodes(cluster, launcher):
     for p, x in enumerate(ranks):
         assert x["recv_sha"] == sha(seeded((p - 1) % 4)), f"rank {p} received wrong data"
     assert {x["allreduce_sha"] for x in ranks} == {sha(sum(seeded(1000 + p) for p in range(4)))}
+
+
+def test_placed_training_job_spans_three_nodes(cluster, small_data, tmp_path):
+    """The README's multi-node job: ``sbatch -N 3 jobs/placed.sbatch CONFIG`` trains Downpour
+    with the coordinator and the shard on node0 and one replica on each other node (dbmpi
+    launch plans over the allocation), over TCP between the namespace hosts."""
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "job.toml", {
+        "topology": {"shards": 1, "replicas": 2},
+        "model": {"layers": [{"type": "dense", "units": 16, "activation": "relu"}]},
+        "data": {"path": small_data, "batch_size": 32},
+        "downpour": {"steps": 150, "eval_every_s": 60.0},
+        "run": {"seed": 1}})
+    job = cluster.submit("-N", str(NODES), "--ntasks-per-node=2", "jobs/placed.sbatch", str(cfg),
+                         env={"UCX_TLS": "tcp,self", "HYDRA_IFACE": netbed.IFACE})
+    rec = cluster.wait(job)
+    log = cluster.log("placed", job)
+    assert (rec["state"], rec["exit_code"]) == ("COMPLETED", "0:0"), f"{rec}\n{log[-3000:]}"
+    run = cluster.project / "runs" / f"placed-{job}"
+    placed = json.loads((run / "placement.json").read_text())["ranks"]
+    assert [(x["role"], x["host"]) for x in placed] == [
+        ("coordinator", "node0"), ("shard", "node0"), ("replica", "node1"),
+        ("replica", "node2")], placed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 300
+    assert "final test accuracy" in log
