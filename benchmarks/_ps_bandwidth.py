@@ -201,3 +201,7 @@ def _two_sided(comm, topo, layout, repeats: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"seconds_two_sided": med,
             "GB_per_s_two_sided": {k: 4 * layout.total / v / 1e9 for k, v in med.items()}}
+
+
+if __name__ == "__main__":
+    main()
