@@ -2,6 +2,8 @@
 #   make demo   set up, make the demo data, train with Downpour under mpiexec (5 ranks)
 #   make test   set up, then the whole suite: serial tests, MPI tests at 2 and 4 ranks, and
 #               the MPI tests with 4 ranks on 3 network-namespace hosts over TCP (root only)
+#   make check  the unit tests only (no MPI job starts: tests marked `job` are left out)
+#   make lint   ruff (the version pinned in pyproject's `test` extra)
 # Uses the active virtualenv if there is one, else creates .venv. The PyPI `mpich` wheel is
 # installed unless the machine already has an mpiexec (on a cluster: bring the site's MPI).
 
@@ -19,22 +21,25 @@ EXTRAS := test$(if $(MPI_EXTRA),$(comma)$(MPI_EXTRA))
 MPIEXEC = $(firstword $(wildcard $(VENV)/bin/mpiexec) mpiexec)
 KERNELS := $(wildcard cython_kernels/*.pyx cython_kernels/*.pxd cython_kernels/*.h)
 
-# Ranks outnumber the cores in tests and the demo: MPICH ranks waiting in MPI must yield.
-export MPIR_CVAR_ENABLE_HEAVY_YIELD := 1
-export MPIR_CVAR_POLLS_BEFORE_YIELD := 1
-export MPIR_CVAR_CH4_PROGRESS_THROTTLE := true
-export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT := 1
+# Ranks outnumber the cores in tests: MPICH ranks waiting in MPI must yield. The variables'
+# one source is dbmpi.launch.MPICH_YIELD (`python -m dbmpi launch` sets them itself); read
+# when a recipe runs, after setup. The demo goes through `dbmpi launch`.
+YIELD_ENV = $(shell $(PY) -m dbmpi.launch --print-env)
 export PYTHONUNBUFFERED := 1
+PYTEST = OPENBLAS_NUM_THREADS=1 $(YIELD_ENV) $(PY) -m pytest
 
-.PHONY: setup build demo test test-serial test-mpi test-multihost lint bench clean slurm-up slurm-down
+.PHONY: setup build demo test test-serial test-mpi test-multihost check lint bench clean slurm-up slurm-down
 
 setup: $(STAMP)
 
+# The editable install brings the dependencies and links the source tree; it compiles no
+# kernel (DBMPI_NO_KERNELS=1): `build` compiles them once, in place, and again only when a
+# kernel source changes.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=68" wheel "cython>=3.0" "numpy>=1.26" "scipy>=1.11"
-	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	DBMPI_NO_KERNELS=1 $(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 
 build: $(STAMP) .kernels-built
@@ -51,14 +56,24 @@ $(DEMO)/shards/manifest.json:
 demo: build $(DEMO)/shards/manifest.json
 	$(PY) -m dbmpi launch jobs/configs/demo.toml
 
-test: build test-serial test-mpi test-multihost
+# All stages run even when one fails; the summary names each, and the exit status is
+# non-zero when any failed.
+test: build
+	@serial=0; mpi=0; multi=0; \
+	$(MAKE) --no-print-directory test-serial || serial=$$?; \
+	$(MAKE) --no-print-directory test-mpi || mpi=$$?; \
+	$(MAKE) --no-print-directory test-multihost || multi=$$?; \
+	echo "make test: serial stage $$([ $$serial = 0 ] && echo passed || echo FAILED)," \
+	     "MPI stage $$([ $$mpi = 0 ] && echo passed || echo FAILED)," \
+	     "multi-host stage $$([ $$multi = 0 ] && echo passed || echo FAILED)"; \
+	[ $$serial = 0 ] && [ $$mpi = 0 ] && [ $$multi = 0 ]
 
 test-serial: build
-	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest tests
+	$(PYTEST) tests
 
 test-mpi: build
-	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
-	OPENBLAS_NUM_THREADS=1 timeout 600 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
+	OPENBLAS_NUM_THREADS=1 $(YIELD_ENV) timeout 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
+	OPENBLAS_NUM_THREADS=1 $(YIELD_ENV) timeout 600 $(MPIEXEC) -n 4 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
 
 # The MPI suite with its ranks on 3 namespace "hosts" that talk TCP (tests/netbed.py). Needs
 # root; elsewhere it says why and succeeds, unless DBMPI_REQUIRE_NETNS=1.
@@ -72,9 +87,15 @@ test-multihost: build
 	  echo "test-multihost: DBMPI_REQUIRE_NETNS=1 but $$why" >&2; exit 1; \
 	else echo "test-multihost: not run: $$why"; fi
 
+# Unit tests only: no MPI job, no SLURM (about two minutes).
+check: build
+	$(PYTEST) -m "not job" tests
+
+RUFF_VERSION = $(shell sed -n 's/.*"ruff==\([^"]*\)".*/\1/p' pyproject.toml)
 lint: setup
-	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check dbmpi data_tools tests benchmarks
+	$(PY) -m ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || \
+	    $(PY) -m pip install -q "ruff==$(RUFF_VERSION)"
+	$(PY) -m ruff check dbmpi data_tools tests benchmarks setup.py
 
 SLURM_DIR ?= /tmp/dbmpi-slurm
 # SLURM_NETNS=3: three nodes on namespace hosts (docs/multihost.md); clients via cluster.sh exec

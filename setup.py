@@ -2,6 +2,7 @@
 
 All of them share one set of compiler directives. ``DBMPI_CYTHON_DEBUG=1`` turns bounds,
 wraparound and initialisation checks back on (and drops -O3) for debugging a kernel.
+``DBMPI_NO_KERNELS=1`` builds nothing (see the Makefile's setup target).
 """
 import os
 from pathlib import Path
@@ -34,4 +35,9 @@ extensions = [
     for pyx in sorted(Path("cython_kernels").glob("*.pyx"))
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, quiet=True))
+# `make setup` installs the dependencies and the editable link with DBMPI_NO_KERNELS=1, and
+# `make build` compiles the kernels in place: once, instead of in both steps.
+if os.environ.get("DBMPI_NO_KERNELS") == "1":
+    setup()
+else:
+    setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, quiet=True))

@@ -39,8 +39,12 @@ import numpy as np
 
 from dbmpi.data.schema import DataError
 
-EOS, UNK = "</s>", "<unk>"
-VOCAB_SCHEMA, VOCAB_VERSION, VOCAB_FILE = "dbmpi.vocab", 1, "vocab.json"
+# The vocabulary's schema and its reader live in the runtime package (`python -m dbmpi
+# neighbors` reads vocab.json); read_vocab is re-exported here for data-side callers.
+from dbmpi.rundir import EOS, UNK, VOCAB_FILE, VOCAB_SCHEMA, VOCAB_VERSION, read_vocab
+
+__all__ = ["EOS", "UNK", "VOCAB_FILE", "build_text", "build_vocab", "encode", "read_vocab",
+           "tokenize", "windows", "write_vocab"]
 SPLITS = ("train", "valid", "test")
 _WORDS = re.compile(r"<unk>|[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]")
 
@@ -135,26 +139,6 @@ def write_vocab(out: Path, words: list[str], counts: list[int], tokenizer: str, 
         "words": words, "counts": counts}, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def read_vocab(directory: str | os.PathLike) -> dict:
-    """The ``vocab.json`` of a text data set, checked; DataError naming the file otherwise."""
-    path = Path(directory) / VOCAB_FILE
-    fix = "re-create it with `python -m data_tools shard text ...`"
-    try:
-        v = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing (not a text data set?): {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}): {fix}") from None
-    if not isinstance(v, dict) or v.get("schema") != VOCAB_SCHEMA:
-        raise DataError(f"{path}: not a {VOCAB_SCHEMA} file: {fix}")
-    if v.get("schema_version") != VOCAB_VERSION:
-        raise DataError(f"{path}: schema version {v.get('schema_version')!r}, this dbmpi reads "
-                        f"{VOCAB_VERSION}: {fix}")
-    if not isinstance(v.get("words"), list) or len(v["words"]) < 3:
-        raise DataError(f"{path}: field 'words' must list the vocabulary: {fix}")
-    return v
 
 
 def build_text(src, out, *, vocab: int, context: int = 4, shards: int = 4,

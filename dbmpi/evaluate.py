@@ -33,6 +33,8 @@ import numpy as np
 
 from .errors import DbmpiError
 from .log import get_logger
+from .report import write_json
+from .rundir import RunDir
 
 log = get_logger("eval")
 
@@ -111,55 +113,28 @@ def utterance_truth(labels: np.ndarray, groups: np.ndarray, members: list[list[i
     return truth
 
 
-def _run_config(run_dir: Path) -> dict:
-    import tomllib
-
-    path = run_dir / "config.toml"
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DbmpiError(f"{path}: not found; RUN_DIR must be a run directory of "
-                         "`python -m dbmpi train`") from None
-
-
-def _load_run(run_dir: Path, split: str, data: str | None):
-    """The run's model (from params.h5) and the split: ``(model, params, ds, data_path, x, y,
+def load_run(rd: RunDir, split: str, data: str | None = None):
+    """The run's classifier (from params.h5) and the split: ``(model, params, ds, x, y,
     groups or None)``."""
-    from .checkpoint import load_params
-    from .data import open_dataset
-    from .model import Model
-
-    cfg = _run_config(run_dir)
-    data_path = data or cfg.get("data", {}).get("path")
-    if not data_path:
-        raise DbmpiError(f"{run_dir}/config.toml has no data.path: pass --data DIR")
-    if not (run_dir / "params.h5").is_file():
-        raise DbmpiError(f"{run_dir / 'params.h5'}: not found; the run did not finish "
-                         "(the coordinator writes it at the end)")
-    params, model_cfg = load_params(run_dir / "params.h5")
-    if model_cfg.get("loss") == "autoencoder":
-        raise DbmpiError(f"{run_dir}: an autoencoder run (no classifier to score): use "
-                         f"`python -m dbmpi probe {run_dir}` or `python -m dbmpi neurons`")
-    if model_cfg.get("loss") == "ranking":
-        raise DbmpiError(f"{run_dir}: a ranking-objective run (scores, not class "
+    params, spec = rd.params()
+    if spec.get("loss") == "autoencoder":
+        raise DbmpiError(f"{rd.path}: an autoencoder run (no classifier to score): use "
+                         f"`python -m dbmpi probe {rd.path}` or `python -m dbmpi neurons`")
+    if spec.get("loss") == "ranking":
+        raise DbmpiError(f"{rd.path}: a ranking-objective run (scores, not class "
                          f"probabilities): its ranking accuracy is in summary.json; use "
-                         f"`python -m dbmpi neighbors {run_dir} --word WORD`")
-    ds = open_dataset(data_path)
-    model = Model.from_spec(ds.feature_shape, model_cfg["layers"], ds.num_classes,
-                            model_cfg.get("loss", "softmax"))
-    if model.num_params != params.size:
-        raise DbmpiError(f"{run_dir / 'params.h5'} holds {params.size} parameters but its "
-                         f"model on {data_path} has {model.num_params}: pass the data set the "
-                         "run was trained on with --data")
+                         f"`python -m dbmpi neighbors {rd.path} --word WORD`")
+    ds = rd.dataset(data)
+    model = rd.model(ds, spec, params.size)
     g = None
-    if all(_has_groups(p) for p in ds.splits.get(split, [])):
+    if all(has_groups(p) for p in ds.splits.get(split, [])):
         x, y, g = ds.load(split, with_groups=True)
     else:
         x, y = ds.load(split)
-    return model, params, ds, str(data_path), x, y, g
+    return model, params, ds, x, y, g
 
 
-def _has_groups(path: Path) -> bool:
+def has_groups(path: Path) -> bool:
     import h5py
 
     from .data.schema import GROUPS
@@ -207,16 +182,17 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
                  frames: str = "all", batch: int = 4096, write: bool = True) -> dict:
     """Evaluate ``RUN_DIR/params.h5`` on ``split``; return (and write to eval.json) a dict."""
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    model, params, ds, data_path, x, y, g = _load_run(run_dir, split, data)
-    out = {"run_dir": str(run_dir), "data": data_path, "split": split,
+    rd = RunDir.open(run_dir)
+    model, params, ds, x, y, g = load_run(rd, split, data)
+    data_path = rd.data_path(data)
+    out = {"run_dir": str(rd.path), "data": data_path, "split": split,
            **score(model, params, ds, x, y, g, frames, batch)}
-    files = _utterance_files(Path(data_path), split)
+    files = utterance_files(Path(data_path), split)
     for e in out.get("utterance_errors", []):
         e["file"] = files.get(e["group"])
     out["eval_s"] = round(time.perf_counter() - t0, 3)
     if write:
-        _write_json(run_dir / "eval.json", out)
+        write_json(rd.file("eval.json"), out, indent=1)
     return out
 
 
@@ -228,51 +204,27 @@ def evaluate_iterates(run_dir: str | Path, split: str = "test", data: str | None
     timed by when they were fetched): written as ``eval`` records to
     ``RUN_DIR/eval_iterates.jsonl``, which ``python -m dbmpi plot`` draws instead of the
     run's own evaluations."""
-    import h5py
-
-    from . import metrics as metrics_mod
-
-    run_dir = Path(run_dir)
-    path = run_dir / "iterates.h5"
-    if not path.is_file():
-        raise DbmpiError(f"{path}: not found; run with --set sandblaster.record_iterates=true "
-                         "(or downpour.record_iterates=true)")
-    model, _, ds, _, x, y, g = _load_run(run_dir, split, data)
-    out = run_dir / "eval_iterates.jsonl"
+    rd = RunDir.open(run_dir)
+    iterates = rd.iterates()  # a missing iterates.h5 fails here, before the data is loaded
+    model, _, ds, x, y, g = load_run(rd, split, data)
+    out = rd.file("eval_iterates.jsonl")
     tmp = out.with_name(out.name + ".tmp")
-    with h5py.File(path, "r") as f, tmp.open("w") as fh:
-        its = f["iterates"]
-        if "wall_s" in f:  # Downpour: each row carries its own time and step count
-            when = dict(enumerate(f["wall_s"][:].tolist()))
-            steps = dict(enumerate(int(v) for v in f["step"][:]))
-        else:  # Sandblaster: row k is L-BFGS iteration k
-            when = {r["iteration"]: r["time"] for r in metrics_mod.read(run_dir)
-                    if r["kind"] == "lbfgs"}
-            steps = {k: k for k in when}
-        n = its.shape[0]
-        for k in range(n):
-            if k not in when:
-                raise DbmpiError(f"{run_dir}/metrics.jsonl has no lbfgs record for iteration "
-                                 f"{k} of {path}")
-            r = score(model, its[k].astype(np.float32), ds, x, y, g, frames)
-            rec = {"kind": "eval", "iteration": k, "step": steps[k], "loss": r["frame_loss"],
-                   "accuracy": r["frame_accuracy"], "wall_s": when[k]}
-            if (k + 1) % max(1, n // 10) == 0 or k + 1 == n:
-                log.info("scored %d of %d recorded parameter vectors", k + 1, n)
+    with tmp.open("w") as fh:
+        for it in iterates:
+            r = score(model, it.params, ds, x, y, g, frames)
+            rec = {"kind": "eval", "iteration": it.index, "step": it.step,
+                   "loss": r["frame_loss"], "accuracy": r["frame_accuracy"], "wall_s": it.wall_s}
             if "utterance_accuracy" in r:
                 rec["utterance_accuracy"] = r["utterance_accuracy"]
             fh.write(json.dumps(rec) + "\n")
+            n = it.total
+            if (it.index + 1) % max(1, n // 10) == 0 or it.index + 1 == n:
+                log.info("scored %d of %d recorded parameter vectors", it.index + 1, n)
     tmp.replace(out)
     return out
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def _utterance_files(data_path: Path, split: str) -> dict[int, str]:
+def utterance_files(data_path: Path, split: str) -> dict[int, str]:
     """Group -> file name from ``speech.json`` when the data set has one."""
     try:
         info = json.loads((data_path / "speech.json").read_text())

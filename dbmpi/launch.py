@@ -135,3 +135,17 @@ def main(config_path: str, overrides: list[str], dry_run: bool = False,
         return 0
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
+
+
+def print_env(shell: bool = False) -> None:
+    """The MPICH yield variables, one ``KEY=VALUE`` a line (the Makefile and the tests take
+    them from here); ``--shell``: ``export KEY="${KEY:-VALUE}"`` lines for job scripts to
+    eval, so that a value already in the environment wins."""
+    for key, value in MPICH_YIELD.items():
+        print(f'export {key}="${{{key}:-{value}}}"' if shell else f"{key}={value}")
+
+
+if __name__ == "__main__":  # python -m dbmpi.launch --print-env [--shell]
+    if sys.argv[1:2] != ["--print-env"] or sys.argv[2:] not in ([], ["--shell"]):
+        raise SystemExit("usage: python -m dbmpi.launch --print-env [--shell]")
+    print_env(shell=sys.argv[2:] == ["--shell"])

@@ -7,46 +7,26 @@ similarity with WORD's, using the vocabulary (``vocab.json``) of the run's data 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DbmpiError
+from .rundir import RunDir
 
 
 def load_lm(run_dir: str | Path, data: str | None = None):
     """(model with the run's final parameters, data set, vocabulary dict) of an LM run."""
-    from data_tools.text import read_vocab
-
-    from .checkpoint import load_params
-    from .data import DataError, open_dataset
-    from .evaluate import _run_config
-    from .model import Model
     from .ps.sparse import embedding_of
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "params.h5").is_file():
-        raise DbmpiError(f"{run_dir / 'params.h5'}: not found: pass the directory of a finished "
-                         f"run (the last line `python -m dbmpi train` prints)")
-    data_path = data or _run_config(run_dir).get("data", {}).get("path")
-    if not data_path:
-        raise DbmpiError(f"{run_dir}/config.toml has no data.path: pass --data DIR")
-    params, model_cfg = load_params(run_dir / "params.h5")
-    try:
-        ds = open_dataset(data_path)
-        vocab = read_vocab(data_path)
-    except DataError as e:
-        raise DbmpiError(str(e)) from None
-    model = Model.from_spec(ds.feature_shape, model_cfg["layers"], ds.num_classes,
-                            model_cfg.get("loss", "softmax"))
+    rd = RunDir.open(run_dir)
+    params, spec = rd.params()
+    ds = rd.dataset(data)
+    vocab = rd.vocab(data)
+    model = rd.model(ds, spec, params.size)
     if embedding_of(model) is None:
-        raise DbmpiError(f"{run_dir}: its model has no embedding layer (not a language model "
+        raise DbmpiError(f"{rd.path}: its model has no embedding layer (not a language model "
                          f"run): train one with jobs/configs/lm_kjv.toml")
-    if model.num_params != params.size:
-        raise DbmpiError(f"{run_dir / 'params.h5'} holds {params.size} parameters but its "
-                         f"model on {data_path} has {model.num_params}: pass the data set the "
-                         "run was trained on with --data")
     model.params[:] = params
     return model, ds, vocab
 
@@ -94,6 +74,3 @@ def format_neighbors(result: dict[str, list[tuple[str, float]]]) -> str:
     return "\n".join(f"{w}: " + ", ".join(f"{n} ({s:.2f})" for n, s in nn)
                      for w, nn in result.items())
 
-
-def neighbors_json(result) -> str:
-    return json.dumps({w: [[n, round(s, 4)] for n, s in nn] for w, nn in result.items()})

@@ -18,13 +18,14 @@ DIR`` the two PNGs are also copied there (as ``neurons_NAME*.png``).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DbmpiError
+from .probe import load_autoencoder_run
+from .report import write_json
 
 
 def optimal_stimulus(model, unit: int, radius: float, steps: int = 200, step: float = 0.05,
@@ -103,8 +104,6 @@ def save_grid(rows: list[list[np.ndarray]], shape, path: Path, pad: int = 2,
 def neurons(run_dir, data: str | None = None, units: list[int] | None = None, count: int = 8,
             top: int = 8, steps: int = 200, step: float = 0.05, test_limit: int = 0,
             docs: str | None = None, name: str | None = None, log=print) -> dict:
-    from .probe import load_autoencoder_run
-
     run_dir = Path(run_dir)
     _cfg, model, learned, _init, ds = load_autoencoder_run(run_dir, data)
     model.params[:] = learned
@@ -141,5 +140,5 @@ def neurons(run_dir, data: str | None = None, units: list[int] | None = None, co
             dst = d / f"{stem}{suffix}.png"
             shutil.copyfile(src, dst)
             out["pictures"].append(str(dst))
-    (run_dir / "neurons.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_json(run_dir / "neurons.json", out, indent=1)
     return out

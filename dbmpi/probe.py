@@ -16,45 +16,27 @@ Writes ``RUN_DIR/probe.json`` with every number, the data sizes and the time eac
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DbmpiError
+from .report import write_json
+from .rundir import RunDir
 
 
-def load_autoencoder_run(run_dir: Path, data: str | None = None):
-    """``(config dict, autoencoder, learned params, initial params, dataset)`` of a run."""
-    import tomllib
-
-    from .checkpoint import load_params
-    from .data import open_dataset
-    from .model import Model
-
-    run_dir = Path(run_dir)
-    try:
-        cfg = tomllib.loads((run_dir / "config.toml").read_text())
-    except FileNotFoundError:
-        raise DbmpiError(f"{run_dir / 'config.toml'}: not found; RUN_DIR must be a run "
-                         "directory of `python -m dbmpi train`") from None
-    if not (run_dir / "params.h5").is_file():
-        raise DbmpiError(f"{run_dir / 'params.h5'}: not found; the run did not finish (the "
-                         "coordinator writes it at the end)")
-    params, model_cfg = load_params(run_dir / "params.h5")
-    if model_cfg.get("loss") != "autoencoder":
-        raise DbmpiError(f"{run_dir}: a run with model.loss = {model_cfg.get('loss')!r}; probe "
+def load_autoencoder_run(run_dir: str | Path, data: str | None = None):
+    """``(config, autoencoder, learned params, initial params, dataset)`` of a run."""
+    rd = RunDir.open(run_dir)
+    cfg = rd.config
+    params, spec = rd.params()
+    if spec.get("loss") != "autoencoder":
+        raise DbmpiError(f"{rd.path}: a run with model.loss = {spec.get('loss')!r}; probe "
                          "and neurons take runs of loss = 'autoencoder'")
-    data_path = data or cfg.get("data", {}).get("path")
-    ds = open_dataset(data_path)
-    model = Model.from_spec(ds.feature_shape, model_cfg["layers"], ds.num_classes,
-                            "autoencoder", sparsity=model_cfg.get("sparsity", 0.1))
-    if model.num_params != params.size:
-        raise DbmpiError(f"{run_dir / 'params.h5'} holds {params.size} parameters but its "
-                         f"model on {data_path} has {model.num_params}: pass the data set the "
-                         "run was trained on with --data")
-    init = model.init_params(int(cfg.get("run", {}).get("seed", 0))).copy()
+    ds = rd.dataset(data)
+    model = rd.model(ds, spec, params.size, "autoencoder", sparsity=spec.get("sparsity", 0.1))
+    init = model.init_params(cfg.run.seed).copy()
     model.params[:] = params
     return cfg, model, params.astype(np.float32), init, ds
 
@@ -170,7 +152,7 @@ def probe_run(run_dir, data: str | None = None, train_limit: int = 0, test_limit
     K = ds.num_classes
     out: dict = {"run_dir": str(run_dir), "data": str(ds.path), "train_examples": len(y_tr),
                  "test_examples": len(y_te), "num_params": ae.num_params,
-                 "layers": cfg["model"]["layers"], "l2": l2}
+                 "layers": list(cfg.model.layers), "l2": l2}
     probes = {}
     for name, params in (("random", init), ("learned", learned)):
         r = linear_probe(ae, params, x_tr, y_tr, x_te, y_te, K, l2)
@@ -179,7 +161,7 @@ def probe_run(run_dir, data: str | None = None, train_limit: int = 0, test_limit
             f"(train {r['train_accuracy']:.4f}, {r['features']} features)")
     out["probe"] = {k: {f: v for f, v in r.items() if f not in ("W", "b", "mean", "std")}
                     for k, r in probes.items()}
-    layers, shape = cfg["model"]["layers"], ds.feature_shape
+    layers, shape = list(cfg.model.layers), ds.feature_shape
     if finetune_epochs:
         p = probes["learned"]
         net = classifier_from(ae, layers, shape, K, learned, p["W"], p["b"], p["mean"],
@@ -202,7 +184,5 @@ def probe_run(run_dir, data: str | None = None, train_limit: int = 0, test_limit
                 f"{hist[-1]['test_accuracy']:.4f}")
     out["seconds"] = round(time.perf_counter() - t_all, 1)
     if write:
-        tmp = run_dir / "probe.json.tmp"
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(run_dir / "probe.json")
+        write_json(run_dir / "probe.json", out, indent=1)
     return out

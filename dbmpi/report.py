@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import metrics as metrics_mod
+from .errors import DbmpiError
+from .rundir import RunDir
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict, indent: int = 2) -> None:
+    """Write ``obj`` to ``path`` atomically (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     tmp.replace(path)
 
 
@@ -21,7 +23,7 @@ def plot_learning_curve(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = metrics_mod.read(run_dir)
+    recs = RunDir(run_dir).metrics()
     evals = [r for r in recs if r["kind"] == "eval"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     key = "reconstruction" if evals and "reconstruction" in evals[0] else "accuracy"
@@ -54,15 +56,11 @@ def plot_learning_curve(run_dir: Path) -> Path:
 def run_label(run_dir: Path) -> str:
     """A legend entry in the paper's style, from the run's config.toml: ``Downpour SGD w/
     Adagrad [2]`` (algorithm, optimizer, [replicas])."""
-    import tomllib
-
     try:
-        cfg = tomllib.loads((run_dir / "config.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+        cfg = RunDir(run_dir).config
+    except DbmpiError:  # not a run's config: the directory's name is label enough
         return run_dir.name
-    algo = cfg.get("algorithm", "downpour")
-    replicas = cfg.get("topology", {}).get("replicas", 1)
-    opt = cfg.get("optimizer", {}).get("name", "adagrad")
+    algo, replicas, opt = cfg.algorithm, cfg.topology.replicas, cfg.optimizer.name
     if algo == "sandblaster":
         name = "Sandblaster L-BFGS"
     elif algo == "downpour" and replicas == 1:
@@ -86,23 +84,13 @@ def plot_time_to_accuracy(run_dirs: list[Path], out: Path, metric: str = "accura
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .errors import DbmpiError
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = [run_label(d) for d in run_dirs]
     table = []
     for d, label in zip(run_dirs, labels):
         if labels.count(label) > 1:
             label = f"{label} {d.name}"
-        try:
-            iterates = d / "eval_iterates.jsonl"  # recorded parameters scored afterwards
-            if iterates.is_file():
-                evals = [json.loads(line) for line in iterates.open() if line.strip()]
-            else:
-                evals = [r for r in metrics_mod.read(d) if r["kind"] == "eval"]
-        except FileNotFoundError:
-            raise DbmpiError(f"{d}/metrics.jsonl: not found; pass run directories of finished "
-                             "`python -m dbmpi train` jobs") from None
+        evals = RunDir(d).eval_records()
         if not evals:
             raise DbmpiError(f"{d}/metrics.jsonl has no eval records: lower "
                              "downpour.eval_every_s and run it again")

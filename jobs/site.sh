@@ -14,10 +14,13 @@ export PYTHONPATH=$DBMPI_ROOT${PYTHONPATH:+:$PYTHONPATH}  # data_tools from any 
 
 # Ranks may outnumber cores: MPICH ranks waiting in MPI then yield their core instead of
 # busy-polling (docs/performance.md, "Oversubscription"; other MPIs ignore these variables).
-export MPIR_CVAR_ENABLE_HEAVY_YIELD=${MPIR_CVAR_ENABLE_HEAVY_YIELD:-1}
-export MPIR_CVAR_POLLS_BEFORE_YIELD=${MPIR_CVAR_POLLS_BEFORE_YIELD:-1}
-export MPIR_CVAR_CH4_PROGRESS_THROTTLE=${MPIR_CVAR_CH4_PROGRESS_THROTTLE:-true}
-export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT=${MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT:-1}
+# Their one list is dbmpi.launch.MPICH_YIELD; a value already in the environment wins.
+if ! yield_env=$(python -m dbmpi.launch --print-env --shell); then
+    echo "jobs/site.sh: python -m dbmpi.launch failed: load the site's Python with dbmpi's" \
+         "dependencies (or set DBMPI_VENV) above" >&2
+    return 1 2>/dev/null || exit 1
+fi
+eval "$yield_env"
 # One BLAS thread per rank unless the job asked for more CPUs per task.
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$OPENBLAS_NUM_THREADS}

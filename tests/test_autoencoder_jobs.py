@@ -5,12 +5,11 @@ a finished run. Data made by the tests (conftest's synthetic images)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, error_lines, run_job, write_config
+from conftest import error_lines, run_command, run_job, write_config
 from PIL import Image
 
 from dbmpi.checkpoint import load_params
@@ -55,6 +54,7 @@ def _serial_adagrad(data) -> np.ndarray:
     return p
 
 
+@pytest.mark.job
 def test_downpour_one_replica_equals_serial_adagrad_and_lowers_reconstruction(tmp_path,
                                                                               small_data):
     proc = run_job(3, ["train", str(_config(tmp_path, small_data))])
@@ -72,9 +72,10 @@ def test_downpour_one_replica_equals_serial_adagrad_and_lowers_reconstruction(tm
     assert "test reconstruction" in proc.stderr or summary["steps"] == STEPS
 
 
+@pytest.mark.job
 def test_autoencoder_with_partitions_is_one_line_error(tmp_path, small_data):
     cfg = _config(tmp_path, small_data)
-    proc = run_job(3, ["train", str(cfg), "--set", "topology.partitions=2"], timeout=60)
+    proc = run_job(3, ["train", str(cfg), "--set", "topology.partitions=2"])
     assert proc.returncode == 2
     lines = error_lines(proc)
     assert len(lines) == 1 and "topology.partitions" in lines[0]
@@ -120,13 +121,13 @@ def test_softmax_regression_separates_separable_classes():
     assert np.mean((X @ W + b).argmax(1) == y) > 0.98
 
 
+@pytest.mark.job
 def test_probe_and_neurons_commands_on_a_finished_run(tmp_path, small_data):
     proc = run_job(3, ["train", str(_config(tmp_path, small_data, steps=20))])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "dbmpi", "probe", str(run), "--train-limit", "600",
-                        "--finetune-epochs", "1", "--scratch"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = run_command([sys.executable, "-m", "dbmpi", "probe", str(run), "--train-limit", "600",
+                     "--finetune-epochs", "1", "--scratch"])
     assert p.returncode == 0, p.stderr
     out = json.loads((run / "probe.json").read_text())
     assert out["train_examples"] == 600 and out["test_examples"] == 400
@@ -134,9 +135,8 @@ def test_probe_and_neurons_commands_on_a_finished_run(tmp_path, small_data):
         assert 0.1 < out["probe"][k]["test_accuracy"] <= 1.0
     assert len(out["finetune"]["history"]) == 1 and "scratch" in out
     docs = tmp_path / "docs"
-    p = subprocess.run([sys.executable, "-m", "dbmpi", "neurons", str(run), "--count", "3",
-                        "--top", "4", "--steps", "30", "--docs", str(docs), "--name", "t"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = run_command([sys.executable, "-m", "dbmpi", "neurons", str(run), "--count", "3",
+                     "--top", "4", "--steps", "30", "--docs", str(docs), "--name", "t"])
     assert p.returncode == 0, p.stderr
     info = json.loads((run / "neurons.json").read_text())
     assert len(info["neurons"]) == 3
@@ -146,10 +146,8 @@ def test_probe_and_neurons_commands_on_a_finished_run(tmp_path, small_data):
     with Image.open(docs / "neurons_t_optimal.png") as im:
         assert im.width > 0
     # no run directory, and `eval` (a classifier's score) on an autoencoder run: one line
-    p = subprocess.run([sys.executable, "-m", "dbmpi", "neurons", str(tmp_path / "nope")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = run_command([sys.executable, "-m", "dbmpi", "neurons", str(tmp_path / "nope")])
     assert p.returncode == 2 and "config.toml" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "dbmpi", "eval", str(run)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = run_command([sys.executable, "-m", "dbmpi", "eval", str(run)])
     assert p.returncode == 2 and "autoencoder run" in p.stderr and "probe" in p.stderr
     assert (run / "learning_curve.png").stat().st_size > 1000

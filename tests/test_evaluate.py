@@ -12,9 +12,9 @@ from conftest import ROOT, run_job
 from test_speech import write_corpus
 
 from data_tools.__main__ import main as data_tools_main
+from dbmpi import checkpoint as ckpt_mod
 from dbmpi import config as config_mod
 from dbmpi.__main__ import main as dbmpi_main
-from dbmpi import checkpoint as ckpt_mod
 from dbmpi.checkpoint import save_params
 from dbmpi.data import open_dataset
 from dbmpi.evaluate import (
@@ -125,14 +125,14 @@ def test_speech_configs_are_valid():
     assert config_mod.load(ROOT / "jobs/configs/speech_sgd.toml").topology.replicas == 1
 
 
+@pytest.mark.job
 def test_speech_job_then_eval(speech_shards, tmp_path):
     """A short Downpour job on the speech shards with the shipped config, then `eval`."""
     run = tmp_path / "job"
     r = run_job(3, ["train", "jobs/configs/speech_sgd.toml", "--set", f"data.path={speech_shards}",
                     "--set", "downpour.epochs=0", "--set", "downpour.steps=60",
                     "--set", "downpour.eval_every_s=1.0", "--set", f"run.dir={run}",
-                    "--set", "optimizer.learning_rate=0.02"],  # pure tones: a gentler rate
-                timeout=180)
+                    "--set", "optimizer.learning_rate=0.02"])  # pure tones: a gentler rate
     assert r.returncode == 0, r.stderr[-3000:]
     assert dbmpi_main(["eval", str(run)]) == 0
     e = json.loads((run / "eval.json").read_text())
@@ -141,6 +141,7 @@ def test_speech_job_then_eval(speech_shards, tmp_path):
     assert e["frame_accuracy"] == pytest.approx(summary["final_test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.job
 def test_downpour_record_iterates_then_eval_iterates(speech_shards, tmp_path):
     """downpour.record_iterates: the coordinator records instead of evaluating; `eval
     --iterates` scores the rows afterwards, each timed by when it was fetched."""
@@ -150,8 +151,7 @@ def test_downpour_record_iterates_then_eval_iterates(speech_shards, tmp_path):
                     "--set", "topology.replicas=2", "--set", "downpour.epochs=0",
                     "--set", "downpour.steps=400", "--set", "downpour.eval_every_s=0.3",
                     "--set", 'model.layers=[{type = "dense", units = 64}]',
-                    "--set", "downpour.record_iterates=true", "--set", f"run.dir={run}"],
-                timeout=180)
+                    "--set", "downpour.record_iterates=true", "--set", f"run.dir={run}"])
     assert r.returncode == 0, r.stderr[-3000:]
     # only the final evaluation ran during the run
     evals = [json.loads(line) for line in (run / "metrics.jsonl").open()
@@ -173,6 +173,7 @@ def test_downpour_record_iterates_then_eval_iterates(speech_shards, tmp_path):
     assert recs[0]["accuracy"] < recs[-1]["accuracy"]  # it learned, and the curve shows it
 
 
+@pytest.mark.job
 def test_sandblaster_speech_job_then_eval_iterates(speech_shards, tmp_path, capsys):
     """The shipped Sandblaster config, shrunk: its recorded iterates become a curve."""
     run = tmp_path / "sb"
@@ -181,7 +182,7 @@ def test_sandblaster_speech_job_then_eval_iterates(speech_shards, tmp_path, caps
                     "--set", "topology.replicas=1", "--set", "sandblaster.iterations=3",
                     "--set", "sandblaster.batch_size=512",
                     "--set", 'model.layers=[{type = "dense", units = 16}]',
-                    "--set", f"run.dir={run}"], timeout=180)
+                    "--set", f"run.dir={run}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert dbmpi_main(["eval", str(run), "--iterates"]) == 0
     recs = [json.loads(line) for line in (run / "eval_iterates.jsonl").open()]

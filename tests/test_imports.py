@@ -21,9 +21,7 @@ PACKAGE = "dbmpi"
 # Cycles (as the sorted modules of a strongly connected component) that their owners fix.
 KNOWN_CYCLES: set[tuple[str, ...]] = set()
 # (importer, module, name): imports of another module's private name, for their owners.
-KNOWN_PRIVATE: set[tuple[str, str, str]] = {
-    ("dbmpi.lm", "dbmpi.evaluate", "_run_config"),
-}
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

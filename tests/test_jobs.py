@@ -1,4 +1,4 @@
-"""Whole Downpour jobs under mpiexec (each test starts its own job, under a timeout)."""
+"""Whole Downpour jobs under mpiexec (each test starts its own job, watched by conftest.Job)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from dbmpi.data import open_dataset
 from dbmpi.model import Model
 from dbmpi.ps import ParamLayout
 
+pytestmark = pytest.mark.job  # every test here starts an MPI job
+
 HIDDEN = 32
 BATCH = 32
 STEPS = 200
@@ -21,7 +23,7 @@ EPS = 1e-8
 SEED = 3
 
 
-def _numpy_adagrad_reference(data_path, params0: np.ndarray, n: int = 1) -> np.ndarray:
+def numpy_adagrad_reference(data_path, params0: np.ndarray, n: int = 1) -> np.ndarray:
     """Serial numpy MLP (784-32 ReLU-10 softmax) + Adagrad on the replica's minibatches; with
     ``n`` > 1 the gradients of n minibatches at the same parameters are summed per update
     (one replica with n_fetch = n_push = n)."""
@@ -64,7 +66,7 @@ def _numpy_adagrad_reference(data_path, params0: np.ndarray, n: int = 1) -> np.n
     return p
 
 
-def _config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpour):
+def job_config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpour):
     return write_config(tmp_path / "job.toml", {
         "topology": {"shards": shards, "replicas": replicas},
         "model": {"layers": [{"type": "dense", "units": hidden, "activation": "relu"}]},
@@ -80,7 +82,7 @@ def _config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpour):
 def test_one_replica_equals_serial_numpy_adagrad(tmp_path, small_data, shards, shared):
     """... with bulk data through on-node shared memory, and through RMA calls only (as
     between nodes: DBMPI_RMA_SHARED=0)."""
-    cfg = _config(tmp_path, small_data, shards, 1)
+    cfg = job_config(tmp_path, small_data, shards, 1)
     proc = run_job(2 + shards, ["train", str(cfg)], env={"DBMPI_RMA_SHARED": shared})
     assert proc.returncode == 0, proc.stderr[-3000:]
     params, _ = load_params(tmp_path / "run" / "params.h5")
@@ -88,7 +90,7 @@ def test_one_replica_equals_serial_numpy_adagrad(tmp_path, small_data, shards, s
     # the shard edges fall inside the first weight matrix (784 x 32 = 25088 weights)
     edges = ParamLayout.even(model.num_params, shards).bounds[1:-1]
     assert all(0 < e < 28 * 28 * HIDDEN for e in edges)
-    expected = _numpy_adagrad_reference(small_data, model.init_params(SEED))
+    expected = numpy_adagrad_reference(small_data, model.init_params(SEED))
     assert not np.allclose(expected, model.init_params(SEED))  # training moved the weights
     np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -100,15 +102,15 @@ def test_one_replica_with_n_fetch_push_equals_serial_accumulated_adagrad(tmp_pat
                                                                          n):
     """n_push > 1: the backward passes sum their gradients straight into the push slot; the
     result equals serial Adagrad on the sum of n minibatch gradients per update."""
-    cfg = _config(tmp_path, small_data, 2, 1, n_fetch=n, n_push=n)
+    cfg = job_config(tmp_path, small_data, 2, 1, n_fetch=n, n_push=n)
     proc = run_job(4, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     params, _ = load_params(tmp_path / "run" / "params.h5")
     model = Model.from_spec((28, 28), [{"type": "dense", "units": HIDDEN}], 10)
-    expected = _numpy_adagrad_reference(small_data, model.init_params(SEED), n)
+    expected = numpy_adagrad_reference(small_data, model.init_params(SEED), n)
     np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
     # and it is not the n = 1 trajectory
-    assert not np.allclose(params, _numpy_adagrad_reference(small_data, model.init_params(SEED)),
+    assert not np.allclose(params, numpy_adagrad_reference(small_data, model.init_params(SEED)),
                            rtol=1e-4, atol=2e-5)
 
 
@@ -116,7 +118,7 @@ def test_two_replicas_train_and_write_run_directory(tmp_path, small_data):
     # 1000 steps per replica: at 300 the asynchronous runs ended anywhere between 23% and 57%
     # test accuracy (how the replicas interleave early on matters at that length)
     steps = 1000
-    cfg = _config(tmp_path, small_data, 2, 2, steps=steps, warm_start_steps=50, log_every=25,
+    cfg = job_config(tmp_path, small_data, 2, 2, steps=steps, warm_start_steps=50, log_every=25,
                   read_own_pushes=False, eval_every_s=0.5)
     proc = run_job(5, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,15 +147,15 @@ def test_two_replicas_train_and_write_run_directory(tmp_path, small_data):
 
 @pytest.mark.parametrize("rank,label", [(0, "coordinator"), (1, "shard 0"), (4, "replica 1")])
 def test_exception_on_one_rank_ends_the_job(tmp_path, small_data, rank, label):
-    cfg = _config(tmp_path, small_data, 2, 2, steps=100000, read_own_pushes=False)
-    proc = run_job(5, ["train", str(cfg)], env={"DBMPI_FAULT": f"{rank}:1.0"}, timeout=60)
+    cfg = job_config(tmp_path, small_data, 2, 2, steps=100000, read_own_pushes=False)
+    proc = run_job(5, ["train", str(cfg)], env={"DBMPI_FAULT": f"{rank}:1.0"})
     assert proc.returncode != 0
     assert f"error on rank {rank} ({label}): InjectedFault" in proc.stderr
 
 
 def test_wrong_rank_count_is_one_line_error(tmp_path, small_data):
-    cfg = _config(tmp_path, small_data, 2, 2)
-    proc = run_job(4, ["train", str(cfg)], timeout=60)
+    cfg = job_config(tmp_path, small_data, 2, 2)
+    proc = run_job(4, ["train", str(cfg)])
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1
@@ -167,24 +169,24 @@ def test_wrong_rank_count_is_one_line_error(tmp_path, small_data):
     ("topology.shards='two'", "topology.shards"),
 ])
 def test_bad_config_value_is_one_line_error(tmp_path, small_data, override, field):
-    cfg = _config(tmp_path, small_data, 2, 2)
-    proc = run_job(5, ["train", str(cfg), "--set", override], timeout=60)
+    cfg = job_config(tmp_path, small_data, 2, 2)
+    proc = run_job(5, ["train", str(cfg), "--set", override])
     assert proc.returncode == 2
     lines = error_lines(proc)
     assert len(lines) == 1 and field in lines[0], proc.stderr
 
 
 def test_too_few_shards_for_replicas(tmp_path, small_data):
-    cfg = _config(tmp_path, small_data, 1, 5)
-    proc = run_job(7, ["train", str(cfg)], timeout=60)
+    cfg = job_config(tmp_path, small_data, 1, 5)
+    proc = run_job(7, ["train", str(cfg)])
     assert proc.returncode == 2
     assert "re-shard" in proc.stderr
 
 
 def test_target_accuracy_stops_every_rank(tmp_path, small_data):
-    cfg = _config(tmp_path, small_data, 2, 2, steps=1_000_000, target_accuracy=0.25,
+    cfg = job_config(tmp_path, small_data, 2, 2, steps=1_000_000, target_accuracy=0.25,
                   eval_every_s=0.3, read_own_pushes=False)
-    proc = run_job(5, ["train", str(cfg)], timeout=120)
+    proc = run_job(5, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["target_reached"] is True
@@ -194,8 +196,8 @@ def test_target_accuracy_stops_every_rank(tmp_path, small_data):
 
 def test_epoch_budget(tmp_path, small_data):
     # 2 replicas x 1 epoch of their 1200 examples each at batch 32 = 38 steps each
-    cfg = _config(tmp_path, small_data, 1, 2, steps=0, epochs=1.0, read_own_pushes=False)
-    proc = run_job(4, ["train", str(cfg)], timeout=120)
+    cfg = job_config(tmp_path, small_data, 1, 2, steps=0, epochs=1.0, read_own_pushes=False)
+    proc = run_job(4, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 * 38

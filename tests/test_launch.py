@@ -159,6 +159,7 @@ def _run_group(cmd, env, timeout, marker: str, cwd=ROOT):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.job
 def test_hydra_keeps_the_planned_rank_order(tmp_path):
     """The -hosts list that launch builds puts every rank on its planned host, including a
     host named twice (ha:2,hb:2,hc:1,ha:1)."""
@@ -190,6 +191,7 @@ def _placement_rows(run: Path) -> list[tuple]:
     return [(x["rank"], x["role"], x["index"], x["partition"], x["host"]) for x in rows]
 
 
+@pytest.mark.job
 def test_launch_on_one_host_logs_and_records_placement(small_data, tmp_path):
     cfg = _tiny_config(tmp_path, small_data, replicas=2, partitions=1)
     r = _launch(str(cfg), "--hosts", "localhost:4", env={**JOB_ENV, "DBMPI_LOG_LEVEL": "DEBUG"},
@@ -212,6 +214,7 @@ def test_launch_on_one_host_logs_and_records_placement(small_data, tmp_path):
         f"host {host}: rank 0 coordinator (pid ") and "ranks 2-3 replicas 0-1 (pids " in lines[0]
 
 
+@pytest.mark.job
 def test_launch_on_three_simulated_hosts(small_data, tmp_path):
     """1 coordinator + 1 shard + 2 replicas x 2 partitions on ha:2, hb:2, hc:2."""
     rsh = _uts_rsh(tmp_path)
@@ -233,6 +236,7 @@ def test_launch_on_three_simulated_hosts(small_data, tmp_path):
     assert "final test accuracy" in r.stdout
 
 
+@pytest.mark.job
 def test_launch_on_a_network_namespace_bed(small_data, tmp_path):
     """The same job on three hosts made of network namespaces (tests/netbed.py): own
     hostnames, own addresses, TCP between them. launch runs in host 0 and places by address."""

@@ -9,13 +9,14 @@ import pytest
 
 import cython_kernels.reference as ref
 from data_tools.__main__ import main as data_main
-from data_tools.text import build_vocab, encode, read_vocab, tokenize, windows
+from data_tools.text import build_vocab, encode, tokenize, windows
 from dbmpi.config import from_dict
 from dbmpi.data import open_dataset
 from dbmpi.errors import ConfigError
 from dbmpi.model import Model
 from dbmpi.model.embedding import Embedding
 from dbmpi.ngram import KneserNey, best_interpolation, modified_discounts, perplexity
+from dbmpi.rundir import read_vocab
 
 CORPUS = {
     "train": "In the beginning God created the heaven and the earth.\n"

@@ -8,7 +8,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import run_job, write_config
+from conftest import rank_pids, run_job, start_job, write_config
 
 import cython_kernels.reference as ref
 from data_tools.text import build_text
@@ -17,6 +17,8 @@ from dbmpi.checkpoint import load_params
 from dbmpi.data import open_dataset
 from dbmpi.lm import load_lm, nearest
 from dbmpi.model import Model
+
+pytestmark = pytest.mark.job  # every test here starts an MPI job
 
 LAYERS = [{"type": "embedding", "dim": 6}, {"type": "dense", "units": 16, "activation": "tanh"}]
 BATCH, STEPS, LR, EPS, SEED = 16, 60, 0.1, 1e-8, 2
@@ -107,8 +109,6 @@ def test_sparse_run_killed_then_resumed_equals_serial_adagrad(tmp_path, text_dat
     """The replica is killed after the first checkpoint; the same command resumes from the
     newest checkpoint (parameters, row-aligned shard blocks, Adagrad state, data position)
     and ends exactly where serial Adagrad ends."""
-    from test_faults import _rank_pids, _start, _wait_for
-
     from dbmpi import checkpoint as ckpt_mod
 
     expected = _serial_adagrad(text_data)
@@ -117,14 +117,10 @@ def test_sparse_run_killed_then_resumed_equals_serial_adagrad(tmp_path, text_dat
     cfg = _config(tmp_path, text_data, "resume", straggler_replica=0, straggler_factor=400.0,
                   checkpoint={"every_steps": 10})
     run = tmp_path / "resume"
-    proc = _start(cfg, n=4)
-    try:
-        _wait_for(lambda: ckpt_mod.find_latest(run) is not None, 120, "the first checkpoint")
-        os.kill(_rank_pids(cfg)[3], signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with start_job(4, ["train", str(cfg)]) as job:
+        job.wait_for(lambda: ckpt_mod.find_latest(run) is not None, "the first checkpoint")
+        os.kill(rank_pids(cfg)[3], signal.SIGKILL)
+        proc = job.wait()
     assert proc.returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final

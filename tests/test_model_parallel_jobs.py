@@ -13,6 +13,8 @@ from dbmpi.checkpoint import load_params
 from dbmpi.model.partition import PartitionPlan
 from dbmpi.ps import ParamLayout
 
+pytestmark = pytest.mark.job  # every test here starts an MPI job
+
 DENSE = '[{type = "dense", units = 48, activation = "relu"}, ' \
         '{type = "dense", units = 24, activation = "relu"}]'
 LOCAL = '[{type = "local", filters = 4, kernel = 5, stride = 2, activation = "relu"}, ' \
@@ -52,7 +54,7 @@ seed = {seed}
 
 def _run(tmp_path, data, name, layers, replicas, partitions, **kw):
     cfg = _config(tmp_path, data, name, layers, replicas, partitions, **kw)
-    proc = run_job(1 + 2 + replicas * partitions, ["train", str(cfg)], timeout=300)
+    proc = run_job(1 + 2 + replicas * partitions, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / name
     summary = json.loads((run / "summary.json").read_text())

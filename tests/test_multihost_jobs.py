@@ -23,7 +23,8 @@ from dbmpi.checkpoint import load_params
 from tests import netbed
 from tests.netbed import Bed
 
-JOB_TIMEOUT = 300  # s, a last guard: each job takes 5-40 s here
+pytestmark = pytest.mark.job  # every test here starts MPI jobs
+JOB_TIMEOUT = 300  # s, a last guard for a job on the bed: each takes 5-40 s here
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +70,7 @@ def test_downpour_across_hosts_equals_the_same_job_on_one_node(tmp_path, small_d
     for where in ("one-node", "hosts"):
         cfg = _downpour(tmp_path / f"{where}.toml", small_data, tmp_path / where, 1, 200,
                         read_own_pushes=True)
-        proc = (run_job(4, ["train", str(cfg)], timeout=JOB_TIMEOUT) if where == "one-node"
+        proc = (run_job(4, ["train", str(cfg)]) if where == "one-node"
                 else _on_bed(bed, [0, 0, 0, 1], cfg, transport))
         assert proc.returncode == 0, proc.stderr[-3000:]
         params[where], _ = load_params(tmp_path / where / "params.h5")
@@ -116,7 +117,7 @@ def test_sandblaster_across_hosts_equals_the_same_job_on_one_node(tmp_path, smal
                             "push_every": 2, "l2": 1e-4},
             "run": {"dir": tmp_path / where, "seed": 0}})
         cfg.write_text('algorithm = "sandblaster"\n' + cfg.read_text())
-        proc = (run_job(5, ["train", str(cfg)], timeout=JOB_TIMEOUT) if where == "one-node"
+        proc = (run_job(5, ["train", str(cfg)]) if where == "one-node"
                 else _on_bed(bed, [0, 0, 0, 1, 2], cfg))
         assert proc.returncode == 0, proc.stderr[-3000:]
         params[where], _ = load_params(tmp_path / where / "params.h5")

@@ -22,6 +22,7 @@ from tests.netbed_probe import seeded, sha
 
 ROOT = netbed.ROOT
 PROBE = ROOT / "tests" / "netbed_probe.py"
+pytestmark = pytest.mark.job  # beds and MPI jobs on them
 JOB_TIMEOUT = 90  # s; each probe job takes 1-3 s here
 
 

@@ -16,11 +16,12 @@ import signal
 import h5py
 import numpy as np
 import pytest
-from conftest import error_lines, run_job, write_config
+from conftest import error_lines, rank_pids, run_job, start_job, write_config
 
 from dbmpi import checkpoint as ckpt_mod
 from dbmpi.checkpoint import load_params
 
+pytestmark = pytest.mark.job  # every test here starts an MPI job
 STEPS = 120
 
 
@@ -39,8 +40,6 @@ def _config(path, data, run_dir, name: str, **downpour):
 @pytest.mark.parametrize("name,rows", [("adam", ["m", "v", "t"]), ("momentum", ["velocity"])])
 def test_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, small_data,
                                                                      name, rows):
-    from test_faults import _rank_pids, _start, _wait_for
-
     whole = _config(tmp_path / "whole.toml", small_data, tmp_path / "whole", name)
     proc = run_job(4, ["train", str(whole)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,14 +49,10 @@ def test_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, 
     run = tmp_path / "cut"
     cfg = _config(tmp_path / "cut.toml", small_data, run, name, straggler_replica=0,
                   straggler_factor=400.0)
-    proc = _start(cfg, n=4)
-    try:
-        _wait_for(lambda: ckpt_mod.find_latest(run) is not None, 120, "the first checkpoint")
-        os.kill(_rank_pids(cfg)[3], signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with start_job(4, ["train", str(cfg)]) as job:
+        job.wait_for(lambda: ckpt_mod.find_latest(run) is not None, "the first checkpoint")
+        os.kill(rank_pids(cfg)[3], signal.SIGKILL)
+        proc = job.wait()
     assert proc.returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final

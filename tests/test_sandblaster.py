@@ -202,9 +202,9 @@ seed = {SEED}
     return path
 
 
-def _run(tmp_path, small_data, shards, replicas, timeout=180, **sb):
+def _run(tmp_path, small_data, shards, replicas, **sb):
     cfg = _config(tmp_path, small_data, shards, replicas, **sb)
-    proc = run_job(1 + shards + replicas, ["train", str(cfg)], timeout=timeout)
+    proc = run_job(1 + shards + replicas, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").open()]
@@ -227,6 +227,7 @@ def _assert_matches(iterates, recs, ref):
 
 @pytest.mark.parametrize("shards", [1, 2, 3])
 @pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.job
 def test_iterates_equal_serial_numpy_lbfgs(tmp_path, small_data, reference, shards, replicas):
     run, recs, iterates = _run(tmp_path, small_data, shards, replicas)
     _assert_matches(iterates, recs, reference("wolfe"))
@@ -243,12 +244,14 @@ def test_iterates_equal_serial_numpy_lbfgs(tmp_path, small_data, reference, shar
     assert all(sum(r["granted_by_replica"]) == r["portions"] for r in batches)
 
 
+@pytest.mark.job
 def test_armijo_line_search_matches(tmp_path, small_data, reference):
     _, recs, iterates = _run(tmp_path, small_data, 2, 2, line_search="armijo")
     _assert_matches(iterates, recs, reference("armijo"))
 
 
 @pytest.mark.parametrize("backups", [True, False])
+@pytest.mark.job
 def test_straggler_and_backups_keep_every_portion_exactly_once(tmp_path, small_data,
                                                                 reference, backups):
     """Replica 0 runs 20x slower: with backups its portions are recomputed elsewhere and the
@@ -271,12 +274,12 @@ def test_straggler_and_backups_keep_every_portion_exactly_once(tmp_path, small_d
 
 # -- pieces, serially ------------------------------------------------------------------------
 def test_float64_model_matches_float32_model():
-    from dbmpi.train.sandblaster import Model64, _Dense64
+    from dbmpi.train.sandblaster import Dense64, Model64
 
     spec = [{"type": "dense", "units": 7, "activation": "tanh"},
             {"type": "dense", "units": 5, "activation": "relu"}]
     m32 = Model.from_spec((6,), spec, 4)
-    m64 = Model64([_Dense64(d.n_in, d.n_out, d.activation) for d in m32.layers])
+    m64 = Model64([Dense64(d.n_in, d.n_out, d.activation) for d in m32.layers])
     np.testing.assert_array_equal(m64.init_params(1), m32.init_params(1))
     assert m64.params.dtype == m64.grads.dtype == np.float64
     rng = np.random.default_rng(0)
@@ -397,9 +400,10 @@ def test_scheduler_counts_every_portion_once(seed, replicas, push_every, backups
 
 
 @pytest.mark.parametrize("rank,label", [(0, "coordinator"), (1, "shard 0"), (3, "replica 0")])
+@pytest.mark.job
 def test_exception_on_one_rank_ends_the_job(tmp_path, small_data, rank, label):
     cfg = _config(tmp_path, small_data, 2, 2, iterations=1_000_000, record_iterates=False)
-    proc = run_job(5, ["train", str(cfg)], env={"DBMPI_FAULT": f"{rank}:1.0"}, timeout=90)
+    proc = run_job(5, ["train", str(cfg)], env={"DBMPI_FAULT": f"{rank}:1.0"})
     assert proc.returncode != 0
     assert f"error on rank {rank} ({label}): InjectedFault" in proc.stderr
 
@@ -410,14 +414,16 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, small_data, rank, label):
     ("sandblaster.straggler_replica=2", "sandblaster.straggler_replica"),
     ("sandblaster.portion_sise=10", "sandblaster.portion_sise"),
 ])
+@pytest.mark.job
 def test_bad_sandblaster_config_is_one_line_error(tmp_path, small_data, override, field):
     cfg = _config(tmp_path, small_data, 1, 2)
-    proc = run_job(4, ["train", str(cfg), "--set", override], timeout=60)
+    proc = run_job(4, ["train", str(cfg), "--set", override])
     assert proc.returncode == 2
     lines = error_lines(proc)
     assert len(lines) == 1 and field in lines[0], proc.stderr
 
 
+@pytest.mark.job
 def test_float32_replicas_and_mini_batches_train(tmp_path, small_data, reference):
     """The float32 path (the kernels' fast arithmetic; shards still in float64) follows the
     float64 reference closely at first; mini-batches (a new batch every iteration) train."""

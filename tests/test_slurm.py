@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import JobStalled, file_sizes, run_command, wait_while_advancing
+
+pytestmark = pytest.mark.job  # SLURM jobs (and jobs/local.sh)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "jobs" / "slurm" / "cluster.sh"
 DAEMONS = ("munged", "slurmctld", "slurmd")
-JOB_TIMEOUT = 120  # s; a training job takes ~5 s here
 STEPS = 100
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -49,22 +51,43 @@ class Cluster:
         assert r.returncode == 0, f"sbatch {' '.join(args)} failed: {r.stderr}"
         return r.stdout.strip().split(";")[0]
 
-    def wait(self, job: str) -> dict:
-        """Wait for the job to end (epilog included); return its ``sacct -c`` record."""
-        deadline = time.monotonic() + JOB_TIMEOUT
-        while time.monotonic() < deadline:
-            if not self.run("squeue", "-h", "-j", job).stdout.strip():  # not even COMPLETING
-                r = self.run("sacct", "-c", "-n", "-P", "-j", job,
-                             "-o", "JobID,JobName,State,ExitCode")
-                for line in r.stdout.splitlines():
-                    jobid, name, state, exit_code = line.split("|")
-                    if jobid == job and state.split()[0] in FINAL_STATES:
-                        return {"name": name, "state": state.split()[0], "exit_code": exit_code}
-            time.sleep(0.5)
-        info = self.run("scontrol", "show", "job", job).stdout
-        self.run("scancel", job)
-        pytest.fail(f"job {job} did not finish within {JOB_TIMEOUT} s:\n{info}\n"
-                    f"{self.daemon_logs()}")
+    def queue_state(self, job: str) -> str:
+        """The job's state in the queue ('' once it left it, epilog included)."""
+        return self.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip()
+
+    def progress(self, job: str, run_dir: Path | None = None) -> tuple:
+        """What changes while the job advances: its queue state, its log, its metrics."""
+        watch = [self.project / "logs" / f"*-{job}.out"]
+        if run_dir is not None:
+            watch.append(Path(run_dir) / "metrics" / "rank-*.jsonl")
+        return (self.queue_state(job), *file_sizes(watch))
+
+    def wait_for(self, job: str, pred, what: str, run_dir: Path | None = None):
+        """Wait until ``pred()`` holds while the job advances (scancel and fail otherwise)."""
+        try:
+            return wait_while_advancing(pred, lambda: self.progress(job, run_dir),
+                                        f"SLURM job {job}: {what}", poll_s=0.3,
+                                        describe=lambda: self.describe(job))
+        except JobStalled:
+            self.run("scancel", job)
+            raise
+
+    def wait(self, job: str, run_dir: Path | None = None) -> dict:
+        """Wait for the job to end (epilog included) while it advances; return its
+        ``sacct -c`` record."""
+        def ended():
+            if self.queue_state(job):  # pending, running or completing
+                return None
+            r = self.run("sacct", "-c", "-n", "-P", "-j", job, "-o", "JobID,JobName,State,ExitCode")
+            for line in r.stdout.splitlines():
+                jobid, name, state, exit_code = line.split("|")
+                if jobid == job and state.split()[0] in FINAL_STATES:
+                    return {"name": name, "state": state.split()[0], "exit_code": exit_code}
+            return None
+        return self.wait_for(job, ended, "the end of the job", run_dir)
+
+    def describe(self, job: str) -> str:
+        return f"{self.run('scontrol', 'show', 'job', job).stdout}\n{self.daemon_logs()}"
 
     def log(self, name: str, job: str) -> str:
         path = self.project / "logs" / f"{name}-{job}.out"
@@ -176,7 +199,7 @@ def test_training_job(slurm, launcher, script, name, sbatch_args):
     job = slurm.submit(*sbatch_args, script, *train_args, "--set", f"downpour.steps={STEPS}",
                        "--set", "data.path=data/shards", "--set", f"run.dir={run_dir}",
                        env={"DBMPI_LAUNCHER": launcher})
-    rec = slurm.wait(job)
+    rec = slurm.wait(job, slurm.project / run_dir)
     log = slurm.log(name, job)
     assert (rec["state"], rec["exit_code"]) == ("COMPLETED", "0:0"), f"{rec}\n{log}"
     assert rec["name"] == name
@@ -200,13 +223,11 @@ def test_requeued_job_resumes(slurm):
                        "--set", "checkpoint.every_steps=200",
                        env={"DBMPI_LAUNCHER": "srun"})
     run_dir = slurm.project / "runs" / f"train-{job}"
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not list((run_dir / "checkpoints").glob("ckpt-????????")):
-        assert time.monotonic() < deadline, f"no checkpoint in {run_dir}"
-        time.sleep(0.3)
+    slurm.wait_for(job, lambda: list((run_dir / "checkpoints").glob("ckpt-????????")),
+                   f"a checkpoint in {run_dir}", run_dir)
     r = slurm.run("scontrol", "requeue", job)
     assert r.returncode == 0, r.stderr
-    rec = slurm.wait(job)
+    rec = slurm.wait(job, run_dir)
     log = slurm.log("train", job)
     assert (rec["state"], rec["exit_code"]) == ("COMPLETED", "0:0"), f"{rec}\n{log}"
     assert "restart 1 of job" in log and "resuming from" in log, log
@@ -262,13 +283,13 @@ def test_local_launcher(small_data, tmp_path):
     (tmp_path / "jobs").symlink_to(ROOT / "jobs")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     common = ["jobs/configs/demo.toml", "--set", f"data.path={small_data}"]
-    r = subprocess.run(["jobs/local.sh", *common, "--set", "downpour.steps=50",
-                        "--set", "run.dir=runs/local"], check=False, cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = run_command(["jobs/local.sh", *common, "--set", "downpour.steps=50",
+                     "--set", "run.dir=runs/local"], env, tmp_path, tmp_path / "runs/local",
+                    watch=(tmp_path / "logs" / "*.out",))
     assert r.returncode == 0, r.stdout + r.stderr
     logs = list((tmp_path / "logs").glob("demo-local-*.out"))
     assert len(logs) == 1 and "final test accuracy" in logs[0].read_text(), r.stdout
     assert json.loads((tmp_path / "runs/local/summary.json").read_text())["steps"] == 100
-    bad = subprocess.run(["jobs/local.sh", *common, "--set", "model.nope=1"], check=False,
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    bad = run_command(["jobs/local.sh", *common, "--set", "model.nope=1"], env, tmp_path,
+                      watch=(tmp_path / "logs" / "*.out",))
     assert bad.returncode == 2 and "unknown key 'model.nope'" in bad.stdout, bad.stdout

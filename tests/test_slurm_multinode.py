@@ -24,6 +24,7 @@ from tests import netbed
 from tests.netbed_probe import seeded, sha
 from tests.test_slurm import CLUSTER, Cluster, _alive, _ensure_installed, _say
 
+pytestmark = pytest.mark.job  # every test here runs SLURM jobs
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
 JOB = """#!/bin/bash

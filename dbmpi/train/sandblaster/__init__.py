@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import importlib
 
-from .model64 import Model64, _Dense64, build_model
+from .model64 import Dense64, Model64, build_model
 from .plan import BatchPlan, portion_bounds
 from .scheduler import MAX_COPIES, EvalStats, PortionScheduler, Reply
 from .wire import REPLY_SIZE, REQUEST_HEAD, Decision
@@ -115,5 +115,5 @@ def __getattr__(name: str):
 
 __all__ = ["MAX_COPIES", "REPLY_SIZE", "REQUEST_HEAD", "BatchPlan", "Coordinator", "Decision",
            "Dispatcher", "EvalStats", "Model64", "PortionScheduler", "Replica", "Reply",
-           "SandblasterObjective", "Scheduler", "_Dense64", "build_model", "portion_bounds",
+           "SandblasterObjective", "Scheduler", "Dense64", "build_model", "portion_bounds",
            "run"]

@@ -12,7 +12,7 @@ from ...model import Dense, Model
 from ...model.model import flat_batch
 
 
-def _Dense64(n_in: int, n_out: int, activation: str = "relu") -> Dense:
+def Dense64(n_in: int, n_out: int, activation: str = "relu") -> Dense:
     """:class:`Dense` with float64 activations (the kernels are fused over float and double)."""
     return Dense(n_in, n_out, activation, dtype=np.float64)
 
