@@ -39,7 +39,8 @@ class _Dense:
         self.y = np.empty((B, n_out), np.float32)
         self.dy0 = rng.standard_normal((B, n_out), dtype=np.float32)
         self.dy = self.dy0.copy()
-        self.dW, self.db, self.dx = np.empty_like(self.W), np.empty_like(self.b), np.empty_like(self.x)
+        self.dW, self.db, self.dx = (np.empty_like(self.W), np.empty_like(self.b),
+                                     np.empty_like(self.x))
 
     def ours(self, act: str, route: tuple | None = None):
         import cython_kernels as ck

@@ -208,7 +208,8 @@ def main() -> None:
                 out = _launch(model, P, single, number[model], repeats, args.split)
                 out["idle_cores_before"] = round(idle, 2)
                 outs.append(out)
-                print(f"[{model} round {r + 1}/{rounds}] {'unpartitioned' if single else 'P=' + key}"
+                label = "unpartitioned" if single else "P=" + key
+                print(f"[{model} round {r + 1}/{rounds}] {label}"
                       f": {C.median(out['samples_s']) * 1e3:.1f} ms/step "
                       f"(idle cores before {idle:.2f}, load {os.getloadavg()[0]:.2f})",
                       flush=True)

@@ -14,8 +14,8 @@
 Each (threads, case) cell runs in a fresh worker process with OPENBLAS/OMP/MKL_NUM_THREADS set
 and ``torch.set_num_threads(n)``; dbmpi and PyTorch alternate within the cell (with 2 threads,
 after a 0.2 s untimed pause so that neither pays for the other's spinning pool) and the
-medians of several repeats are compared. Ratio = dbmpi samples/s over PyTorch samples/s (wall clock).
-At one thread the table also gives the ratio of the caller's CPU time per step, which a busy
+medians of several repeats are compared. Ratio = dbmpi samples/s over PyTorch samples/s (wall
+clock). At one thread the table also gives the ratio of the caller's CPU time per step, which a busy
 shared machine disturbs much less than wall-clock time (both are in the JSON).
 
     python benchmarks/vs_torch.py           # writes benchmarks/results/vs_torch.json
@@ -104,7 +104,8 @@ def acoustic(threads: int, batch: int, quick: bool) -> dict:
     # same parameters, same batch: the first losses must agree (same work on both sides)
     l_ours, l_theirs = ours(x, y), theirs(xt, yt)
     l2_ours, l2_theirs = ours(x, y), theirs(xt, yt)
-    if abs(l_ours - l_theirs) > 1e-3 * abs(l_theirs) or abs(l2_ours - l2_theirs) > 1e-3 * abs(l2_theirs):
+    if (abs(l_ours - l_theirs) > 1e-3 * abs(l_theirs)
+            or abs(l2_ours - l2_theirs) > 1e-3 * abs(l2_theirs)):
         raise RuntimeError(f"dbmpi and PyTorch disagree: losses {l_ours, l2_ours} vs "
                            f"{l_theirs, l2_theirs}")
     repeats, number = (2, 1) if quick else (7, 2)
@@ -168,7 +169,8 @@ def image(threads: int, case: tuple, quick: bool) -> dict:
         theirs()
         ref_y = fwd_t().detach().numpy().reshape(y.shape)
         _agree(name, [(y, ref_y), (dx, xt.grad.numpy().transpose(0, 2, 3, 1)),
-                      (dW, Wt.grad.numpy().reshape(OH, OW, Fo, Cin, k, k).transpose(0, 1, 2, 4, 5, 3)),
+                      (dW, Wt.grad.numpy().reshape(OH, OW, Fo, Cin, k, k)
+                                          .transpose(0, 1, 2, 4, 5, 3)),
                       (db, bt.grad.numpy().reshape(b.shape))])
         flops = 3 * 2.0 * B * OH * OW * Fo * k * k * Cin
     elif kind == "l2pool":

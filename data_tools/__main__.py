@@ -61,7 +61,8 @@ def cmd_shard_idx(a: argparse.Namespace) -> int:
     top = max(int(data[s][1].max()) for s in data) + 1
     num_classes = a.num_classes or (len(names) if names else top)
     if names is not None and len(names) != num_classes:
-        raise SystemExit(f"--class-names gives {len(names)} names but there are {num_classes} classes")
+        raise SystemExit(f"--class-names gives {len(names)} names "
+                         f"but there are {num_classes} classes")
     if top > num_classes:
         raise SystemExit(f"labels go up to {top - 1} but --num-classes is {num_classes}")
     x0 = data["train"][0]
@@ -149,7 +150,8 @@ def cmd_check(a: argparse.Namespace) -> int:
         "feature_dtype": ds.feature_dtype.name,
         "num_classes": ds.num_classes,
         "class_names": ds.class_names,
-        "splits": {s: {"shards": len(p), "examples": ds.num_examples(s)} for s, p in ds.splits.items()},
+        "splits": {s: {"shards": len(p), "examples": ds.num_examples(s)}
+                   for s, p in ds.splits.items()},
     }, indent=2))
     _log(f"ok ({'checksums verified, ' if a.verify else ''}{time.perf_counter() - t0:.2f} s)")
     return 0
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix = fmt.add_parser("idx", help="MNIST-style idx files (train-/t10k-, optionally .gz)")
     ix.add_argument("--src", required=True, help="directory with the four idx files")
     ix.add_argument("--out", required=True, help="output directory")
-    ix.add_argument("--shards", type=int, required=True, help="number of train shards (>= replicas)")
+    ix.add_argument("--shards", type=int, required=True,
+                    help="number of train shards (>= replicas)")
     ix.add_argument("--test-shards", type=int, default=1, help="number of test shards (default 1)")
     ix.add_argument("--seed", type=int, default=0, help="seed of the train shuffle (default 0)")
     ix.add_argument("--num-classes", type=int, default=None,
@@ -183,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = fmt.add_parser("speech", help="WAV files WORD_SPEAKER_INDEX.wav -> 40 log mel x 11 "
                         "frames, frame labels (silence + word x state); see data_tools/speech.py")
-    sp.add_argument("--src", required=True, help="directory with the WAV files (searched recursively)")
+    sp.add_argument("--src", required=True,
+                    help="directory with the WAV files (searched recursively)")
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("--shards", type=int, default=4, help="number of train shards (default 4)")
     sp.add_argument("--test-shards", type=int, default=1, help="number of test shards (default 1)")

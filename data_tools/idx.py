@@ -43,7 +43,8 @@ def _read_bytes(path: Path) -> bytes:
             try:
                 return gzip.GzipFile(fileobj=f).read()
             except (OSError, EOFError) as e:
-                raise DataError(f"{path}: gzip stream is corrupt ({e}); fetch the file again") from e
+                raise DataError(
+                    f"{path}: gzip stream is corrupt ({e}); fetch the file again") from e
         return f.read()
 
 
@@ -58,7 +59,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path}: not an idx file (bad magic {raw[:4]!r}); expected MNIST idx format")
+        raise DataError(f"{path}: not an idx file (bad magic {raw[:4]!r}); "
+                        "expected MNIST idx format")
     dtype = IDX_DTYPES[raw[2]]
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -92,7 +94,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     tmp = path.with_name(path.name + ".tmp")
     if compress:
         # mtime=0 keeps the bytes reproducible for a given array
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as f:
+        with (open(tmp, "wb") as raw,
+              gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as f):
             f.write(header)
             f.write(payload)
     else:
@@ -103,7 +106,10 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
 
 
 def find_idx(src: str | os.PathLike, split: str, kind: str) -> Path:
-    """Locate ``<stem>`` or ``<stem>.gz`` for ``split`` in {train, test}, ``kind`` in {images, labels}."""
+    """Locate ``<stem>`` or ``<stem>.gz``.
+
+    ``split`` is in {train, test}, ``kind`` in {images, labels}.
+    """
     stem = IDX_FILES[(split, kind)]
     for name in (stem, stem + ".gz"):
         p = Path(src) / name

@@ -30,8 +30,8 @@ gzip-1 reads as fast as lzf with files 26% smaller, and gzip is in every HDF5 bu
 h5py's own filter, which h5dump and non-h5py readers lack). gzip-4 saves 7% more for 30% more
 write time. The byte-shuffle filter hurts here: the features take only 256 values k/255, so
 unshuffled each 4-byte value is a repeated string that gzip codes compactly, while shuffled
-each of its 4 byte planes carries the full entropy of k. 125,000 examples/s on one core is 20-50 times
-what a replica trains on; ``none`` is there for when CPU is scarce and disk is not.
+each of its 4 byte planes carries the full entropy of k. 125,000 examples/s on one core is 20-50
+times what a replica trains on; ``none`` is there for when CPU is scarce and disk is not.
 """
 
 from __future__ import annotations
@@ -81,7 +81,10 @@ def parse_compression(spec: str) -> Compression:
     if s == "lzf":
         return ("lzf", None, shuffle)
     if s == "gzip" or s.startswith("gzip-"):
-        level = int(s[5:]) if s.startswith("gzip-") and s[5:].isdigit() else (1 if s == "gzip" else -1)
+        if s.startswith("gzip-") and s[5:].isdigit():
+            level = int(s[5:])
+        else:
+            level = 1 if s == "gzip" else -1
         if not 1 <= level <= 9:
             raise ValueError(f"--compression {spec}: gzip level must be 1..9")
         return ("gzip", level, shuffle)

@@ -323,11 +323,15 @@ def build_speech(
     # mean/variance normalisation of the log mel energies
     if norm == "global":
         stats = {"*": _stats([f for f, u in zip(feats, utts) if u.split == "train"])}
-        key = lambda u: "*"
+
+        def key(u):
+            return "*"
     elif norm == "speaker":
         stats = {sp: _stats([f for f, u in zip(feats, utts) if u.speaker == sp])
                  for sp in sorted({u.speaker for u in utts})}
-        key = lambda u: u.speaker
+
+        def key(u):
+            return u.speaker
     else:
         stats, key = {}, None
     for i, u in enumerate(utts):

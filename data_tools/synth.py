@@ -68,7 +68,10 @@ def render(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = labels.shape[0]
     g = (np.arange(SIZE) + 0.5) / SIZE * 2 - 1  # pixel centres in [-1, 1]
     gx, gy = g[None, None, :], g[None, :, None]
-    col = lambda a: a[:, None, None]
+
+    def col(a):
+        return a[:, None, None]
+
     px = 2.0 / SIZE  # one pixel in unit coordinates
 
     angle = col(rng.uniform(-ANGLE, ANGLE, n))

@@ -328,8 +328,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         _validate_layer(m.layers, i, t.partitions, cfg.algorithm, s)
     d = cfg.data
     _require(d.batch_size >= 1, f"{s} data.batch_size", f"must be >= 1, got {d.batch_size}")
-    _require(d.shuffle_buffer >= 1, f"{s} data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}")
-    _require(d.eval_limit >= 0, f"{s} data.eval_limit", f"must be >= 0 (0 = all), got {d.eval_limit}")
+    _require(d.shuffle_buffer >= 1, f"{s} data.shuffle_buffer",
+             f"must be >= 1, got {d.shuffle_buffer}")
+    _require(d.eval_limit >= 0, f"{s} data.eval_limit",
+             f"must be >= 0 (0 = all), got {d.eval_limit}")
     _require(bool(d.path), f"{s} data.path", "must name the directory holding manifest.json")
     o = cfg.optimizer
     _require(o.name in OPTIMIZERS, f"{s} optimizer.name",
@@ -401,7 +403,8 @@ def _validate_layer(layers, i: int, partitions: int, algorithm: str, s: str) -> 
              "(batch L-BFGS needs a deterministic objective; partitions do not drop yet): "
              "set it to 0")
     act = layer.get("activation", impl.activation or "relu")
-    _require(act in ACTIVATIONS, f"{where}.activation", f"must be one of {ACTIVATIONS}, got {act!r}")
+    _require(act in ACTIVATIONS, f"{where}.activation",
+             f"must be one of {ACTIVATIONS}, got {act!r}")
     for fld, message in impl.config_errors(layer, i, partitions):
         _require(False, f"{s} {fld}", message)
     _require(impl.partitionable or partitions == 1, f"{s} topology.partitions",

@@ -219,7 +219,8 @@ def plan(shards: int, replicas: int, partitions: int, hosts: list[Host],
             have = sum(h.slots for h in hosts if h.name in ps)
             raise PlacementError(
                 f"--ps-hosts: the coordinator and {shards} shards need {shards + 1} slots but "
-                f"the ps hosts ({', '.join(ps)}) have {have}: name more ps hosts (--ps-hosts a,b), give them "
+                f"the ps hosts ({', '.join(ps)}) have {have}: "
+                "name more ps hosts (--ps-hosts a,b), give them "
                 f"more slots, or lower topology.shards{_OVER}")
         best = min(open_, key=lambda n: (load[n], ps.index(n)))
         load[best] += 1

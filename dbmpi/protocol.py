@@ -2,7 +2,8 @@
 
 The protocols that use them are described where they are implemented: the parameter server's
 in :mod:`dbmpi.ps`, Sandblaster's vector service in :mod:`dbmpi.ps.vector`, Downpour's control
-plane in :mod:`dbmpi.train.downpour.control`, Sandblaster's scheduling in :mod:`dbmpi.train.sandblaster`.
+plane in :mod:`dbmpi.train.downpour.control`, Sandblaster's scheduling in
+:mod:`dbmpi.train.sandblaster`.
 Keeping the numbers together is what stops two modules from giving one word two values.
 """
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cython_kernels as ck
+from cython_kernels import local_backward_at, local_forward_at
 from cython_kernels import reference as ref
 
 DTYPES = [np.float32, np.float64]
@@ -74,7 +75,8 @@ def test_dense_backward(dtype, act, shape, with_dx):
 
     def args():
         return {"x": x, "W": W, "y": y, "dy": dy.copy(), "activation": act,
-                    "dW": np.full((n_in, n_out), np.nan, dtype), "db": np.full(n_out, np.nan, dtype),
+                    "dW": np.full((n_in, n_out), np.nan, dtype),
+                    "db": np.full(n_out, np.nan, dtype),
                     "dx": np.full((B, n_in), np.nan, dtype) if with_dx else None}
 
     names = ["dy", "dW", "db"] + (["dx"] if with_dx else [])
@@ -310,7 +312,8 @@ def test_adagrad_rows(dtype, V, d, rows):
     g = rand(rng, (rows.size, d), dtype)
 
     def args():
-        return {"param": p.copy(), "rows": rows, "grad_rows": g, "accum": a.copy(), "lr": 0.1, "eps": 1e-6}
+        return {"param": p.copy(), "rows": rows, "grad_rows": g, "accum": a.copy(),
+                "lr": 0.1, "eps": 1e-6}
 
     _, out1, _, out2 = both("adagrad_rows", args, ["param", "accum"])
     for x1, x2 in zip(out1, out2):
@@ -442,7 +445,8 @@ def test_l2pool(dtype, shape):
     dy = rand(rng, yshape, dtype)
 
     def bwd():
-        return {"x": x, "y": y2, "dy": dy, "size": size, "stride": s, "dx": np.full(x.shape, np.nan, dtype)}
+        return {"x": x, "y": y2, "dy": dy, "size": size, "stride": s,
+                "dx": np.full(x.shape, np.nan, dtype)}
 
     _, (dx1,), _, (dx2,) = both("l2pool_backward", bwd, ["dx"])
     assert_close(dx1, dx2, dtype)
@@ -460,7 +464,8 @@ def test_lcn(dtype, shape):
 
     def fwd():
         return {"x": x, "size": size, "y": np.full(x.shape, np.nan, dtype),
-                    "v": np.full(x.shape, np.nan, dtype), "den": np.full(x.shape[:3], np.nan, dtype)}
+                    "v": np.full(x.shape, np.nan, dtype),
+                    "den": np.full(x.shape[:3], np.nan, dtype)}
 
     _, out1, _, out2 = both("lcn_forward", fwd, ["y", "v", "den"])
     for a, d in zip(out1, out2):
@@ -730,8 +735,6 @@ def test_missing_build_says_how_to_build(monkeypatch, hidden):
 
 
 # local layer on a range of output locations (model parallelism cuts a layer at any location)
-from cython_kernels._image import local_backward_at, local_forward_at
-
 
 def _at_ranges(OH, OW):
     n = OH * OW

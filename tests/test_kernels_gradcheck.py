@@ -215,20 +215,32 @@ def test_batch_strided(mod, layer):
         OH, OW = (Hh - k) // s + 1, (Wd - k) // s + 1
         W, b = rng.standard_normal((OH, OW, F, k, k, C)), rng.standard_normal((OH, OW, F))
         yshape = (B, OH, OW, F)
-        fwd = lambda y: mod.local_forward(x, W, b, s, y)
-        bwd = lambda R, y, dx: mod.local_backward(x, W, R, s, np.empty_like(W),
-                                                  np.empty_like(b), dx)
+
+        def fwd(y):
+            return mod.local_forward(x, W, b, s, y)
+
+        def bwd(R, y, dx):
+            return mod.local_backward(x, W, R, s, np.empty_like(W), np.empty_like(b), dx)
     elif layer == "l2pool":
         yshape = (B, Hh - 1, Wd - 1, C)
-        fwd = lambda y: mod.l2pool_forward(x, 2, 1, y)
-        bwd = lambda R, y, dx: mod.l2pool_backward(x, y, R, 2, 1, dx)
+
+        def fwd(y):
+            return mod.l2pool_forward(x, 2, 1, y)
+
+        def bwd(R, y, dx):
+            return mod.l2pool_backward(x, y, R, 2, 1, dx)
     else:
         rows = (2, 5) if layer == "lcn_rows" else None
         h = 3 if rows else Hh
         yshape = (B, h, Wd, C)
         v, den = np.empty(x.shape), np.empty((B, h, Wd))
-        fwd = lambda y: mod.lcn_forward(x, 3, y, v, den, rows=rows)
-        bwd = lambda R, y, dx: mod.lcn_backward(R, v, den, 3, dx, rows=rows)
+
+        def fwd(y):
+            return mod.lcn_forward(x, 3, y, v, den, rows=rows)
+
+        def bwd(R, y, dx):
+            return mod.lcn_backward(R, v, den, 3, dx, rows=rows)
+
     y, ybase = _strided(np.zeros(yshape), 1, 2)
     R, _ = _strided(rng.standard_normal(yshape), 0, 3)
 

@@ -124,7 +124,8 @@ if c.rank == 0:
 def _uts_rsh(tmp_path: Path) -> Path:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("simulated hosts need root and unshare (UTS namespaces)")
-    if subprocess.run(["unshare", "--uts", "true"], check=False, capture_output=True).returncode != 0:
+    probe = subprocess.run(["unshare", "--uts", "true"], check=False, capture_output=True)
+    if probe.returncode != 0:
         pytest.skip("unshare --uts is not permitted here")
     script = tmp_path / "uts-rsh"
     script.write_text(UTS_RSH)
@@ -203,7 +204,8 @@ def test_launch_on_one_host_logs_and_records_placement(small_data, tmp_path):
     expect = [(p.rank, p.role, p.index, p.partition, host)
               for p in placement.plan(1, 2, 1, placement.parse_hosts("localhost:4"))]
     assert _placement_rows(tmp_path / "run") == expect
-    lines = [ln.split(" INFO ", 1)[1] for ln in r.stderr.splitlines() if f" INFO host {host}:" in ln]
+    lines = [ln.split(" INFO ", 1)[1] for ln in r.stderr.splitlines()
+             if f" INFO host {host}:" in ln]
     # every rank's own DEBUG line, with the pid placement.json holds for it
     pids = {x["rank"]: x["pid"]
             for x in json.loads((tmp_path / "run/placement.json").read_text())["ranks"]}

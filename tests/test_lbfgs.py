@@ -70,8 +70,12 @@ def _quadratic(n=40, cond=100.0, seed=0):
 
 # -- line searches ---------------------------------------------------------------------------
 def test_cubic_minimizer_is_exact_on_a_cubic():
-    p = lambda t: t ** 3 - 3 * t
-    dp = lambda t: 3 * t ** 2 - 3
+    def p(t):
+        return t ** 3 - 3 * t
+
+    def dp(t):
+        return 3 * t ** 2 - 3
+
     assert cubic_minimizer(0.0, p(0), dp(0), 2.0, p(2), dp(2)) == pytest.approx(1.0)
     assert cubic_minimizer(2.0, p(2), dp(2), 0.0, p(0), dp(0)) == pytest.approx(1.0)
     assert math.isnan(cubic_minimizer(1.0, 0.0, 1.0, 1.0, 0.0, 1.0))
@@ -119,7 +123,9 @@ def test_strong_wolfe_out_of_evaluations_returns_best_decrease():
 
 def test_line_searches_give_up_without_decrease():
     # the slope at 0 claims descent but f only grows: no step is acceptable
-    phi = lambda t: (t, 1.0)
+    def phi(t):
+        return (t, 1.0)
+
     for res in (strong_wolfe(phi, 0.0, -1.0, 1.0, max_evals=8),
                 backtracking_armijo(phi, 0.0, -1.0, 1.0, max_evals=8)):
         assert res.step == 0.0 and not res.ok and res.evals == 8
@@ -195,7 +201,9 @@ def test_rosenbrock_matches_scipy(line_search):
 
 def test_history_is_bounded_and_skipped_pairs_leave_it_alone():
     # cos has concave regions: backtracking can produce s.y <= 0 there
-    fg = lambda x, batch=0: (float(np.cos(x).sum() + 0.05 * x @ x), -np.sin(x) + 0.1 * x)
+    def fg(x, batch=0):
+        return (float(np.cos(x).sum() + 0.05 * x @ x), -np.sin(x) + 0.1 * x)
+
     opt, _, _ = _driver(fg, 0.3 + 0.1 * np.arange(5), history=3, line_search="armijo")
     opt.start()
     skipped = 0

@@ -156,8 +156,8 @@ def test_downpour_helpers_convert_between_layouts():
     ds = NS(feature_shape=(3, 4), num_classes=4)
 
     def cfg(P):
-        return NS(topology=NS(partitions=P, split="locations"), model=NS(layers=DENSE, loss="softmax"),
-                  run=NS(seed=3))
+        return NS(topology=NS(partitions=P, split="locations"),
+                  model=NS(layers=DENSE, loss="softmax"), run=NS(seed=3))
 
     model = Model.from_spec((3, 4), DENSE, 4)
     init = model.init_params(3).copy()

@@ -21,8 +21,9 @@ def fake_run(root: Path, name: str, algorithm: str, replicas: int, optimizer: st
         f'[optimizer]\nname = "{optimizer}"\n[run]\nname = "{name}"\n')
     recs = [{"kind": "eval", "time": 5.0 * i, "step": 100 * i, "loss": 2.0 - a,
              "accuracy": a, "wall_s": 5.0 * i + 1} for i, a in enumerate(accs)]
-    recs += [{"kind": "train", "time": 5.0 * i, "replica": 0, "step": 100 * i, "loss": 1.0 / (i + 1),
-              "accuracy": 0.5, "epoch": 0.1 * i, "samples_per_s": 1000.0} for i in range(1, 4)]
+    recs += [{"kind": "train", "time": 5.0 * i, "replica": 0, "step": 100 * i,
+              "loss": 1.0 / (i + 1), "accuracy": 0.5, "epoch": 0.1 * i, "samples_per_s": 1000.0}
+             for i in range(1, 4)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return d
 

@@ -77,7 +77,8 @@ def _wolfe(phi, f0, g0, t, max_evals):
         while n < max_evals:
             c = _cubic(lo, flo, glo, hi, fhi, ghi)
             left, right = sorted((lo, hi))
-            if not (np.isfinite(c) and left + 0.1 * (right - left) <= c <= right - 0.1 * (right - left)):
+            margin = 0.1 * (right - left)
+            if not (np.isfinite(c) and left + margin <= c <= right - margin):
                 c = (lo + hi) / 2
             fc, gc = phi(c)
             n += 1

@@ -73,7 +73,8 @@ class _Shard:
             self._f[FEATURES].read_direct(x, np.s_[start:stop], np.s_[0:k])
             self._f[LABELS].read_direct(y, np.s_[start:stop], np.s_[0:k])
         except (OSError, KeyError) as e:
-            raise fail(self.path, f"cannot read rows {start}:{stop} ({e}); the file is corrupt") from e
+            raise fail(self.path,
+                       f"cannot read rows {start}:{stop} ({e}); the file is corrupt") from e
         check_rows(self.path, start, x[:k], y[:k], self.num_classes)
 
     def read_groups(self, k: int) -> np.ndarray:
@@ -143,7 +144,8 @@ class Dataset:
 
     def _split(self, split: str) -> list[Path]:
         if split not in self.splits:
-            raise fail(self.path / "manifest.json", f"no split {split!r} (has {sorted(self.splits)})",
+            raise fail(self.path / "manifest.json",
+                       f"no split {split!r} (has {sorted(self.splits)})",
                        "pick one of those or re-create the shards with that split")
         return self.splits[split]
 
@@ -304,7 +306,8 @@ class ShardReader:
         self.num_examples = sum(s.n for s in shards)
         # blocks: (shard, start, stop), chunk-aligned so each chunk is decompressed once
         self._blocks = np.array(
-            [(k, a, min(a + s.chunk, s.n)) for k, s in enumerate(shards) for a in range(0, s.n, s.chunk)],
+            [(k, a, min(a + s.chunk, s.n))
+             for k, s in enumerate(shards) for a in range(0, s.n, s.chunk)],
             dtype=np.int64,
         )
         self.epoch = 0

@@ -173,7 +173,8 @@ def validate_manifest(m: Any, path: Path) -> dict:
         )
     shape = m.get("feature_shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise fail(path, f"field 'feature_shape' is {shape!r}, expected a list of positive ints", fix)
+        raise fail(path, f"field 'feature_shape' is {shape!r}, "
+                   "expected a list of positive ints", fix)
     if m.get("feature_dtype") not in FEATURE_DTYPES:
         raise fail(path, f"field 'feature_dtype' is {m.get('feature_dtype')!r}, "
                    f"expected one of {FEATURE_DTYPES}", fix)
@@ -182,7 +183,8 @@ def validate_manifest(m: Any, path: Path) -> dict:
         raise fail(path, f"field 'num_classes' is {nc!r}, expected a positive int", fix)
     names = m.get("class_names")
     if names is not None and (
-        not isinstance(names, list) or len(names) != nc or not all(isinstance(s, str) for s in names)
+        not isinstance(names, list) or len(names) != nc
+        or not all(isinstance(s, str) for s in names)
     ):
         raise fail(path, f"field 'class_names' must be null or a list of {nc} strings", fix)
     splits = m.get("splits")

@@ -1,8 +1,9 @@
 """Downpour with model parallelism: what changes when a replica is P > 1 partitions.
 
-With ``topology.partitions = P > 1`` every replica is a :class:`~dbmpi.model.parallel.PartitionedModel`
-over its replica communicator. The parameter server holds the replica's *global* vector (the
-partitions' vectors one after another, :mod:`dbmpi.model.partition`), so
+With ``topology.partitions = P > 1`` every replica is a
+:class:`~dbmpi.model.parallel.PartitionedModel` over its replica communicator. The parameter
+server holds the replica's *global* vector (the partitions' vectors one after another,
+:mod:`dbmpi.model.partition`), so
 
 * each partition fetches and pushes only its own range, talking only to the shards holding it
   (it is its own PS worker);

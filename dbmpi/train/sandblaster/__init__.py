@@ -23,8 +23,8 @@ request, replica -> coordinator (:attr:`~dbmpi.protocol.Tag.REQUEST`)
     not pushed yet) with their summed loss. A replica's first request has no portions.
 reply, coordinator -> replica (:attr:`~dbmpi.protocol.Tag.REPLY`)
     ``[decision, eval, batch, portion, lo, hi]``: what to do with the pending portions
-    (:class:`~.wire.Decision`: keep accumulating, GRANT = push them now, REJECT = discard them, STOP)
-    and the next portion (-1: none).
+    (:class:`~.wire.Decision`: keep accumulating, GRANT = push them now, REJECT = discard them,
+    STOP) and the next portion (-1: none).
 
 A free replica asks for work; the coordinator answers with an unassigned portion. A replica
 fetches the parameters (a ``Get`` of ``W`` from every shard) when it receives its first
@@ -40,7 +40,8 @@ exactly once however many copies ran.
 
 Backup tasks: once every portion has been handed out, a free replica gets a copy of an
 outstanding portion (not yet granted; computing or pending elsewhere; at most
-:data:`~.scheduler.MAX_COPIES` holders; fewest holders, then oldest first), never one it holds itself.
+:data:`~.scheduler.MAX_COPIES` holders; fewest holders, then oldest first), never one it holds
+itself.
 The first copy to be granted wins. A straggler's pending portions are outstanding too, so a
 slow replica never holds up the end of a batch, and results of an old evaluation are always
 rejected. Without backups (``backups = false``) the batch waits for its slowest portion.
