@@ -308,3 +308,27 @@ def write_config(path: Path, sections: dict[str, dict]) -> Path:
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """The one-line errors dbmpi printed (``dbmpi: error...``) in a job's stderr."""
     return [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error")]
+
+
+def kill_after_first_checkpoint(nranks: int, cfg: Path, run: Path,
+                                rank: int) -> subprocess.CompletedProcess:
+    """Start the job of ``cfg``, SIGKILL world rank ``rank`` once ``run`` holds a checkpoint,
+    and return the ended job (its status is non-zero)."""
+    from dbmpi import checkpoint as ckpt_mod
+
+    with start_job(nranks, ["train", str(cfg)]) as job:
+        job.wait_for(lambda: ckpt_mod.find_latest(run) is not None, "the first checkpoint")
+        os.kill(rank_pids(cfg)[rank], signal.SIGKILL)
+        return job.wait()
+
+
+def require_netns(what: str) -> None:
+    """Skip (with the reason) where network namespaces cannot be made; under
+    ``DBMPI_REQUIRE_NETNS=1`` (CI) fail instead."""
+    from tests import netbed
+
+    why = netbed.unavailable()
+    if why and os.environ.get("DBMPI_REQUIRE_NETNS") == "1":
+        pytest.fail(f"DBMPI_REQUIRE_NETNS=1 but {why}", pytrace=False)
+    if why:
+        pytest.skip(f"{what} not run: {why}")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import JOB_ENV, ROOT, remove_stale_mpich_segments, write_config
+from conftest import JOB_ENV, ROOT, remove_stale_mpich_segments, require_netns, write_config
 
 from dbmpi import launch, placement
 
@@ -244,11 +244,7 @@ def test_launch_on_a_network_namespace_bed(small_data, tmp_path):
     hostnames, own addresses, TCP between them. launch runs in host 0 and places by address."""
     from tests import netbed
 
-    why = netbed.unavailable()
-    if why and os.environ.get("DBMPI_REQUIRE_NETNS") == "1":
-        pytest.fail(f"DBMPI_REQUIRE_NETNS=1 but {why}", pytrace=False)
-    if why:
-        pytest.skip(f"no network namespace bed: {why}")
+    require_netns("the launch on a network namespace bed")
     cfg = _tiny_config(tmp_path, small_data, replicas=2, partitions=2)
     with netbed.Bed(3, name="place") as bed:
         hosts = ",".join(f"{bed.addr(h)}:2" for h in range(3))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
-from conftest import rank_pids, run_job, start_job, write_config
+from conftest import kill_after_first_checkpoint, run_job, write_config
 
 import cython_kernels.reference as ref
 from data_tools.text import build_text
@@ -117,11 +115,7 @@ def test_sparse_run_killed_then_resumed_equals_serial_adagrad(tmp_path, text_dat
     cfg = _config(tmp_path, text_data, "resume", straggler_replica=0, straggler_factor=400.0,
                   checkpoint={"every_steps": 10})
     run = tmp_path / "resume"
-    with start_job(4, ["train", str(cfg)]) as job:
-        job.wait_for(lambda: ckpt_mod.find_latest(run) is not None, "the first checkpoint")
-        os.kill(rank_pids(cfg)[3], signal.SIGKILL)
-        proc = job.wait()
-    assert proc.returncode != 0
+    assert kill_after_first_checkpoint(4, cfg, run, rank=3).returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final
     again = run_job(4, ["train", str(cfg), "--set", "downpour.straggler_factor=1.0"])

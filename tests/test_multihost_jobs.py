@@ -17,10 +17,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import JOB_ENV, ROOT, run_job, write_config
+from conftest import JOB_ENV, ROOT, require_netns, run_job, write_config
 
 from dbmpi.checkpoint import load_params
-from tests import netbed
 from tests.netbed import Bed
 
 pytestmark = pytest.mark.job  # every test here starts MPI jobs
@@ -29,11 +28,7 @@ JOB_TIMEOUT = 300  # s, a last guard for a job on the bed: each takes 5-40 s her
 
 @pytest.fixture(scope="module", autouse=True)
 def _netns_available():
-    why = netbed.unavailable()
-    if why and os.environ.get("DBMPI_REQUIRE_NETNS") == "1":
-        pytest.fail(f"DBMPI_REQUIRE_NETNS=1 but {why}", pytrace=False)
-    if why:
-        pytest.skip(f"multi-host jobs not run: {why}")
+    require_netns("multi-host jobs")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from conftest import require_netns
 
 from tests import netbed
 from tests.netbed import IFACE, YIELD_ENV, Bed
@@ -28,11 +29,7 @@ JOB_TIMEOUT = 90  # s; each probe job takes 1-3 s here
 
 @pytest.fixture(scope="module", autouse=True)
 def _netns_available():
-    why = netbed.unavailable()
-    if why and os.environ.get("DBMPI_REQUIRE_NETNS") == "1":
-        pytest.fail(f"DBMPI_REQUIRE_NETNS=1 but {why}", pytrace=False)
-    if why:
-        pytest.skip(f"network namespace tests not run: {why}")
+    require_netns("network namespace tests")
 
 
 def _root_links() -> set[str]:

@@ -10,13 +10,11 @@ in tests/mpi/test_optimizers_ps.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import h5py
 import numpy as np
 import pytest
-from conftest import error_lines, rank_pids, run_job, start_job, write_config
+from conftest import error_lines, kill_after_first_checkpoint, run_job, write_config
 
 from dbmpi import checkpoint as ckpt_mod
 from dbmpi.checkpoint import load_params
@@ -49,11 +47,7 @@ def test_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, 
     run = tmp_path / "cut"
     cfg = _config(tmp_path / "cut.toml", small_data, run, name, straggler_replica=0,
                   straggler_factor=400.0)
-    with start_job(4, ["train", str(cfg)]) as job:
-        job.wait_for(lambda: ckpt_mod.find_latest(run) is not None, "the first checkpoint")
-        os.kill(rank_pids(cfg)[3], signal.SIGKILL)
-        proc = job.wait()
-    assert proc.returncode != 0
+    assert kill_after_first_checkpoint(4, cfg, run, rank=3).returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final
     with h5py.File(latest.shard_files[0][2], "r") as f:  # every state row, by name
