@@ -22,8 +22,15 @@ A checkpoint (schema ``dbmpi.checkpoint`` v2) is a directory
 ``checkpoint.h5``
     written by the coordinator last: attributes ``schema``, ``schema_version``, ``sequence``
     (K), ``steps`` (sum of all workers' steps), ``num_params``, ``num_shards``, ``final``
-    (the run had finished), ``model`` and ``config`` (JSON); dataset ``workers`` (int64,
-    one row per worker: step, epoch, position of its data reader).
+    (the run had finished), ``model`` and ``config`` (JSON), ``checksum`` (v2: CRC-32 of the
+    ``workers`` bytes and of the other attributes as JSON); dataset ``workers`` (int64, one
+    row per worker: step, epoch, position of its data reader).
+
+A resume trusts a checkpoint only when every file's checksum matches and its numbers make
+sense (no negative step, epoch or position; ``steps`` is what its workers' steps add up to).
+The runner moves a checkpoint that fails aside (``ckpt-KKKKKKKK.corrupt``, never deleted),
+resumes from the newest good one, and numbers new checkpoints past every directory present;
+when none is good it refuses (:func:`resume_point`).
 
 Atomicity: everything is written into ``ckpt-KKKKKKKK.tmp/`` (each file fsynced), then the
 directory is renamed. A reader only considers directories without the ``.tmp`` suffix and
@@ -53,6 +60,11 @@ PARAMS_VERSION = 1
 CKPT_SCHEMA = "dbmpi.checkpoint"
 CKPT_VERSION = 2
 CKPT_READS = (1, 2)  # versions this code can resume from
+_META = ("sequence", "steps", "num_params", "num_shards", "final", "model", "config")
+
+
+class NoValidCheckpoint(ValueError):
+    """A run directory holds checkpoints and none of them can be trusted."""
 ITERATES_SCHEMA = "dbmpi.iterates"
 ITERATES_VERSION = 1
 
@@ -128,6 +140,13 @@ def pending_dir(run_dir: str | Path, sequence: int) -> Path:
     return checkpoint_root(run_dir) / f"ckpt-{sequence:08d}.tmp"
 
 
+def _meta_crc(meta: dict, workers: np.ndarray) -> int:
+    """CRC-32 of checkpoint.h5's content: the workers' rows and the other attributes."""
+    text = json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in meta.items()},
+                      sort_keys=True)
+    return zlib.crc32(text.encode(), _crc(workers))
+
+
 def _crc(*arrays: np.ndarray) -> int:
     crc = 0
     for a in arrays:
@@ -168,7 +187,9 @@ def commit(run_dir: str | Path, sequence: int, *, steps: int, num_params: int, n
         f.attrs["final"] = bool(final)
         f.attrs["model"] = json.dumps(model)
         f.attrs["config"] = json.dumps(config)
-        f.create_dataset("workers", data=np.asarray(workers, dtype=np.int64))
+        workers = np.ascontiguousarray(workers, dtype=np.int64)
+        f.create_dataset("workers", data=workers)
+        f.attrs["checksum"] = _meta_crc({k: f.attrs[k] for k in _META}, workers)
     _fsync(path)
     final_dir = d.with_name(d.name[:-len(".tmp")])
     os.replace(d, final_dir)
@@ -215,12 +236,20 @@ def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
     ValueError/OSError/KeyError on any problem."""
     d = Path(d)
     with h5py.File(d / "checkpoint.h5", "r") as f:
-        if f.attrs.get("schema") != CKPT_SCHEMA or int(f.attrs["schema_version"]) not in CKPT_READS:
+        version = int(f.attrs.get("schema_version", -1))
+        if f.attrs.get("schema") != CKPT_SCHEMA or version not in CKPT_READS:
             raise ValueError("unknown schema")
-        meta = {k: f.attrs[k] for k in ("sequence", "steps", "num_params", "num_shards", "final")}
+        meta = {k: f.attrs[k] for k in _META}
         workers = f["workers"][...]
+        if verify and version >= 2 and _meta_crc(meta, workers) != int(f.attrs["checksum"]):
+            raise ValueError("checkpoint.h5: checksum mismatch")
         model = json.loads(f.attrs["model"])
         config = json.loads(f.attrs["config"])
+    partitions = int(config.get("topology", {}).get("partitions", 1))
+    if workers.ndim != 2 or (workers < 0).any() or int(meta["steps"]) < 0 \
+            or int(workers[:, 0].sum()) // partitions != int(meta["steps"]):
+        raise ValueError(f"checkpoint.h5: worker rows {workers.tolist()} do not add up to "
+                         f"its {int(meta['steps'])} steps")
     files = []
     for path in sorted(d.glob("shard-*.h5")):
         with h5py.File(path, "r") as f:
@@ -237,6 +266,44 @@ def open_checkpoint(d: str | Path, verify: bool = True) -> Checkpoint:
         raise ValueError("shard files do not cover the parameter vector")
     return Checkpoint(d, int(meta["sequence"]), int(meta["steps"]), int(meta["num_params"]),
                       bool(meta["final"]), workers, model, files, config)
+
+
+def highest_sequence(run_dir: str | Path) -> int:
+    """The highest checkpoint number any directory under the run's checkpoints has (committed,
+    pending or moved aside), 0 if none: new checkpoints are numbered past it."""
+    root = checkpoint_root(run_dir)
+    nums = [int(d.name[5:13]) for d in root.glob("ckpt-*") if d.name[5:13].isdigit()] \
+        if root.is_dir() else []
+    return max(nums, default=0)
+
+
+def resume_point(run_dir: str | Path) -> Checkpoint | None:
+    """The checkpoint a run resumes from: the newest that verifies. Each newer one that does
+    not is moved aside to ``ckpt-KKKKKKKK.corrupt`` (kept for inspection) with one warning.
+    None when there is no checkpoint at all; :class:`NoValidCheckpoint` (naming each failure)
+    when there are checkpoints and none can be trusted."""
+    root = checkpoint_root(run_dir)
+    failed = []
+    for d in sorted(root.glob("ckpt-????????"), reverse=True) if root.is_dir() else []:
+        try:
+            ck = open_checkpoint(d)
+        except (OSError, ValueError, KeyError) as exc:
+            failed.append(f"{d.name} ({exc})")
+            aside = d.with_name(d.name + ".corrupt")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = d.with_name(f"{d.name}.corrupt-{n}")
+            os.replace(d, aside)
+            log.warning("checkpoint %s cannot be trusted (%s): moved aside to %s", d, exc,
+                        aside.name)
+            continue
+        return ck
+    if failed:
+        raise NoValidCheckpoint(f"{root} holds no valid checkpoint ({'; '.join(failed)}; moved "
+                                f"aside as *.corrupt): to start afresh use another run.dir or "
+                                f"move {root} away")
+    return None
 
 
 def find_latest(run_dir: str | Path) -> Checkpoint | None:

@@ -84,7 +84,10 @@ def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn, cfg):
     """Rank 0 looks for the newest valid checkpoint in ``run_dir``; all ranks open it."""
     found, error = None, None
     if comm.Get_rank() == 0:
-        ck = ckpt_mod.find_latest(run_dir)
+        try:
+            ck = ckpt_mod.resume_point(run_dir)
+        except ckpt_mod.NoValidCheckpoint as exc:
+            ck, error = None, str(exc)
         if ck is not None:
             expected = num_params_fn()
             parts = (ck.config or {}).get("topology", {}).get("partitions", 1)

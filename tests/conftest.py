@@ -310,14 +310,17 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.startswith("dbmpi: error")]
 
 
-def kill_after_first_checkpoint(nranks: int, cfg: Path, run: Path,
-                                rank: int) -> subprocess.CompletedProcess:
-    """Start the job of ``cfg``, SIGKILL world rank ``rank`` once ``run`` holds a checkpoint,
-    and return the ended job (its status is non-zero)."""
+def kill_after_checkpoints(nranks: int, cfg: Path, run: Path, rank: int,
+                           count: int = 1) -> subprocess.CompletedProcess:
+    """Start the job of ``cfg``, SIGKILL world rank ``rank`` once ``run`` holds ``count``
+    committed checkpoints, and return the ended job (its status is non-zero)."""
     from dbmpi import checkpoint as ckpt_mod
 
+    def committed() -> int:
+        return len(list(ckpt_mod.checkpoint_root(run).glob("ckpt-????????")))
+
     with start_job(nranks, ["train", str(cfg)]) as job:
-        job.wait_for(lambda: ckpt_mod.find_latest(run) is not None, "the first checkpoint")
+        job.wait_for(lambda: committed() >= count, f"{count} checkpoint(s)")
         os.kill(rank_pids(cfg)[rank], signal.SIGKILL)
         return job.wait()
 

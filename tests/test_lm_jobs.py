@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import kill_after_first_checkpoint, run_job, write_config
+from conftest import kill_after_checkpoints, run_job, write_config
 
 import cython_kernels.reference as ref
 from data_tools.text import build_text
@@ -115,7 +115,7 @@ def test_sparse_run_killed_then_resumed_equals_serial_adagrad(tmp_path, text_dat
     cfg = _config(tmp_path, text_data, "resume", straggler_replica=0, straggler_factor=400.0,
                   checkpoint={"every_steps": 10})
     run = tmp_path / "resume"
-    assert kill_after_first_checkpoint(4, cfg, run, rank=3).returncode != 0
+    assert kill_after_checkpoints(4, cfg, run, rank=3).returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final
     again = run_job(4, ["train", str(cfg), "--set", "downpour.straggler_factor=1.0"])

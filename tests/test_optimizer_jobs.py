@@ -14,7 +14,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import error_lines, kill_after_first_checkpoint, run_job, write_config
+from conftest import error_lines, kill_after_checkpoints, run_job, write_config
 
 from dbmpi import checkpoint as ckpt_mod
 from dbmpi.checkpoint import load_params
@@ -30,7 +30,7 @@ def _config(path, data, run_dir, name: str, **downpour):
         "data": {"path": data, "batch_size": 32},
         "optimizer": {"name": name, "learning_rate": 0.01 if name == "adam" else 0.02},
         "downpour": {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True,
-                     **downpour},
+                     "log_every": 5, **downpour},
         "checkpoint": {"every_steps": 10},
         "run": {"dir": run_dir, "seed": 4}})
 
@@ -47,7 +47,7 @@ def test_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, 
     run = tmp_path / "cut"
     cfg = _config(tmp_path / "cut.toml", small_data, run, name, straggler_replica=0,
                   straggler_factor=400.0)
-    assert kill_after_first_checkpoint(4, cfg, run, rank=3).returncode != 0
+    assert kill_after_checkpoints(4, cfg, run, rank=3).returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final
     with h5py.File(latest.shard_files[0][2], "r") as f:  # every state row, by name

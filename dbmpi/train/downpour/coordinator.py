@@ -31,7 +31,9 @@ class Coordinator:
                                                      dataset)
         self.history: list[dict] = []
         self.resume = resume
-        self.sequence = resume.sequence if resume is not None else 0
+        # past every checkpoint directory present, also those moved aside or left pending
+        self.sequence = max(resume.sequence if resume is not None else 0,
+                            ckpt_mod.highest_sequence(run_dir))
         self.fault = Fault(topo.rank)
 
     def _get(self, field: Board) -> int:
