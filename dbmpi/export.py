@@ -200,7 +200,7 @@ def _local(g, h, spec, layer, p):
     k, s = spec.opts["kernel"], spec.opts["stride"]
     i, j, u, v, c = np.ix_(range(OH), range(OW), range(k), range(k), range(C))
     idx = (((i * s + u) * W_ + (j * s + v)) * C + c).reshape(OH * OW, k * k * C)
-    patches = g.op("Gather", [h, g.const(f"{p}.window_index", idx.astype(np.int64))], p, axis=1)
+    patches = g.op("Gather", [h, g.const(f"{p}.window_index", idx.astype(np.int32))], p, axis=1)
     per_loc = g.op("Transpose", [patches], p, perm=[1, 0, 2])  # (L, N, k*k*C)
     Wt = layer.W.reshape(OH * OW, F, k * k * C).transpose(0, 2, 1)  # (L, k*k*C, F)
     y = g.op("MatMul", [per_loc, g.const(f"{p}.W", np.ascontiguousarray(Wt))], p)

@@ -10,6 +10,7 @@ loaded into a fresh model and checked against the same.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -123,7 +124,10 @@ def test_embedding_model_takes_word_ids(tmp_path, capsys):
     sess = check_onnx(out, model, x)
     assert sess.get_inputs()[0].type == "tensor(int64)"
     words = json.loads((data / "vocab.json").read_text())["words"]
-    _, spec = model_from_npz(export(capsys, tmp_path / "run", "npz"))
+    assert main(["export", str(tmp_path / "run"), "--format", "npz"]) == 0  # default --out
+    out = tmp_path / "run" / "model.npz"
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    _, spec = model_from_npz(out)
     assert spec["class_names"] == words and spec["input"] == {"shape": [3], "dtype": "int64"}
 
 
@@ -175,6 +179,16 @@ def test_a_layer_without_onnx_export_is_one_line_naming_it(tmp_path, small_data,
     fresh, _ = model_from_npz(export(capsys, tmp_path / "run", "npz"))
     x, _ = open_dataset(small_data).load("test", limit=50)
     np.testing.assert_array_equal(fresh.forward(x), model.forward(x))
+
+
+def test_without_onnx_installed_it_says_what_to_install(tmp_path, small_data, capsys,
+                                                         monkeypatch):
+    write_run(tmp_path / "run", small_data, MLP)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("dbmpi: error: --format onnx needs the onnx package: install it with "
+                   "`pip install 'dbmpi[export]'` (onnx and onnxruntime)")
 
 
 def test_bad_run_dir_and_out(tmp_path, small_data, capsys):
