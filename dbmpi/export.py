@@ -38,13 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cython_kernels import L2POOL_EPS, LCN_EPS  # the graph uses the kernels' own constants
+
 from .errors import DbmpiError
 from .rundir import RunDir
 
 FORMATS = ("onnx", "npz")
 SCHEMA, SCHEMA_VERSION = "dbmpi.export", 1
 OPSET, IR_VERSION = 17, 8  # IR 8 is what opset 17 came with: older runtimes load it too
-L2POOL_EPS, LCN_EPS = 1e-8, 1e-4  # as in cython_kernels (reference.py states them)
 # The arrays of each kind, as attributes of its layer object (views of the flat vector).
 PARAM_NAMES = {"dense": ("W", "b"), "embedding": ("E",), "local": ("W", "b")}
 INSTALL_FIX = "install it with `pip install 'dbmpi[export]'` (onnx and onnxruntime)"
