@@ -99,6 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=10, help="neighbours per word (default 10)")
     p.add_argument("--data", default=None, help="data set directory (default: the run's data.path)")
 
+    p = sub.add_parser("export", help="write a run's trained model for use outside dbmpi: "
+                                      "ONNX or plain arrays with a JSON spec (npz)")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="the run directory (holds config.toml and params.h5)")
+    p.add_argument("--format", required=True, choices=("onnx", "npz"),
+                   help="onnx (opset 17, for onnxruntime and other runtimes) or npz (numpy "
+                        "arrays layerI.NAME plus the JSON spec 'spec'); see dbmpi/export.py")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="file to write (default: RUN_DIR/model.onnx or RUN_DIR/model.npz)")
+    p.add_argument("--data", default=None,
+                   help="data set directory whose manifest gives the input shape and classes "
+                        "(default: the run's data.path)")
+
     args = parser.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -162,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             for row in table:
                 print(row)
             print(out)
+            return 0
+        if args.cmd == "export":
+            from .export import export_run
+
+            print(f"wrote {export_run(args.run_dir, args.format, args.out, args.data)}")
             return 0
     except DbmpiError as exc:
         print(f"dbmpi: error: {exc}", file=sys.stderr)
