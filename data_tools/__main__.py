@@ -1,4 +1,4 @@
-"""``python -m data_tools``: make shard data sets.
+"""dbmpi-data (python -m data_tools): make shard data sets for dbmpi.
 
     python -m data_tools synth --out data/synth-idx [--train 20000 --test 4000 --seed 0]
     python -m data_tools shard idx --src data/synth-idx --out data/synth --shards 4
@@ -20,15 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
 
-from dbmpi.data.reader import open_dataset
-from dbmpi.data.schema import DataError
+    from dbmpi.data.reader import open_dataset
+    from dbmpi.data.schema import DataError
 
-from .idx import read_idx_split
-from .shards import build_manifest, command_line, parse_compression, write_split
-from .synth import CLASS_NAMES as SYNTH_CLASSES
-from .synth import write_synth
+    from .idx import read_idx_split
+    from .shards import build_manifest, command_line, parse_compression, write_split
+    from .synth import CLASS_NAMES as SYNTH_CLASSES
+    from .synth import write_synth
+except ImportError as exc:  # the system Python, not .venv: one line naming the fix
+    from dbmpi.envcheck import exit_if_dependency
+
+    exit_if_dependency("data_tools", "data_tools", exc)  # re-raises dbmpi's own errors
 
 CLASS_NAME_PRESETS = {
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -157,13 +162,20 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from dbmpi.__main__ import version
+
+    if prog is None:
+        prog = "dbmpi-data" if Path(sys.argv[0]).name == "dbmpi-data" else "python -m data_tools"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND",
+                           help="`%(prog)s COMMAND --help` lists its arguments")
 
     sh = sub.add_parser("shard", help="raw data -> HDF5 shards + manifest.json")
-    fmt = sh.add_subparsers(dest="format", required=True)
+    fmt = sh.add_subparsers(dest="format", required=True, title="formats", metavar="FORMAT",
+                            help="`%(prog)s FORMAT --help` lists its arguments")
     ix = fmt.add_parser("idx", help="MNIST-style idx files (train-/t10k-, optionally .gz)")
     ix.add_argument("--src", required=True, help="directory with the four idx files")
     ix.add_argument("--out", required=True, help="output directory")
@@ -181,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--task", type=int, default=0, help="this task's index (default 0)")
     ix.add_argument("--n-tasks", type=int, default=1,
                     help="tasks sharing the work; task i writes shards with index %% n == i. "
-                    "With n > 1 run `manifest` afterwards")
+                    "With n > 1 run `manifest` afterwards (default 1)")
     ix.set_defaults(func=cmd_shard_idx)
 
     sp = fmt.add_parser("speech", help="WAV files WORD_SPEAKER_INDEX.wav -> 40 log mel x 11 "
@@ -197,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--context", type=int, default=5,
                     help="frames either side in a context window (default 5: 11 frames)")
     sp.add_argument("--norm", default="global", choices=("global", "speaker", "utterance"),
-                    help="mean/variance normalisation: over the training frames (default), "
-                    "per speaker, or per recording")
+                    help="mean/variance normalisation: global over the training frames (default "
+                    "global), per speaker, or per utterance (recording)")
     sp.add_argument("--silence-db", type=float, default=30.0,
                     help="frames this many dB below the loudest frame are quiet (default 30)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the train shuffle (default 0)")
@@ -228,20 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     tx.set_defaults(func=cmd_shard_text)
 
     mf = sub.add_parser("manifest", help="check all shard files in --out and write manifest.json")
-    mf.add_argument("--out", required=True)
+    mf.add_argument("--out", required=True,
+                    help="the data set directory the shard tasks wrote into")
     mf.add_argument("--verify", action="store_true", help="recompute every checksum")
     mf.set_defaults(func=cmd_manifest)
 
     sy = sub.add_parser("synth", help="write the synthetic 10-class 28x28 data set as idx files")
-    sy.add_argument("--out", required=True)
-    sy.add_argument("--train", type=int, default=20000)
-    sy.add_argument("--test", type=int, default=4000)
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--out", required=True, help="output directory for the idx files")
+    sy.add_argument("--train", type=int, default=20000,
+                    help="training examples (default: 20000)")
+    sy.add_argument("--test", type=int, default=4000, help="test examples (default: 4000)")
+    sy.add_argument("--seed", type=int, default=0,
+                    help="seed of the generator (default: 0)")
     sy.add_argument("--gzip", action="store_true", help="write .gz idx files")
     sy.set_defaults(func=cmd_synth)
 
     ck = sub.add_parser("check", help="open a data set, read every row, print a summary")
-    ck.add_argument("path")
+    ck.add_argument("path", help="data set directory (the one holding manifest.json)")
     ck.add_argument("--verify", action="store_true", help="also recompute every checksum")
     ck.set_defaults(func=cmd_check)
     return p
@@ -255,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # a dependency one format imports (scipy, PIL...)
+        from dbmpi.envcheck import exit_if_dependency
+
+        exit_if_dependency("data_tools", "data_tools", e)  # or re-raises a bug's
 
 
 if __name__ == "__main__":

@@ -354,14 +354,18 @@ def add_parser(fmt, log, class_names_fn) -> None:
                     help="folder without train/test subfolders: fraction held out (default 0.1)")
     im.add_argument("--color", default="auto", choices=("auto", "gray", "rgb"),
                     help="read folder images as grey or RGB (default auto: grey if all are)")
-    im.add_argument("--size", default=None, help="resize folder images to HxW (e.g. 32x32)")
-    im.add_argument("--patch", type=int, default=0, help="random K x K patches instead of images")
-    im.add_argument("--patches-per-image", type=int, default=0, help="patches per image")
+    im.add_argument("--size", default=None,
+                    help="resize folder images to HxW (e.g. 32x32; default: none, one size)")
+    im.add_argument("--patch", type=int, default=0,
+                    help="random K x K patches instead of images (default: 0 = whole images)")
+    im.add_argument("--patches-per-image", type=int, default=0,
+                    help="patches per image (default: 0; give it with --patch)")
     im.add_argument("--whiten", default="none", choices=("none", "zca"),
                     help="ZCA whitening with the training split's statistics (default none)")
     im.add_argument("--whiten-eps", type=float, default=0.1,
                     help="added to the covariance's eigenvalues (default 0.1)")
-    im.add_argument("--limit", type=int, default=0, help="first N images of each split (0 = all)")
+    im.add_argument("--limit", type=int, default=0,
+                    help="first N images of each split (default 0 = all)")
     im.add_argument("--class-names", default=None,
                     help="comma list or a preset (fashion-mnist, mnist, synth); default: the "
                     "folder names, or none for idx")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from . import placement
+from . import envcheck, placement
 
 # MPICH CVARs that make ranks blocked in MPI yield their core (harmless for other MPIs).
 MPICH_YIELD = {
@@ -53,15 +53,24 @@ def launch_env(nranks: int, compute_ranks: int, env: dict | None = None) -> dict
 
 
 def find_mpiexec() -> str:
-    """mpiexec beside this Python (a virtualenv with the mpich wheel) or on PATH."""
+    """mpiexec beside this Python (a virtualenv with the mpich wheel) or on PATH.
+
+    Without one, the project's .venv (made by `make`) may hold one: then this is the wrong
+    Python (its ranks would lack the MPI that mpiexec speaks), and the error says to use the
+    environment instead of installing an MPI."""
     beside = Path(sys.executable).parent / "mpiexec"
     if beside.exists():
         return str(beside)
     found = shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("dbmpi: error: no mpiexec found: install an MPI (e.g. "
-                         "`pip install 'dbmpi[mpich]'`) or load your site's MPI module")
-    return found
+    if found:
+        return found
+    for venv in envcheck.project_venvs():
+        if (venv / "bin" / "mpiexec").exists():
+            envcheck.fail(f"dbmpi: error: no mpiexec beside this Python ({sys.executable}) "
+                          f"or on PATH, but the project's environment has one: "
+                          f"{envcheck.use_venv_hint(venv, 'dbmpi launch')}")
+    envcheck.fail("dbmpi: error: no mpiexec found: install an MPI (e.g. "
+                  "`pip install 'dbmpi[mpich]'`) or load your site's MPI module")
 
 
 def command(config_path: str, overrides: list[str], nranks: int, mpiexec: str) -> list[str]:
