@@ -37,7 +37,7 @@ CHUNK = 1 << 16
 
 
 class FetchError(Exception):
-    exit_code = 1
+    exit_code = 2  # bad arguments (an unknown name)
 
 
 class NetworkError(FetchError):
