@@ -30,9 +30,10 @@ from data_tools.fetch import (
 
 
 class Server:
-    """Serves ``files`` (URL path -> bytes) with Range support and records each request.
-    ``drop``: paths whose next response sends the full Content-Length but only half the
-    bytes, then closes the connection. ``ignore_range``: always answer 200 with everything."""
+    """Serves ``files`` (URL path, leading slash dropped -> bytes) with Range support and
+    records each request. ``drop``: paths whose next response sends the full Content-Length
+    but only half the bytes, then closes the connection. ``ignore_range``: always answer 200
+    with everything."""
 
     def __init__(self):
         self.files, self.requests, self.drop, self.ignore_range = {}, [], set(), False
@@ -43,9 +44,9 @@ class Server:
                 pass
 
             def do_GET(self):
-                rng = self.headers.get("Range")
-                srv.requests.append((self.path, rng))
-                body = srv.files.get(self.path)
+                rng, path = self.headers.get("Range"), self.path.lstrip("/")
+                srv.requests.append((path, rng))
+                body = srv.files.get(path)
                 if body is None:
                     self.send_error(404)
                     return
@@ -61,8 +62,8 @@ class Server:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                if self.path in srv.drop:
-                    srv.drop.discard(self.path)
+                if path in srv.drop:
+                    srv.drop.discard(path)
                     self.wfile.write(body[start:start + (len(body) - start) // 2])
                     self.wfile.flush()
                     self.close_connection = True
@@ -120,10 +121,10 @@ def toy(tmp_path, server):
     ref.mkdir(parents=True)
     for name, data in members.items():
         (ref / name).write_bytes(data)
-        server.files[f"/toy/rec/{name}"] = data
+        server.files[f"toy/rec/{name}"] = data
     listing = subprocess.run(["sha256sum", *sorted(members)], cwd=ref, check=True,
                              capture_output=True, env={**os.environ, "LC_ALL": "C"}).stdout
-    server.files["/toy/a.bin"], server.files["/toy/b.bin"] = a, b
+    server.files["toy/a.bin"], server.files["toy/b.bin"] = a, b
     entries = (
         Entry("a.bin", hashlib.sha256(a).hexdigest(), len(a), hashlib.md5(a).hexdigest()),
         Entry("b.bin", hashlib.sha256(b).hexdigest(), len(b)),
@@ -178,7 +179,7 @@ def test_corrupt_download_is_refused_and_removed(tmp_path, server, toy):
     cat, files, _ = toy
     bad = bytearray(files["a.bin"])
     bad[123_456] ^= 1  # same size, one bit off
-    server.files["/toy/a.bin"] = bytes(bad)
+    server.files["toy/a.bin"] = bytes(bad)
     with pytest.raises(ChecksumError, match="a.bin: the download is corrupt .*sha256"):
         fetch("toy", tmp_path, catalogue=cat, base_url=server.url, log=lambda s: None)
     assert not (tmp_path / "toy" / "a.bin").exists()
@@ -187,7 +188,7 @@ def test_corrupt_download_is_refused_and_removed(tmp_path, server, toy):
 
 def test_corrupt_folder_member_removes_the_staging_folder(tmp_path, server, toy):
     cat, _, _ = toy
-    server.files["/toy/rec/1_x_0.wav"] = payload(100, 99)
+    server.files["toy/rec/1_x_0.wav"] = payload(100, 99)
     with pytest.raises(ChecksumError, match="rec/: the download is corrupt"):
         fetch("toy", tmp_path, catalogue=cat, base_url=server.url, log=lambda s: None)
     assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["a.bin", "b.bin"]
@@ -196,7 +197,7 @@ def test_corrupt_folder_member_removes_the_staging_folder(tmp_path, server, toy)
 def test_cli_corrupt_download_is_one_line_exit_4(tmp_path, server, capsys, monkeypatch):
     """The real catalogue, its URLs pointed at the loopback server by the variable."""
     monkeypatch.setenv(BASE_URL_VAR, server.url)
-    server.files["/ptb/ptb.train.txt"] = b"not the penn treebank\n"
+    server.files["ptb/ptb.train.txt"] = b"not the penn treebank\n"
     assert main(["fetch", "ptb", "--out", str(tmp_path)]) == EXIT_CHECKSUM
     err = errors(capsys.readouterr().err)
     assert len(err) == 1 and "ptb.train.txt" in err[0] and "corrupt" in err[0]
@@ -205,7 +206,7 @@ def test_cli_corrupt_download_is_one_line_exit_4(tmp_path, server, capsys, monke
 
 def test_interrupted_download_resumes_with_range(tmp_path, server, toy):
     cat, files, _ = toy
-    server.drop.add("/toy/a.bin")
+    server.drop.add("toy/a.bin")
     with pytest.raises(NetworkError, match="closed after 150000 of 300000 bytes"):
         fetch("toy", tmp_path, catalogue=cat, base_url=server.url, retries=0,
               log=lambda s: None)
@@ -213,7 +214,7 @@ def test_interrupted_download_resumes_with_range(tmp_path, server, toy):
     assert part.stat().st_size == 150_000 and not (tmp_path / "toy" / "a.bin").exists()
     logs = []
     fetch("toy", tmp_path, catalogue=cat, base_url=server.url, retries=0, log=logs.append)
-    assert ("/toy/a.bin", "bytes=150000-") in server.requests
+    assert ("toy/a.bin", "bytes=150000-") in server.requests
     assert (tmp_path / "toy" / "a.bin").read_bytes() == files["a.bin"]
     assert any("resuming after 150000 bytes" in s for s in logs)
     assert leftovers(tmp_path) == []
@@ -221,10 +222,10 @@ def test_interrupted_download_resumes_with_range(tmp_path, server, toy):
 
 def test_interruption_is_retried_within_one_run(tmp_path, server, toy):
     cat, files, _ = toy
-    server.drop.update({"/toy/a.bin", "/toy/rec/0_y_0.wav"})
+    server.drop.update({"toy/a.bin", "toy/rec/0_y_0.wav"})
     fetch("toy", tmp_path, catalogue=cat, base_url=server.url, log=lambda s: None)
-    assert ("/toy/a.bin", "bytes=150000-") in server.requests
-    assert ("/toy/rec/0_y_0.wav", "bytes=3500-") in server.requests
+    assert ("toy/a.bin", "bytes=150000-") in server.requests
+    assert ("toy/rec/0_y_0.wav", "bytes=3500-") in server.requests
     assert (tmp_path / "toy" / "a.bin").read_bytes() == files["a.bin"]
 
 
