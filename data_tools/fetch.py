@@ -200,9 +200,8 @@ def folder_digests(folder: Path, members: tuple[str, ...],
         mode = b"100755" if name in executable else b"100644"
         tree.append(mode + b" " + name.encode() + b"\0" + bytes.fromhex(h["git"]))
     body = b"".join(tree)
-    return {"sha256": hashlib.sha256("".join(listing).encode()).hexdigest(),
-            "git": hashlib.sha1(b"tree %d\0" % len(body) + body,
-                                usedforsecurity=False).hexdigest()}
+    git = hashlib.sha1(b"tree %d\0" % len(body) + body, usedforsecurity=False)
+    return {"sha256": hashlib.sha256("".join(listing).encode()).hexdigest(), "git": git.hexdigest()}
 
 
 def _mismatch(entry: Entry, got: dict[str, str], size: int | None) -> str:
@@ -219,7 +218,7 @@ def _mismatch(entry: Entry, got: dict[str, str], size: int | None) -> str:
 def _download(url: str, part: Path, size: int, timeout: float) -> None:
     """Fetch ``url`` into ``part``, continuing from what ``part`` holds; raises NetworkError
     when the connection fails or closes before the end (the .part is kept for the next try)."""
-    have = part.stat().st_size if part.exists() else 0
+    have = _size(part)
     if size and have >= size:
         return  # complete already (a larger one fails the check and is removed)
     headers = {"User-Agent": "dbmpi-data-tools-fetch"}
@@ -275,6 +274,8 @@ class Fetcher:
         """Where to put the files when the network cannot be used: names and folder."""
         names = [f"{e.path}/ (the {len(e.members)} files {e.members[0]} ... {e.members[-1]})"
                  if e.members else e.path for e in self.ds.entries]
+        if self.ds.derived:  # or what is made from them
+            names[-1] += f" (or {', '.join(e.path for e in self.ds.derived)})"
         return (f"put {', '.join(names)} in {self.dest}/ by hand (from {self.ds.urls[0]}) "
                 "and run this again to verify them")
 
