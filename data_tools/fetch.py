@@ -171,7 +171,7 @@ CATALOGUE = {ds.name: ds for ds in (
         derive=kjv_split, derived=(
         Entry("train.txt", "3daa4783e0f35dfe35cf6d567d55ae8b523ab8a7f951071f639a1701fc734c1d",
               3812062),
-        Entry("valid.txt", "241ad476decb91318664bc3a6bb1cef457762828a892e52333df9bdb562598d",
+        Entry("valid.txt", "241ad476decb91318664bc3a6bb1cef457762828a892e52333df9bdb562598df",
               195211),
         Entry("test.txt", "81368372bff32dc55834c504698370a2a784512c4a594100a5692af3dfc6c6e8",
               130547))),
