@@ -163,9 +163,12 @@ def cmd_check(a: argparse.Namespace) -> int:
 def cmd_fetch(a: argparse.Namespace) -> int:
     from .fetch import CATALOGUE, FetchError, fetch, listing
 
-    if a.list or not a.names:
+    if a.list:
         print(listing())
-        return 0 if a.list else 2
+        return 0
+    if not a.names:
+        print("error: name the sets to fetch (or 'all'); --list shows them", file=sys.stderr)
+        return 2
     out = a.out or os.environ.get("DBMPI_DATA")
     if not out:
         print("error: fetch needs --out DIR (or $DBMPI_DATA): the sets go to DIR/NAME/",

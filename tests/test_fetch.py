@@ -285,6 +285,8 @@ def test_unknown_name_and_missing_out(tmp_path, capsys, monkeypatch):
     assert "unknown data set 'cifar'" in capsys.readouterr().err
     assert main(["fetch", "mnist"]) == 2
     assert "--out DIR" in capsys.readouterr().err
+    assert main(["fetch", "--out", str(tmp_path)]) == 2
+    assert "name the sets to fetch" in capsys.readouterr().err
 
 
 def test_derived_files_are_made_checked_and_then_enough(tmp_path, server, toy):
