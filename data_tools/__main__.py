@@ -10,12 +10,15 @@
         [--whiten zca --whiten-eps 0.1]   # idx files or PNG/JPEG class folders
     python -m data_tools shard text --src DIR --out DIR --vocab 10000 [--context 4 --shards 4]
     python -m data_tools check DIR [--verify]
+    python -m data_tools fetch --list                 # the public raw data sets
+    python -m data_tools fetch mnist fashion-mnist --out DIR   # -> DIR/mnist/, verified
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -162,6 +165,29 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from .fetch import CATALOGUE, FetchError, fetch, listing
+
+    if a.list:
+        print(listing())
+        return 0
+    if not a.names:
+        print("error: name the sets to fetch (or 'all'); --list shows them", file=sys.stderr)
+        return 2
+    out = a.out or os.environ.get("DBMPI_DATA")
+    if not out:
+        print("error: fetch needs --out DIR (or $DBMPI_DATA): the sets go to DIR/NAME/",
+              file=sys.stderr)
+        return 2
+    for name in a.names if a.names != ["all"] else list(CATALOGUE):
+        try:
+            fetch(name, out, retries=a.retries, timeout=a.timeout, log=_log)
+        except FetchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+    return 0
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from dbmpi.__main__ import version
 
@@ -259,6 +285,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ck.add_argument("path", help="data set directory (the one holding manifest.json)")
     ck.add_argument("--verify", action="store_true", help="also recompute every checksum")
     ck.set_defaults(func=cmd_check)
+
+    fe = sub.add_parser("fetch", help="download public raw data sets into DIR/NAME/, "
+                        "checksums verified, resumable (see data_tools/fetch.py)")
+    fe.add_argument("names", nargs="*", metavar="NAME",
+                    help="data sets to fetch (mnist, fashion-mnist, fsdd, ptb; 'all' for "
+                    "every one; --list describes them)")
+    fe.add_argument("--out", default=None,
+                    help="folder that gets one subfolder per set (default $DBMPI_DATA)")
+    fe.add_argument("--list", action="store_true",
+                    help="print the catalogue (files, URLs, licences, checksums) and exit")
+    fe.add_argument("--retries", type=int, default=2,
+                    help="extra tries per file, each resuming the .part (default 2)")
+    fe.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds without data before a try fails (default 30)")
+    fe.set_defaults(func=cmd_fetch)
     return p
 
 
