@@ -80,6 +80,27 @@ def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm, resume: bool) -> Path:
     return Path(path)
 
 
+def resume_mismatch(ck: ckpt_mod.Checkpoint, cfg: config_mod.Config,
+                    num_params: int) -> str | None:
+    """Why checkpoint ``ck`` cannot continue under ``cfg`` (one line), or None."""
+    parts = (ck.config or {}).get("topology", {}).get("partitions", 1)
+    opt = (ck.config or {}).get("optimizer", {}).get("name", "adagrad")
+    if ck.num_params != num_params:
+        return (f"{ck.path}: checkpoint of a model with {ck.num_params} parameters, "
+                f"but this config makes {num_params}: use another run.dir")
+    if parts != cfg.topology.partitions:
+        # the shards hold the partition-major layout of that many partitions
+        return (f"{ck.path}: checkpoint written with topology.partitions = {parts}, "
+                f"this config has {cfg.topology.partitions}: resume with {parts} or "
+                f"use another run.dir")
+    if opt != cfg.optimizer.name and cfg.algorithm == "downpour":
+        # the shards' state is that optimizer's (an accumulator is not Adam's moments)
+        return (f"{ck.path}: checkpoint written with optimizer.name = {opt!r}, this "
+                f"config has {cfg.optimizer.name!r}: its state does not carry over; "
+                f"resume with {opt!r} or use another run.dir")
+    return None
+
+
 def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn, cfg):
     """Rank 0 looks for the newest valid checkpoint in ``run_dir``; all ranks open it."""
     found, error = None, None
@@ -89,22 +110,7 @@ def _find_checkpoint(run_dir: Path, comm: MPI.Comm, num_params_fn, cfg):
         except ckpt_mod.NoValidCheckpoint as exc:
             ck, error = None, str(exc)
         if ck is not None:
-            expected = num_params_fn()
-            parts = (ck.config or {}).get("topology", {}).get("partitions", 1)
-            opt = (ck.config or {}).get("optimizer", {}).get("name", "adagrad")
-            if ck.num_params != expected:
-                error = (f"{ck.path}: checkpoint of a model with {ck.num_params} parameters, "
-                         f"but this config makes {expected}: use another run.dir")
-            elif parts != cfg.topology.partitions:
-                # the shards hold the partition-major layout of that many partitions
-                error = (f"{ck.path}: checkpoint written with topology.partitions = {parts}, "
-                         f"this config has {cfg.topology.partitions}: resume with {parts} or "
-                         f"use another run.dir")
-            elif opt != cfg.optimizer.name and cfg.algorithm == "downpour":
-                # the shards' state is that optimizer's (an accumulator is not Adam's moments)
-                error = (f"{ck.path}: checkpoint written with optimizer.name = {opt!r}, this "
-                         f"config has {cfg.optimizer.name!r}: its state does not carry over; "
-                         f"resume with {opt!r} or use another run.dir")
+            error = resume_mismatch(ck, cfg, num_params_fn())
             found = str(ck.path)
     found, error = comm.bcast((found, error), root=0)
     if error:

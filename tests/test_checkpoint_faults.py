@@ -80,6 +80,25 @@ def test_every_checkpoint_corrupt_refuses_instead_of_starting_over(tmp_path):
     assert "shard-0000.h5" in text and "another run.dir" in text
 
 
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path):
+    """Adagrad's accumulator is not Adam's moments: a resume that changes optimizer.name is
+    refused, naming the checkpoint and both names (other changes, e.g. the rate, are fine)."""
+    from dbmpi import config as config_mod
+    from dbmpi.runner import resume_mismatch
+
+    _write(tmp_path, 1)
+    ck = ckpt_mod.open_checkpoint(ckpt_mod.checkpoint_root(tmp_path) / "ckpt-00000001")
+    ck.config = {"topology": {"partitions": 1}, "optimizer": {"name": "adagrad"}}
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\npath = "x"\n[downpour]\nsteps = 10\n')
+    same = config_mod.load(path, ["optimizer.learning_rate=0.3"])
+    assert resume_mismatch(ck, same, N) is None
+    other = config_mod.load(path, ["optimizer.name='adam'"])
+    msg = resume_mismatch(ck, other, N)
+    assert "optimizer.name = 'adagrad'" in msg and "'adam'" in msg and "\n" not in msg
+    assert "parameters" in resume_mismatch(ck, same, N + 1)
+
+
 @pytest.mark.job
 def test_a_run_with_a_corrupt_newest_checkpoint_resumes_and_finishes(tmp_path, small_data):
     """Killed after its checkpoints began, the newest one corrupted: the same command
