@@ -98,7 +98,7 @@ class Coordinator:
         self.metrics.write("checkpoint", sequence=k, steps=steps, final=final,
                            seconds=round(time.time() - t, 3))
         self.live.clear()
-        log.info("checkpoint %d written (%s, %.2f s)%s", k,
+        log.info("checkpoint %d written: %s, %.2f s%s", k,
                  prog.steps_phrase(steps, self.cfg.topology.replicas, self._replica_steps(r)),
                  time.time() - t, " (final)" if final else "")
 
