@@ -58,11 +58,16 @@ def _by_replica(recs: list[dict], kind: str) -> dict[int, list[dict]]:
 
 
 def _replica_mean(series: dict[int, list[dict]], key: str) -> tuple[list[float], list[float]]:
-    """The k-th record of every replica averaged (time and ``key``): one line for a run."""
-    n = min((len(v) for v in series.values()), default=0)
-    R = len(series)
-    t = [sum(v[k]["time"] for v in series.values()) / R for k in range(n)]
-    y = [sum(v[k][key] for v in series.values()) / R for k in range(n)]
+    """``key`` averaged over the replicas at each step count (time too): one line for a run.
+    Keyed on the step, not the record's index, since replicas start apart (a warm start runs
+    replica 0 alone first)."""
+    at: dict[int, list[dict]] = {}
+    for recs in series.values():
+        for r in recs:
+            at.setdefault(r["step"], []).append(r)
+    steps = sorted(at)
+    t = [sum(r["time"] for r in at[s]) / len(at[s]) for s in steps]
+    y = [sum(r[key] for r in at[s]) / len(at[s]) for s in steps]
     return t, y
 
 

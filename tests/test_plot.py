@@ -156,3 +156,16 @@ def test_autoencoder_curve_keeps_the_reconstruction(tmp_path):
         assert table[0].startswith("SGD w/ Adagrad [1]: reconstruction best 0.1400")
     finally:
         plt.close(fig)
+
+
+def test_training_loss_mean_lines_up_steps_not_records():
+    from dbmpi.report import _replica_mean
+
+    # a warm start: replica 0 alone for steps 100 and 200, then both
+    def rec(rep, step, t, loss):
+        return {"replica": rep, "step": step, "time": t, "loss": loss}
+
+    series = {0: [rec(0, 100, 1.0, 2.0), rec(0, 200, 2.0, 1.0), rec(0, 300, 3.0, 0.8)],
+              1: [rec(1, 300, 3.5, 0.6)]}
+    t, y = _replica_mean(series, "loss")
+    assert t == pytest.approx([1.0, 2.0, 3.25]) and y == pytest.approx([2.0, 1.0, 0.7])
