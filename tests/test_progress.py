@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import run_job, write_config
+from conftest import make_synth_shards, run_job, write_config
 
+from dbmpi import config as config_mod
+from dbmpi.data import open_dataset
 from dbmpi.progress import (
     LiveLine,
     eta_seconds,
@@ -99,3 +101,20 @@ def test_job_output_has_no_carriage_return_unless_a_terminal(tmp_path, small_dat
              and "in all, " in seg]
     assert drawn, live.stderr[-2000:]
     assert "/150 steps per replica (" in drawn[0] and "/300 in all, " in drawn[0]
+
+
+def test_epoch_budget_gives_the_steps_per_replica(tmp_path):
+    from dbmpi.train.downpour.coordinator import Coordinator
+
+    # 2400 training examples in 4 shards of 600: 2 replicas read 1200 each; batch 32
+    data = make_synth_shards(tmp_path, 2400, 100, seed=2)
+    coord = Coordinator.__new__(Coordinator)  # only the budget: no job
+    for downpour, each in (({"steps": 0, "epochs": 2}, 75),  # ceil(2 * 1200 / 32)
+                           ({"steps": 0, "epochs": 0.5}, 19),  # ceil(18.75)
+                           ({"steps": 50, "epochs": 2}, 50),  # whichever ends first
+                           ({"steps": 0, "target_accuracy": 0.5}, 0)):  # no end in steps
+        cfg = write_config(tmp_path / "c.toml", {
+            "topology": {"shards": 1, "replicas": 2},
+            "data": {"path": data, "batch_size": 32}, "downpour": downpour})
+        coord.cfg = config_mod.load(cfg, [])
+        assert coord._budget_each(open_dataset(data)) == each, downpour

@@ -35,6 +35,19 @@ class Coordinator:
         self.sequence = resume.sequence if resume is not None else 0
         self.fault = Fault(topo.rank)
         self.live = prog.LiveLine(prog.live_wanted())  # the in-place line, on a terminal only
+        self.steps_each = self._budget_each(dataset)
+
+    def _budget_each(self, dataset) -> int:
+        """Steps per replica the run is to make, for the progress lines and the ETA:
+        ``downpour.steps``, or what ``downpour.epochs`` come to over the largest replica's
+        share of the training shards (0: no end in steps, e.g. a target accuracy only)."""
+        dp, R = self.cfg.downpour, self.cfg.topology.replicas
+        budgets = [dp.steps] if dp.steps else []
+        if dp.epochs:
+            share = max(dataset.reader("train", r, R, self.cfg.data.batch_size).num_examples
+                        for r in range(R))
+            budgets.append(math.ceil(dp.epochs * share / self.cfg.data.batch_size))
+        return min(budgets) if budgets else 0
 
     def _replica_steps(self, rows: np.ndarray) -> list[int]:
         """Each replica's own step count (its partition 0's row; rows are replica-major)."""
@@ -106,7 +119,7 @@ class Coordinator:
         dp, ck = self.cfg.downpour, self.cfg.checkpoint
         R = self.cfg.topology.replicas
         workers = self.topo.num_workers
-        total = dp.steps * R if dp.steps else 0
+        total = self.steps_each * R
         now = time.time()
         next_eval = now + dp.eval_every_s
         next_ckpt = now + ck.every_s if ck.every_s else math.inf
@@ -136,7 +149,7 @@ class Coordinator:
                 rec = observe(steps)
                 rate = (steps - last_steps) * self.cfg.data.batch_size / max(now - last_t, 1e-9)
                 last_steps, last_t = steps, now
-                done = prog.steps_done(steps, R, dp.steps)
+                done = prog.steps_done(steps, R, self.steps_each)
                 self.live.clear()
                 if rec is None:
                     log.info("%s | %.0f samples/s | parameters recorded | %.1f s", done,
@@ -158,8 +171,8 @@ class Coordinator:
                 next_eval = time.time() + dp.eval_every_s
             if self.live.due():
                 eta = prog.eta_seconds(steps, total, start_steps, now - start_t)
-                self.live.show(prog.progress_line(steps, R, dp.steps, rate, acc, now - self.t0,
-                                                  eta))
+                self.live.show(prog.progress_line(steps, R, self.steps_each, rate, acc,
+                                                  now - self.t0, eta))
             time.sleep(0.02)
         self.live.clear()
         # Every worker's pushes are acknowledged: the shards hold the final parameters.
