@@ -1,4 +1,5 @@
-"""``python -m dbmpi eval RUN_DIR``: frame and utterance accuracy of a finished run.
+"""``python -m dbmpi eval RUN_DIR``: test accuracy of a finished run (per image, frame or word,
+in the words of its data set), and utterance accuracy for speech.
 
 Loads ``RUN_DIR/params.h5`` (the model it records) and the data set named in
 ``RUN_DIR/config.toml`` (``data.path``, or ``--data``), classifies every example of the split,
@@ -186,6 +187,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
     model, params, ds, x, y, g = load_run(rd, split, data)
     data_path = rd.data_path(data)
     out = {"run_dir": str(rd.path), "data": data_path, "split": split,
+           "unit": task_unit(data_path, ds.feature_shape),
            **score(model, params, ds, x, y, g, frames, batch)}
     files = utterance_files(Path(data_path), split)
     for e in out.get("utterance_errors", []):
@@ -233,8 +235,27 @@ def utterance_files(data_path: Path, split: str) -> dict[int, str]:
         return {}
 
 
+# What one scored example is, in the words of the task: the data set's own description file
+# says (speech.json: filterbank frames; images.json: images; vocab.json: next words), else the
+# feature shape (2-d and up: images, as IDX and synthetic sets are). eval.json keeps the
+# ``frame_*`` keys for its readers and adds ``unit``.
+UNITS = {"frame": "frames", "image": "images", "next-word": "words", "example": "examples"}
+
+
+def task_unit(data_path: str | Path, feature_shape: tuple = ()) -> str:
+    """``frame``, ``image``, ``next-word`` or ``example``: what the data set's examples are."""
+    d = Path(data_path)
+    for name, unit in (("speech.json", "frame"), ("images.json", "image"),
+                       ("vocab.json", "next-word")):
+        if (d / name).is_file():
+            return unit
+    return "image" if len(feature_shape) >= 2 else "example"
+
+
 def summary_line(r: dict) -> str:
-    s = f"{r['split']}: frame accuracy {r['frame_accuracy']:.4f} ({r['frames']} frames)"
+    unit = r.get("unit", "frame")
+    s = (f"{r['split']}: {unit} accuracy {r['frame_accuracy']:.4f} ({r['frames']} "
+         f"{UNITS.get(unit, 'examples')})")
     if "utterance_accuracy" in r:
         s += (f", utterance accuracy {r['utterance_accuracy']:.4f} ({r['utterances']} "
               f"utterances, {len(r['utterance_errors'])} wrong)")

@@ -142,6 +142,9 @@ def main(config_path: str, overrides: list[str], dry_run: bool = False,
     print("dbmpi launch: " + " ".join(cmd), file=sys.stderr, flush=True)
     if dry_run:
         return 0
+    # rank 0's stderr is mpiexec's pipe, never the terminal: say here whether there is one,
+    # so that only a terminal gets the in-place progress line (dbmpi.progress)
+    env.setdefault("DBMPI_PROGRESS", "tty" if sys.stderr.isatty() else "plain")
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
 

@@ -24,6 +24,7 @@ from . import metrics as metrics_mod
 from .errors import DbmpiError
 from .faults import TERMINATION
 from .log import get_logger, setup_logging
+from .progress import steps_phrase
 from .report import plot_learning_curve, write_json
 from .topology import Role, Topology, check_world_size
 
@@ -158,7 +159,8 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
     if checkpoint is not None and checkpoint.final:
         if rank == 0:
             print(f"dbmpi: {run_dir} holds a finished run (checkpoint {checkpoint.sequence}, "
-                  f"{checkpoint.steps} steps): nothing to do; use another run.dir for a new run",
+                  f"{_checkpoint_steps(checkpoint, cfg)}): nothing to do; use another run.dir "
+                  f"for a new run",
                   file=sys.stderr, flush=True)
         return 0
     topo = Topology.create(cfg.topology, comm)
@@ -168,7 +170,7 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
                  "directory %s", cfg.algorithm, comm.Get_size(), cfg.topology.shards,
                  cfg.topology.replicas, cfg.topology.partitions, run_dir)
         if checkpoint is not None:
-            log.info("resuming from %s (%d steps)", checkpoint.path, checkpoint.steps)
+            log.info("resuming from %s (%s)", checkpoint.path, _checkpoint_steps(checkpoint, cfg))
     _log_placement(topo, run_dir)
     TERMINATION.install()
     try:
@@ -222,6 +224,24 @@ def _log_placement(topo: Topology, run_dir: Path) -> None:
         write_json(run_dir / "placement.json", {"ranks": rows})
 
 
+def _steps_done(result: dict, replicas: int) -> str:
+    """Downpour: ``5000 steps per replica (10000 in all)`` (``downpour.steps`` counts per
+    replica, ``steps`` in summary.json sums them); Sandblaster: ``N iterations`` (each one
+    is the whole batch, over all replicas)."""
+    if "replica_steps" in result:
+        return steps_phrase(result["steps"], replicas, result["replica_steps"])
+    return f"{result['steps']} iterations"
+
+
+def _checkpoint_steps(ck, cfg) -> str:
+    """A checkpoint's steps as its run counted them (its workers' rows: replica-major)."""
+    if cfg.algorithm != "downpour":
+        return f"{ck.steps} steps"
+    P = cfg.topology.partitions
+    each = [int(s) for s in ck.workers[::P, 0]]  # column 0: STEP
+    return steps_phrase(ck.steps, len(each), each)
+
+
 def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
     ranks = []
     for r, (role, index, cpu, wall) in enumerate(table):
@@ -244,10 +264,11 @@ def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
         plot_learning_curve(run_dir)
     except Exception as exc:  # a missing plot must not lose a finished run
         log.warning("could not draw the learning curve: %s", exc)
+    done = _steps_done(result, cfg.topology.replicas)
     if result.get("interrupted"):
-        print(f"interrupted after {result['steps']} steps: a checkpoint was written; run the "
+        print(f"interrupted after {done}: a checkpoint was written; run the "
               f"same command with --set run.dir={run_dir} (or --resume) to continue", flush=True)
-    print(f"final test accuracy {result['final_test_accuracy']:.4f} after {result['steps']} "
-          f"steps in {result['wall_s']:.1f} s", flush=True)
+    print(f"final test accuracy {result['final_test_accuracy']:.4f} after {done} "
+          f"in {result['wall_s']:.1f} s", flush=True)
     print(f"run directory: {run_dir}", flush=True)
     log.debug("summary: %s", json.dumps(summary))

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from ... import checkpoint as ckpt_mod
+from ... import progress as prog
 from ...errors import TrainingError
 from ...faults import TERMINATION, Fault
 from ...log import get_logger
@@ -35,6 +36,25 @@ class Coordinator:
         self.sequence = max(resume.sequence if resume is not None else 0,
                             ckpt_mod.highest_sequence(run_dir))
         self.fault = Fault(topo.rank)
+        self.live = prog.LiveLine(prog.live_wanted())  # the in-place line, on a terminal only
+        self.steps_each = self._budget_each(dataset)
+
+    def _budget_each(self, dataset) -> int:
+        """Steps per replica the run is to make, for the progress lines and the ETA:
+        ``downpour.steps``, or what ``downpour.epochs`` come to over the largest replica's
+        share of the training shards (0: no end in steps, e.g. a target accuracy only)."""
+        dp, R = self.cfg.downpour, self.cfg.topology.replicas
+        budgets = [dp.steps] if dp.steps else []
+        if dp.epochs:
+            share = max(dataset.reader("train", r, R, self.cfg.data.batch_size).num_examples
+                        for r in range(R))
+            budgets.append(math.ceil(dp.epochs * share / self.cfg.data.batch_size))
+        return min(budgets) if budgets else 0
+
+    def _replica_steps(self, rows: np.ndarray) -> list[int]:
+        """Each replica's own step count (its partition 0's row; rows are replica-major)."""
+        P = self.cfg.topology.partitions
+        return [int(s) for s in rows[::P, Row.STEP]]
 
     def _get(self, field: Board) -> int:
         return int(self.coord.board_view()[field])
@@ -92,20 +112,23 @@ class Coordinator:
         self.coord.raise_flag(Flag.CKPT_DONE, k)
         self.metrics.write("checkpoint", sequence=k, steps=steps, final=final,
                            seconds=round(time.time() - t, 3))
-        log.info("checkpoint %d written (%d steps, %.2f s)%s", k, steps, time.time() - t,
-                 " (final)" if final else "")
+        self.live.clear()
+        log.info("checkpoint %d written: %s, %.2f s%s", k,
+                 prog.steps_phrase(steps, self.cfg.topology.replicas, self._replica_steps(r)),
+                 time.time() - t, " (final)" if final else "")
 
     def run(self) -> dict:
         dp, ck = self.cfg.downpour, self.cfg.checkpoint
         R = self.cfg.topology.replicas
         workers = self.topo.num_workers
-        total = dp.steps * R if dp.steps else 0
+        total = self.steps_each * R
         now = time.time()
         next_eval = now + dp.eval_every_s
         next_ckpt = now + ck.every_s if ck.every_s else math.inf
         next_ckpt_steps = ((self.resume.steps if self.resume else 0) + ck.every_steps
                            if ck.every_steps else math.inf)
         last_steps, last_t = self._get(Board.STEPS), now
+        start_steps, start_t, rate, acc = last_steps, now, None, None
         observe = self.record if dp.record_iterates else self.evaluate
         observe(last_steps)  # the starting point of the learning curve
         stopped_early = interrupted = False
@@ -128,17 +151,19 @@ class Coordinator:
                 rec = observe(steps)
                 rate = (steps - last_steps) * self.cfg.data.batch_size / max(now - last_t, 1e-9)
                 last_steps, last_t = steps, now
-                pct = f" ({100 * steps / total:.0f}%)" if total else ""
+                done = prog.steps_done(steps, R, self.steps_each)
+                self.live.clear()
                 if rec is None:
-                    log.info("step %d%s | %.0f samples/s | parameters recorded | %.1f s", steps,
-                             pct, rate, now - self.t0)
+                    log.info("%s | %.0f samples/s | parameters recorded | %.1f s", done,
+                             rate, now - self.t0)
                 elif "reconstruction" in rec:
-                    log.info("step %d%s | %.0f samples/s | test reconstruction %.4f sparsity "
-                             "%.4f | %.1f s", steps, pct, rate, rec["reconstruction"],
+                    log.info("%s | %.0f samples/s | test reconstruction %.4f sparsity "
+                             "%.4f | %.1f s", done, rate, rec["reconstruction"],
                              rec["sparsity"], now - self.t0)
                 else:
-                    log.info("step %d%s | %.0f samples/s | test loss %.4f accuracy %.4f | "
-                             "%.1f s", steps, pct, rate, rec["loss"], rec["accuracy"],
+                    acc = rec["accuracy"]
+                    log.info("%s | %.0f samples/s | test loss %.4f accuracy %.4f | "
+                             "%.1f s", done, rate, rec["loss"], rec["accuracy"],
                              now - self.t0)
                 if rec and dp.target_accuracy and rec["accuracy"] >= dp.target_accuracy \
                         and not stopped_early:
@@ -146,9 +171,15 @@ class Coordinator:
                     self.coord.raise_flag(Flag.STOP, 1)
                     stopped_early = True
                 next_eval = time.time() + dp.eval_every_s
+            if self.live.due():
+                eta = prog.eta_seconds(steps, total, start_steps, now - start_t)
+                self.live.show(prog.progress_line(steps, R, self.steps_each, rate, acc,
+                                                  now - self.t0, eta))
             time.sleep(0.02)
+        self.live.clear()
         # Every worker's pushes are acknowledged: the shards hold the final parameters.
         steps = self._get(Board.STEPS)
+        each = self._replica_steps(self.coord.rows())  # exact: every worker has finished
         if dp.record_iterates:
             self.record(steps)
         final = self.evaluate(steps)
@@ -157,10 +188,13 @@ class Coordinator:
         ckpt_mod.save_params(self.run_dir / "params.h5", self.model.params,
                     self.cfg.to_dict()["model"], steps)
         wall = time.time() - self.t0
-        log.info("%s: %d steps in %.1f s | final test loss %.4f accuracy %.4f",
-                 "interrupted" if interrupted else "done", steps, wall, final["loss"],
-                 final["accuracy"])
-        return {"steps": steps, "wall_s": wall, "final_test_loss": final["loss"],
+        log.info("%s: %s in %.1f s | final test loss %.4f accuracy %.4f",
+                 "interrupted" if interrupted else "done", prog.steps_phrase(steps, R, each),
+                 wall, final["loss"], final["accuracy"])
+        # steps: the sum over replicas (what readers of summary.json have always had)
+        return {"steps": steps, "steps_per_replica": prog.steps_per_replica(steps, R, each),
+                "replica_steps": each, "replicas": R,
+                "wall_s": wall, "final_test_loss": final["loss"],
                 "final_test_accuracy": final["accuracy"],
                 "best_test_accuracy": max(r["accuracy"] for r in self.history),
                 "target_reached": bool(dp.target_accuracy and (
