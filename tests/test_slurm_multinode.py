@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import MPIEXEC
 
 from tests import netbed
 from tests.netbed_probe import seeded, sha
@@ -36,7 +37,7 @@ JOB = """#!/bin/bash
 export UCX_TLS=tcp,self HYDRA_IFACE={iface}
 echo "batch on $(hostname), nodes $SLURM_JOB_NODELIST"
 if [ "$DBMPI_LAUNCHER" = mpiexec ]; then
-    mpiexec -n "$SLURM_NTASKS" {python} -m mpi4py {probe} hosts
+    {mpiexec} -n "$SLURM_NTASKS" {python} -m mpi4py {probe} hosts
 else
     srun --mpi=pmi2 {python} -m mpi4py {probe} hosts
 fi
@@ -80,7 +81,8 @@ def cluster(request, tmp_path_factory):
         (project / "logs").mkdir()
         (project / "jobs").symlink_to(ROOT / "jobs")  # job scripts source jobs/site.sh
         (project / "netprobe.sbatch").write_text(JOB.format(
-            iface=netbed.IFACE, python=sys.executable, probe=ROOT / "tests" / "netbed_probe.py"))
+            mpiexec=MPIEXEC, iface=netbed.IFACE, python=sys.executable,
+            probe=ROOT / "tests" / "netbed_probe.py"))
         yield NetnsCluster(state, project, env)
     finally:
         subprocess.run([str(CLUSTER), "down", str(state)], check=False, capture_output=True,
