@@ -85,8 +85,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--rankfile", default=None, metavar="FILE",
                    help="also write an Open MPI rankfile of the plan there (default: none)")
 
-    p = sub.add_parser("eval", help="frame and utterance accuracy of a finished run "
-                                    "(writes RUN_DIR/eval.json)")
+    p = sub.add_parser("eval", help="test accuracy of a finished run, in the task's units "
+                                    "(images, frames and utterances, next words; writes "
+                                    "RUN_DIR/eval.json)")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR)
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--data", default=None, help=DATA)
