@@ -41,6 +41,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -66,6 +67,7 @@ from dbmpi.data.schema import (
     parse_shard_name,
     shard_name,
 )
+from dbmpi.progress import LiveLine, live_wanted, work_line
 
 Compression = tuple[str | None, int | None, bool]
 
@@ -208,9 +210,11 @@ def write_split(
     remove_stale(out, split, num_shards)
     ldtype = np.int32 if labels.size == 0 or int(labels.max()) < 2**31 else np.int64
     written = []
-    for i, rows in enumerate(assign_rows(labels.shape[0], num_shards, seed)):
-        if i % n_tasks != task:
-            continue
+    mine = [(i, rows) for i, rows in enumerate(assign_rows(labels.shape[0], num_shards, seed))
+            if i % n_tasks == task]
+    total = sum(len(rows) for _, rows in mine)
+    live, t0, done = LiveLine(live_wanted()), time.monotonic(), 0  # a terminal only
+    for k, (i, rows) in enumerate(mine, 1):
         x = features[rows]
         if transform is not None:
             x = transform(x)
@@ -218,8 +222,13 @@ def write_split(
         write_shard(path, x, labels[rows].astype(ldtype), split=split, shard_index=i,
                     num_shards=num_shards, shuffle_seed=seed,
                     groups=None if groups is None else groups[rows], **attrs)
+        live.clear()
         log(f"wrote {path} ({len(rows)} examples)")
         written.append(path)
+        done += len(rows)
+        live.show(work_line(split, done, total, "examples", time.monotonic() - t0,
+                            f"{k}/{len(mine)} shards"))
+    live.clear()
     return written
 
 

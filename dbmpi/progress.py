@@ -93,6 +93,17 @@ def progress_line(steps: int, replicas: int, steps_each: int, samples_per_s: flo
     return " | ".join(parts)
 
 
+def work_line(what: str, done: int, total: int, unit: str, elapsed_s: float,
+              parts: str = "") -> str:
+    """The live line of an offline job: ``train: 3/8 shards, 22500/60000 examples, 1200
+    examples/s, ETA 0:31`` (``parts`` is the ``3/8 shards`` piece, if any)."""
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else None
+    head = f"{what}: {parts + ', ' if parts else ''}{done}/{total} {unit}"
+    tail = f"ETA {format_duration(eta)}" if eta is not None else "ETA ?"
+    return f"{head}, {rate:.0f} {unit}/s, {tail}"
+
+
 def live_wanted(stream: TextIO | None = None, env: dict | None = None) -> bool:
     """Whether to draw the in-place line: ``DBMPI_PROGRESS`` when set, else whether
     ``stream`` (stderr) is a terminal."""

@@ -4,9 +4,12 @@ terminal, and a job whose output is not a terminal carries no carriage return.""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import make_synth_shards, run_job, write_config
+from conftest import ROOT, make_synth_shards, run_job, write_config
 
 from dbmpi import config as config_mod
 from dbmpi.data import open_dataset
@@ -17,6 +20,7 @@ from dbmpi.progress import (
     live_wanted,
     progress_line,
     steps_done,
+    work_line,
 )
 
 
@@ -118,3 +122,31 @@ def test_epoch_budget_gives_the_steps_per_replica(tmp_path):
             "data": {"path": data, "batch_size": 32}, "downpour": downpour})
         coord.cfg = config_mod.load(cfg, [])
         assert coord._budget_each(open_dataset(data)) == each, downpour
+
+
+def test_work_line_against_hand_values():
+    # 22,500 of 60,000 examples in 18.75 s: 1200 examples/s, 37,500 left: 31.25 s
+    assert work_line("train", 22500, 60000, "examples", 18.75, "3/8 shards") == \
+        "train: 3/8 shards, 22500/60000 examples, 1200 examples/s, ETA 0:31"
+    assert work_line("test", 0, 10, "examples", 0.0) == \
+        "test: 0/10 examples, 0 examples/s, ETA ?"
+
+
+@pytest.mark.parametrize("mode", ["tty", "plain"])
+def test_sharding_draws_its_line_only_on_a_terminal(tmp_path, mode):
+    """``data_tools shard``: one in-place line per split on a terminal (forced here with
+    DBMPI_PROGRESS=tty, as a pipe is no terminal), none in a log; the plain lines stay."""
+    from data_tools.synth import write_synth
+
+    write_synth(tmp_path / "idx", n_train=300, n_test=50, seed=0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools", "shard", "idx", "--src", str(tmp_path / "idx"),
+         "--out", str(tmp_path / "shards"), "--shards", "3"], cwd=ROOT, capture_output=True,
+        env={**os.environ, "DBMPI_PROGRESS": mode}, timeout=120)
+    err = proc.stderr.decode()  # bytes: text mode would turn the \r into newlines
+    assert proc.returncode == 0, err
+    assert err.count("wrote ") >= 4  # 3 train shards, 1 test shard, the manifest
+    if mode == "tty":
+        assert "\rtrain: 3/3 shards, 300/300 examples" in err
+    else:
+        assert "\r" not in err and "\x1b" not in err
