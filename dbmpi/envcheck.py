@@ -50,6 +50,17 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _absent(package: str) -> bool:
+    """Whether ``package`` itself cannot be found (a missing ``matplotlib`` surfaces as a
+    missing ``matplotlib.pyplot`` when a submodule is imported first)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is None
+    except (ValueError, ImportError):  # sys.modules[package] is None, or a broken parent
+        return True
+
+
 def dependency_error(prog: str, module: str, exc: ImportError,
                      package: str | None = None) -> str | None:
     """The one-line message for an ImportError of a third-party package (``package``: the
@@ -58,7 +69,7 @@ def dependency_error(prog: str, module: str, exc: ImportError,
     name = (exc.name or package or "").partition(".")[0]
     if not name or name in OWN:
         return None
-    if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+    if isinstance(exc, ModuleNotFoundError) and (exc.name == name or _absent(name)):
         what = f"lacks {name}"
     else:  # installed but broken (e.g. built against another numpy)
         what = f"cannot import {name} ({str(exc).splitlines()[0] if str(exc) else exc.name})"
