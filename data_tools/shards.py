@@ -60,6 +60,7 @@ from dbmpi.data.schema import (
     SCHEMA_NAME,
     SCHEMA_VERSION,
     DataError,
+    check_same_origin,
     check_shard,
     checksum_arrays,
     chunk_rows,
@@ -264,6 +265,7 @@ def build_manifest(out: str | os.PathLike, verify: bool = False) -> dict:
             raise fail(out / shard_name(split, missing[0], total), "missing shard file",
                        "wait for all --task runs to finish, or re-run the task that writes it")
         entries = []
+        split_first: tuple[dict, Path] | None = None
         for idx, p in sorted(files):
             try:
                 with h5py.File(p, "r") as f:
@@ -280,6 +282,10 @@ def build_manifest(out: str | os.PathLike, verify: bool = False) -> dict:
                                        f"{info['checksum']} (corrupt file)")
             except OSError as e:
                 raise fail(p, f"not a readable HDF5 file ({e})") from e
+            if split_first is None:
+                split_first = info, p
+            else:
+                check_same_origin(info, p, *split_first)
             if common is None:
                 common, first = info, p
             entries.append({"file": p.name, "num_examples": info["num_examples"],

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from math import gcd
@@ -140,6 +141,9 @@ def read_wav(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
         sr, x = scipy.io.wavfile.read(path)
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable WAV file ({e})") from e
+    except struct.error as e:  # scipy unpacks a header cut short without naming the file
+        raise DataError(f"{path}: not a readable WAV file (truncated header: {e}); copy it "
+                        f"again or remove it from --src") from e
     if x.dtype.kind == "i":
         x = x.astype(np.float64) / float(2 ** (8 * x.dtype.itemsize - 1))
     elif x.dtype == np.uint8:

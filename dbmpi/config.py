@@ -62,7 +62,10 @@ class ModelConfig:
 class DataConfig:
     """Where the HDF5 shards are (the directory holding ``manifest.json``) and how to read them."""
 
-    path: str = "data/demo/shards"
+    # no default: a job without [data] path used to train a demo set silently (issue 19);
+    # "" means "not given": a config is valid without it (tests, `--set data.path=...`), and
+    # the runner refuses to train from it (runner._check_data)
+    path: str = ""
     batch_size: int = 64
     shuffle_buffer: int = 8192
     eval_split: str = "test"
@@ -290,7 +293,12 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: no such config file (see jobs/configs/ for examples)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    empty = not raw
     raw = apply_overrides(raw, overrides or [])
+    if empty:  # an empty file used to train the built-in defaults, silently
+        raise ConfigError(f"{path}: empty config file: a job needs at least [data] path = "
+                          f"\"DIR\" (the directory holding manifest.json) and its model; see "
+                          f"jobs/configs/ for examples")
     return from_dict(raw, str(path))
 
 
@@ -332,7 +340,6 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be >= 1, got {d.shuffle_buffer}")
     _require(d.eval_limit >= 0, f"{s} data.eval_limit",
              f"must be >= 0 (0 = all), got {d.eval_limit}")
-    _require(bool(d.path), f"{s} data.path", "must name the directory holding manifest.json")
     o = cfg.optimizer
     _require(o.name in OPTIMIZERS, f"{s} optimizer.name",
              f"must be one of {', '.join(map(repr, OPTIMIZERS))}, got {o.name!r}")

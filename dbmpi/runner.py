@@ -129,12 +129,28 @@ def _num_params(cfg: config_mod.Config) -> int:
 def _check_data(cfg: config_mod.Config) -> None:
     from .data import open_dataset
 
+    if not cfg.data.path:  # the default used to be a demo set, trained silently
+        raise DbmpiError("data.path: not given (the config file has no [data] path, or an "
+                         "empty one): add [data] with path = \"DIR\" (the directory holding "
+                         "manifest.json), or pass --set data.path='DIR'")
     ds = open_dataset(cfg.data.path)
     if len(ds.splits.get("train", [])) < cfg.topology.replicas:
         raise DbmpiError(
             f"{cfg.data.path}: {len(ds.splits.get('train', []))} train shards for "
             f"{cfg.topology.replicas} replicas: each replica needs its own shard; re-shard with "
             f"`python -m data_tools shard ... --shards {cfg.topology.replicas}` or more")
+    if cfg.algorithm == "downpour":  # sandblaster reads sandblaster.batch_size
+        # replica r reads train shards r, r+R, ...: a batch larger than that would cycle its
+        # data several times per step (a job crawled at 4 steps in 2 minutes)
+        counts = [e["num_examples"] for e in ds.manifest["splits"]["train"]]
+        R = cfg.topology.replicas
+        r = min(range(R), key=lambda i: sum(counts[i::R]))
+        have = sum(counts[r::R])
+        if cfg.data.batch_size > have:
+            raise DbmpiError(
+                f"data.batch_size = {cfg.data.batch_size} is larger than replica {r}'s train "
+                f"data ({have} examples in {len(counts[r::R])} shards of {cfg.data.path}); "
+                f"set data.batch_size <= {have}, or use fewer replicas")
     if cfg.data.eval_split not in ds.splits:
         raise DbmpiError(f"data.eval_split: {cfg.data.path} has no split "
                          f"'{cfg.data.eval_split}' (it has {sorted(ds.splits)})")

@@ -36,6 +36,7 @@ from .schema import (
     LABELS,
     RESHARD_FIX,
     DataError,
+    check_same_origin,
     check_shard,
     checksum_arrays,
     fail,
@@ -253,12 +254,16 @@ def open_dataset(path: str | os.PathLike, verify: bool = False) -> Dataset:
                 raise fail(p, "shard file listed in manifest.json is missing",
                            "copy it back or " + RESHARD_FIX)
             with _open_h5(p) as f:
-                check_shard(
+                info = check_shard(
                     f, p, split=split, shard_index=i, num_shards=len(entries),
                     feature_shape=shape, feature_dtype=m["feature_dtype"],
                     num_classes=m["num_classes"], num_examples=e["num_examples"],
                     checksum=e["checksum"],
                 )
+                if i == 0:
+                    first, first_path = info, p
+                else:
+                    check_same_origin(info, p, first, first_path)
                 ch = f[FEATURES].chunks
                 chunks[split].append(ch[0] if ch else min(2048, e["num_examples"]))
                 if verify:

@@ -91,6 +91,11 @@ REQUIRED_ATTRS = (
 )
 
 RESHARD_FIX = "re-create the shards with `python -m data_tools shard ...`"
+#: Attributes that every shard of a split shares, as one command wrote them all: a shard copied
+#: in from another data set passed every other check (issue 19). ``command`` is compared
+#: without its ``--task N``, the one thing that differs between the tasks of one run.
+PROVENANCE = ("source", "command", "shuffle_seed", "normalization", "class_names")
+_TASK_RE = re.compile(r" --task[= ]\S+")
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_.]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.h5$")
 
 
@@ -321,3 +326,21 @@ def check_shard(
         raise fail(path, f"attribute 'checksum' is {out['checksum']} but {expected_from} says "
                    f"{checksum} (the file was replaced after the manifest was written)")
     return out
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "...'"
+
+
+def check_same_origin(info: dict, path: Path, ref: dict, ref_path: Path) -> None:
+    """Raise DataError if shard ``path`` (attributes ``info``, from ``check_shard``) was not
+    written by the same command as ``ref_path`` of the same split: naming both and the key."""
+    for key in PROVENANCE:
+        a, b = info.get(key), ref.get(key)
+        if key == "command" and a and b:
+            a, b = _TASK_RE.sub("", a), _TASK_RE.sub("", b)
+        if a != b:
+            raise fail(path, f"attribute {key!r} is {_short(info.get(key))} but {ref_path.name} "
+                       f"of the same split has {_short(ref.get(key))} (a shard of another data "
+                       f"set?)", f"remove it, or {RESHARD_FIX}")
