@@ -59,7 +59,8 @@ def test_frozen_shard_then_sigterm_names_it_and_keeps_the_previous_checkpoint(
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "rank 2 (shard 1 on " in lines[0] and f"pid {frozen})" in lines[0], lines[0]
     assert "rank 1 " not in lines[0] and "replica" not in lines[0], lines[0]
-    assert "checkpoint.deadline_s = 3 s after SIGTERM" in lines[0], lines[0]
+    # after SIGTERM, or (when the freeze caught a checkpoint in flight) for that checkpoint
+    assert "did not answer within checkpoint.deadline_s = 3 s " in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
     # nothing committed: the newest checkpoint is the one from before the freeze
     after = ckpt_mod.find_latest(run)

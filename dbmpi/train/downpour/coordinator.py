@@ -103,29 +103,45 @@ class Coordinator:
                        if r else f"rank {rank}")
         return ", ".join(out)
 
-    def _unreachable(self, when: str, workers: list[int], shards: list[int] | None = None):
-        """End the job naming the ranks that did not answer within the deadline: the shards
-        given (or found stuck on a posted push: the workers then wait on them), else the
-        ``workers`` (ids) that did not. Nothing is committed."""
-        topo, P = self.topo, self.cfg.topology.partitions
-        if shards is None:
-            shards = stuck_shards(self.ps)
-        ranks = ([topo.shard_rank(s) for s in shards] if shards
-                 else [topo.worker_rank(*divmod(w, P)) for w in workers])
+    def _unreachable(self, when: str, workers: list[int], shards: list[int]):
+        """End the job naming the ranks that did not answer within the deadline: the
+        ``shards`` (the workers then wait on them), else the ``workers`` (ids). Nothing is
+        committed."""
         raise RankUnreachable(
-            f"{self._who(ranks)} did not answer within checkpoint.deadline_s = "
-            f"{self.cfg.checkpoint.deadline_s:g} s {when} (frozen or hung, or its node lost): "
-            f"no checkpoint was written, the previous one stays the newest; once the rank's "
-            f"node is back, run the same command to resume")
+            f"{self._who(self._ranks(workers, shards))} did not answer within "
+            f"checkpoint.deadline_s = {self.cfg.checkpoint.deadline_s:g} s {when} (frozen or "
+            f"hung, or its node lost): no checkpoint was written, the previous one stays the "
+            f"newest; once the rank's node is back, run the same command to resume")
 
-    def checkpoint(self, final: bool, when: str = "") -> None:
-        """Pause the workers (unless finished), have the shards write, commit; every wait on
-        them ends at ``checkpoint.deadline_s`` (RankUnreachable, nothing committed)."""
+    def _ranks(self, workers: list[int], shards: list[int]) -> list[int]:
+        topo, P = self.topo, self.cfg.topology.partitions
+        return ([topo.shard_rank(s) for s in shards] if shards
+                else [topo.worker_rank(*divmod(w, P)) for w in workers])
+
+    def _overdue(self, when: str, workers: list[int], shards: list[int] | None,
+                 strict: bool) -> None:
+        """A wait passed the deadline. End the job if a shard is seen stuck on a posted push
+        (frozen for sure: a live one applies it in milliseconds) or ``strict`` (after
+        SIGTERM: the scheduler's KillWait comes next); else warn and keep waiting, since a
+        slow step or a large write on a slow file system looks the same from here."""
+        stuck = stuck_shards(self.ps)
+        if stuck or strict:
+            self._unreachable(when, workers, stuck or shards or [])
+        log.warning("still waiting %s for %s after checkpoint.deadline_s = %g s (a slow "
+                    "step or write, or a frozen rank)", when,
+                    self._who(self._ranks(workers, shards or [])),
+                    self.cfg.checkpoint.deadline_s)
+
+    def checkpoint(self, final: bool, when: str = "", strict: bool = False) -> None:
+        """Pause the workers (unless finished), have the shards write, commit. A wait on
+        them past ``checkpoint.deadline_s`` ends the job (RankUnreachable, nothing
+        committed) when ``strict`` or a shard is stuck, else is logged (see _overdue)."""
         t = time.time()
+        d = self.cfg.checkpoint.deadline_s
         self.sequence += 1
         k = self.sequence
         when = when or f"for checkpoint {k}"
-        deadline = time.monotonic() + self.cfg.checkpoint.deadline_s
+        deadline = time.monotonic() + d
         self.coord.raise_flag(Flag.CKPT_REQ, k)
         backoff = Backoff(cap=0.005)
         while True:
@@ -135,11 +151,13 @@ class Coordinator:
             if not waiting.any():
                 break
             if time.monotonic() >= deadline:
-                self._unreachable(when, [int(w) for w in np.flatnonzero(waiting)])
+                self._overdue(when, [int(w) for w in np.flatnonzero(waiting)], None, strict)
+                deadline = time.monotonic() + d
             backoff.wait()
-        late = request_checkpoint(self.ps, k, heartbeat=self.fault.check, deadline=deadline)
-        if late:
-            self._unreachable(when, [], shards=late)
+        while late := request_checkpoint(self.ps, k, heartbeat=self.fault.check,
+                                         deadline=deadline):
+            self._overdue(when, [], late, strict)
+            deadline = time.monotonic() + d
         # exact (STEPS lags by up to log_every per worker); each partition counts its replica
         steps = int(r[:, Row.STEP].sum()) // self.cfg.topology.partitions
         ckpt_mod.commit(self.run_dir, k, steps=steps, num_params=self.model.num_params,
@@ -182,8 +200,9 @@ class Coordinator:
                 stop_deadline = time.monotonic() + ck.deadline_s
             if time.monotonic() >= stop_deadline:  # a worker, or a shard it waits on, is stuck
                 rows = self.coord.rows()
-                self._unreachable("after SIGTERM", [int(w) for w in
-                                                    np.flatnonzero(rows[:, Row.FINISHED] == 0)])
+                self._overdue("after SIGTERM", [int(w) for w in
+                                                np.flatnonzero(rows[:, Row.FINISHED] == 0)],
+                              None, strict=True)
             now = time.time()
             steps = self._get(Board.STEPS)
             if not interrupted and (now >= next_ckpt or steps >= next_ckpt_steps):
@@ -228,7 +247,8 @@ class Coordinator:
             self.record(steps)
         final = self.evaluate(steps)
         self.checkpoint(final=not interrupted,
-                        when="for the last checkpoint after SIGTERM" if interrupted else "")
+                        when="for the last checkpoint after SIGTERM" if interrupted else "",
+                        strict=interrupted)
         request_stop(self.ps)
         ckpt_mod.save_params(self.run_dir / "params.h5", self.model.params,
                     self.cfg.to_dict()["model"], steps)
