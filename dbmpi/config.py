@@ -120,11 +120,16 @@ class DownpourConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Shards write their blocks and optimizer state every ``every_s`` seconds and/or every
-    ``every_steps`` steps (summed over replicas; 0 disables either), keeping the newest ``keep``."""
+    ``every_steps`` steps (summed over replicas; 0 disables either), keeping the newest ``keep``.
+
+    ``deadline_s``: how long the coordinator waits for any other rank during a checkpoint and
+    after SIGTERM before it names the ranks it could not reach and ends the job (exit 75)
+    without committing, so a frozen rank (a hung node) cannot outlast SLURM's KillWait."""
 
     every_s: float = 60.0
     every_steps: int = 0
     keep: int = 3
+    deadline_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -377,6 +382,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(c.every_steps >= 0, f"{s} checkpoint.every_steps",
              f"must be >= 0 (0 = off), got {c.every_steps}")
     _require(c.keep >= 1, f"{s} checkpoint.keep", f"must be >= 1, got {c.keep}")
+    _require(c.deadline_s > 0, f"{s} checkpoint.deadline_s",
+             f"must be > 0 seconds (keep it below the scheduler's KillWait, 30 s on SLURM by "
+             f"default), got {c.deadline_s}")
     _validate_sandblaster(cfg, s)
     _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ..errors import TrainingError
+from ..errors import DbmpiError, TrainingError
 from ..log import get_logger
 from ..protocol import ShardCtrl
 from ..topology import Role, Topology
@@ -307,10 +307,44 @@ def request_stop(ps: ParameterServer) -> None:
         ps.ctrl.store(1, ps.topo.shard_rank(s), STOP)
 
 
-def request_checkpoint(ps: ParameterServer, sequence: int, heartbeat=None) -> None:
-    """Coordinator: have every shard write checkpoint ``sequence``; return when all have.
+class RankUnreachable(DbmpiError):
+    """A rank did not answer the coordinator within ``checkpoint.deadline_s`` (frozen, hung,
+    or its node lost): the job ends without committing, so the previous checkpoint stays the
+    newest. Its own exit status, so a job script can tell it from bad input (2) and SIGTERM
+    (143): 75, EX_TEMPFAIL, "try again later": the same command resumes once the node is back."""
 
-    Call only while no push is in flight (workers paused or finished).
+    exit_code = 75
+
+
+def stuck_shards(ps: ParameterServer, pause: float = 0.25) -> list[int]:
+    """Coordinator: the shards that hold a posted push and applied none of them over
+    ``pause`` seconds (a live shard applies one within milliseconds): frozen or hung."""
+    def pending() -> dict[int, list[int]]:
+        out = {}
+        for s in range(ps.layout.num_shards):
+            r = ps.topo.shard_rank(s)
+            out[s] = [int(ps.ctrl.load(r, seq_index(w) + 1)) for w in range(ps.num_workers)
+                      if ps.ctrl.load(r, seq_index(w)) > ps.ctrl.load(r, seq_index(w) + 1)]
+        return out
+
+    before = pending()
+    t = time.monotonic() + pause
+    while time.monotonic() < t:
+        progress()
+        time.sleep(0.01)
+    after = pending()
+    return [s for s in before if before[s] and after[s] and before[s] == after[s]]
+
+
+def request_checkpoint(ps: ParameterServer, sequence: int, heartbeat=None,
+                       deadline: float | None = None) -> list[int]:
+    """Coordinator: have every shard write checkpoint ``sequence``; return when all have, or
+    at ``deadline`` (``time.monotonic()``) with the shards that have not (``[]``: all have).
+
+    Call only while no push is in flight (workers paused or finished). Each load of a shard's
+    counter completes without that shard on one node (shared memory); over the network MPICH
+    completes it only while the shard is inside MPI, so a frozen remote shard blocks the load
+    itself, where no deadline of ours can reach (docs/faults.md).
     """
     ranks = [ps.topo.shard_rank(s) for s in range(ps.layout.num_shards)]
     for r in ranks:
@@ -318,6 +352,10 @@ def request_checkpoint(ps: ParameterServer, sequence: int, heartbeat=None) -> No
     backoff = Backoff(cap=0.01)
     for r in ranks:
         while ps.ctrl.load(r, CKPT_ACK) < sequence:
+            if deadline is not None and time.monotonic() >= deadline:
+                return [s for s, r in enumerate(ranks) if ps.ctrl.load(r, CKPT_ACK) < sequence]
             if heartbeat is not None:
                 heartbeat()
+            progress()
             backoff.wait()
+    return []

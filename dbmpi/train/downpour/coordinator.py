@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -14,7 +15,7 @@ from ...faults import TERMINATION, Fault
 from ...log import get_logger
 from ...protocol import Board, Flag, Row
 from ...ps import PSClient
-from ...ps.server import Backoff, request_checkpoint, request_stop
+from ...ps.server import Backoff, RankUnreachable, request_checkpoint, request_stop, stuck_shards
 from .. import partitioned
 
 log = get_logger("downpour")
@@ -88,20 +89,75 @@ class Coordinator:
         self.history.append(rec)
         return rec
 
-    def checkpoint(self, final: bool) -> None:
-        """Pause the workers (unless finished), have the shards write, commit."""
+    def _who(self, ranks: list[int]) -> str:
+        """``rank 2 (shard 1 on HOST, pid N)``, from placement.json where it can be read."""
+        try:
+            rows = {int(r["rank"]): r for r in
+                    json.loads((self.run_dir / "placement.json").read_text())["ranks"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            rows = {}
+        out = []
+        for rank in ranks:
+            r = rows.get(rank)
+            out.append(f"rank {rank} ({r['role']} {r['index']} on {r['host']}, pid {r['pid']})"
+                       if r else f"rank {rank}")
+        return ", ".join(out)
+
+    def _unreachable(self, when: str, workers: list[int], shards: list[int]):
+        """End the job naming the ranks that did not answer within the deadline: the
+        ``shards`` (the workers then wait on them), else the ``workers`` (ids). Nothing is
+        committed."""
+        raise RankUnreachable(
+            f"{self._who(self._ranks(workers, shards))} did not answer within "
+            f"checkpoint.deadline_s = {self.cfg.checkpoint.deadline_s:g} s {when} (frozen or "
+            f"hung, or its node lost): no checkpoint was written, the previous one stays the "
+            f"newest; once the rank's node is back, run the same command to resume")
+
+    def _ranks(self, workers: list[int], shards: list[int]) -> list[int]:
+        topo, P = self.topo, self.cfg.topology.partitions
+        return ([topo.shard_rank(s) for s in shards] if shards
+                else [topo.worker_rank(*divmod(w, P)) for w in workers])
+
+    def _overdue(self, when: str, workers: list[int], shards: list[int] | None,
+                 strict: bool) -> None:
+        """A wait passed the deadline. End the job if a shard is seen stuck on a posted push
+        (frozen for sure: a live one applies it in milliseconds) or ``strict`` (after
+        SIGTERM: the scheduler's KillWait comes next); else warn and keep waiting, since a
+        slow step or a large write on a slow file system looks the same from here."""
+        stuck = stuck_shards(self.ps)
+        if stuck or strict:
+            self._unreachable(when, workers, stuck or shards or [])
+        log.warning("still waiting %s for %s after checkpoint.deadline_s = %g s (a slow "
+                    "step or write, or a frozen rank)", when,
+                    self._who(self._ranks(workers, shards or [])),
+                    self.cfg.checkpoint.deadline_s)
+
+    def checkpoint(self, final: bool, when: str = "", strict: bool = False) -> None:
+        """Pause the workers (unless finished), have the shards write, commit. A wait on
+        them past ``checkpoint.deadline_s`` ends the job (RankUnreachable, nothing
+        committed) when ``strict`` or a shard is stuck, else is logged (see _overdue)."""
         t = time.time()
+        d = self.cfg.checkpoint.deadline_s
         self.sequence += 1
         k = self.sequence
+        when = when or f"for checkpoint {k}"
+        deadline = time.monotonic() + d
         self.coord.raise_flag(Flag.CKPT_REQ, k)
         backoff = Backoff(cap=0.005)
         while True:
             self.fault.check()
-            r = self.coord.rows()
-            if np.all((r[:, Row.ACK] >= k) | (r[:, Row.FINISHED] == 1)):
+            r = self.coord.rows()  # board_view() calls rma.progress(): our window advances
+            waiting = ~((r[:, Row.ACK] >= k) | (r[:, Row.FINISHED] == 1))
+            if not waiting.any():
                 break
+            if time.monotonic() >= deadline:
+                self._overdue(when, [int(w) for w in np.flatnonzero(waiting)], None, strict)
+                deadline = time.monotonic() + d
             backoff.wait()
-        request_checkpoint(self.ps, k, heartbeat=self.fault.check)
+        while late := request_checkpoint(self.ps, k, heartbeat=self.fault.check,
+                                         deadline=deadline):
+            self._overdue(when, [], late, strict)
+            deadline = time.monotonic() + d
         # exact (STEPS lags by up to log_every per worker); each partition counts its replica
         steps = int(r[:, Row.STEP].sum()) // self.cfg.topology.partitions
         ckpt_mod.commit(self.run_dir, k, steps=steps, num_params=self.model.num_params,
@@ -132,6 +188,7 @@ class Coordinator:
         observe = self.record if dp.record_iterates else self.evaluate
         observe(last_steps)  # the starting point of the learning curve
         stopped_early = interrupted = False
+        stop_deadline = math.inf  # after SIGTERM: when the workers must have finished
         while True:
             self.fault.check()
             if self._get(Board.DONE) >= workers:
@@ -140,6 +197,12 @@ class Coordinator:
                 log.warning("SIGTERM received: stopping after a last checkpoint")
                 interrupted = True
                 self.coord.raise_flag(Flag.STOP, 1)
+                stop_deadline = time.monotonic() + ck.deadline_s
+            if time.monotonic() >= stop_deadline:  # a worker, or a shard it waits on, is stuck
+                rows = self.coord.rows()
+                self._overdue("after SIGTERM", [int(w) for w in
+                                                np.flatnonzero(rows[:, Row.FINISHED] == 0)],
+                              None, strict=True)
             now = time.time()
             steps = self._get(Board.STEPS)
             if not interrupted and (now >= next_ckpt or steps >= next_ckpt_steps):
@@ -183,7 +246,9 @@ class Coordinator:
         if dp.record_iterates:
             self.record(steps)
         final = self.evaluate(steps)
-        self.checkpoint(final=not interrupted)
+        self.checkpoint(final=not interrupted,
+                        when="for the last checkpoint after SIGTERM" if interrupted else "",
+                        strict=interrupted)
         request_stop(self.ps)
         ckpt_mod.save_params(self.run_dir / "params.h5", self.model.params,
                     self.cfg.to_dict()["model"], steps)
