@@ -122,12 +122,10 @@ def test_a_full_disk_under_a_shard_ends_the_job_in_one_line(tmp_path, small_data
 
 
 @pytest.mark.job
-def test_a_run_that_lost_its_final_outputs_rebuilds_them_with_the_same_command(
+def test_a_full_disk_in_the_final_write_is_one_line_and_the_rerun_writes_it(
         tmp_path, small_data):
     """The disk fills in the final write of summary.json: one line, exit 74, the final
-    checkpoint committed. A torn line in a rank's metrics and the merged metrics, params and
-    curve lost too: the same command rebuilds all four and says so; a third run has nothing
-    to do."""
+    checkpoint committed; the same command, space freed, writes the summary."""
     steps = 60
     run, cfg = _job(tmp_path, small_data, steps)
     proc = run_job(4, ["train", str(cfg)], env={"DBMPI_FAULT_ENOSPC": "summary.json"})
@@ -135,11 +133,28 @@ def test_a_run_that_lost_its_final_outputs_rebuilds_them_with_the_same_command(
     lines = error_lines(proc)
     assert len(lines) == 1 and f"{run}/summary.json" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (run / "summary.json").exists()
-    ck = ckpt_mod.find_latest(run)
-    assert ck.final and ck.steps == steps
-    params_before = ck.load_block(0, ck.num_params)[0]
-    for name in ("metrics.jsonl", "params.h5", "learning_curve.png"):
-        (run / name).unlink(missing_ok=True)
+    assert ckpt_mod.find_latest(run).final
+    again = run_job(4, ["train", str(cfg)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rebuilt the missing summary.json" in again.stderr, again.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == steps
+
+
+@pytest.mark.job
+def test_a_finished_run_that_lost_its_outputs_rebuilds_them_with_the_same_command(
+        tmp_path, small_data):
+    """A finished run whose summary, merged metrics, params and curve are gone and whose
+    rank metrics end in a torn line (what a disk-full death leaves): the same command
+    rebuilds all four from the final checkpoint and the rank files, and says so; the
+    rebuilt files agree with the originals; a third run has nothing to do."""
+    steps = 60
+    run, cfg = _job(tmp_path, small_data, steps)
+    first = run_job(4, ["train", str(cfg)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    original = json.loads((run / "summary.json").read_text())
+    params_before, _ = ckpt_mod.load_params(run / "params.h5")
+    for name in ("summary.json", "metrics.jsonl", "params.h5", "learning_curve.png"):
+        (run / name).unlink()
     with (run / "metrics" / "rank-00000.jsonl").open("a") as fh:
         fh.write('{"kind": "eval", "time": 9')  # torn by the full disk
     again = run_job(4, ["train", str(cfg)])
@@ -148,8 +163,9 @@ def test_a_run_that_lost_its_final_outputs_rebuilds_them_with_the_same_command(
         in again.stderr, again.stderr[-3000:]
     assert "skipped 1 line" in again.stderr
     summary = json.loads((run / "summary.json").read_text())
-    evals = [r for r in metrics_mod.read(run) if r["kind"] == "eval"]
-    assert summary["steps"] == steps and summary["final_test_accuracy"] == evals[-1]["accuracy"]
+    for key in ("steps", "final_test_accuracy", "final_test_loss", "best_test_accuracy",
+                "replica_steps"):
+        assert summary[key] == original[key], key
     params, _ = ckpt_mod.load_params(run / "params.h5")
     np.testing.assert_array_equal(params, params_before)
     assert (run / "learning_curve.png").stat().st_size > 0
