@@ -84,13 +84,17 @@ _SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
-def writing(path):
+def writing(path, tmp=None):
     """Turn an OSError while writing ``path`` into one :class:`DiskWriteError` line naming
-    the path, the cause and the fix (a full disk used to print a traceback per shard)."""
+    the path, the cause and the fix (a full disk used to print a traceback per shard); the
+    half-written ``tmp`` it was going through is removed, giving its space back."""
     try:
         write_fault(path)
         yield
     except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise DiskWriteError(disk_message(path, exc)) from None
 
 
@@ -103,7 +107,8 @@ def disk_message(path, exc: OSError) -> str:
     name = errno.errorcode.get(code, "") if code is not None else ""
     cause = (os.strerror(code) if code is not None else str(exc).splitlines()[0][:200])
     fix = ("free space on that file system (or raise the quota)" if code in _SPACE
-           else "make it writable")
+           else "make it writable" if code in (errno.EROFS, errno.EACCES, errno.EPERM)
+           else "check that file system")
     return (f"cannot write {path}: {cause}{f' [{name}]' if name else ''}: {fix} and run the "
             f"same command again to resume from the last checkpoint, or choose another "
             f"run.dir with --set run.dir=PATH")
@@ -120,7 +125,7 @@ def _fsync(path: Path) -> None:
 def save_params(path: str | Path, params: np.ndarray, model: dict, step: int = 0) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
+    with writing(path, tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("params", data=np.asarray(params, dtype=np.float32))
             f.attrs["schema"] = PARAMS_SCHEMA

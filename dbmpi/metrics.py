@@ -73,7 +73,7 @@ def merge(run_dir: str | Path) -> Path:
     records.sort(key=lambda r: float(r.get("time", 0.0)))
     out = run_dir / "metrics.jsonl"
     tmp = out.with_suffix(".jsonl.tmp")
-    with writing(out):
+    with writing(out, tmp):
         with tmp.open("w") as fh:
             for rec in records:
                 fh.write(json.dumps(rec) + "\n")

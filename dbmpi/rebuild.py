@@ -39,7 +39,7 @@ def rebuild_missing(run_dir: Path, ck: ckpt_mod.Checkpoint, cfg) -> list[str]:
         metrics_mod.merge(run_dir)
         done.append("metrics.jsonl")
     if "summary.json" in missing:
-        with ckpt_mod.writing(run_dir / "summary.json"):
+        with ckpt_mod.writing(run_dir / "summary.json", run_dir / "summary.json.tmp"):
             write_json(run_dir / "summary.json", summary_from(run_dir, ck, cfg))
         done.append("summary.json")
     if "learning_curve.png" in missing:

@@ -283,7 +283,7 @@ def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
         "ranks": ranks,
     }
     metrics_mod.merge(run_dir)
-    with ckpt_mod.writing(run_dir / "summary.json"):
+    with ckpt_mod.writing(run_dir / "summary.json", run_dir / "summary.json.tmp"):
         write_json(run_dir / "summary.json", summary)
     try:
         with ckpt_mod.writing(run_dir / "learning_curve.png"):

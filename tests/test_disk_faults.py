@@ -71,6 +71,7 @@ def test_an_h5py_full_disk_error_and_a_read_only_one_are_named(tmp_path, monkeyp
     (tmp_path / "metrics").mkdir()
     with pytest.raises(ckpt_mod.DiskWriteError, match=r"\[EROFS\]: make it writable"):
         metrics_mod.merge(tmp_path)
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()  # its space given back
 
 
 def _torn_rank_files(run) -> None:
