@@ -40,6 +40,8 @@ as the one a restart uses; a good checkpoint is never overwritten (each has its 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -51,6 +53,7 @@ import h5py
 import numpy as np
 
 from .errors import DbmpiError
+from .faults import write_fault
 from .log import get_logger
 
 log = get_logger("checkpoint")
@@ -69,6 +72,48 @@ ITERATES_SCHEMA = "dbmpi.iterates"
 ITERATES_VERSION = 1
 
 
+class DiskWriteError(DbmpiError):
+    """A run's output could not be written (full disk, quota, read-only, permissions): the
+    user frees space or moves the run, nothing in the code is wrong. Exit status 74
+    (sysexits' EX_IOERR), apart from input errors (2) and crashes (1)."""
+
+    exit_code = 74
+
+
+_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing(path, tmp=None):
+    """Turn an OSError while writing ``path`` into one :class:`DiskWriteError` line naming
+    the path, the cause and the fix (a full disk used to print a traceback per shard); the
+    half-written ``tmp`` it was going through is removed, giving its space back."""
+    try:
+        write_fault(path)
+        yield
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise DiskWriteError(disk_message(path, exc)) from None
+
+
+def disk_message(path, exc: OSError) -> str:
+    code = exc.errno
+    if code is None:  # h5py puts the C library's errno in its text only
+        text = str(exc)
+        code = next((c for c in (*_SPACE, errno.EROFS, errno.EACCES)
+                     if f"errno = {c}," in text), None)
+    name = errno.errorcode.get(code, "") if code is not None else ""
+    cause = (os.strerror(code) if code is not None else str(exc).splitlines()[0][:200])
+    fix = ("free space on that file system (or raise the quota)" if code in _SPACE
+           else "make it writable" if code in (errno.EROFS, errno.EACCES, errno.EPERM)
+           else "check that file system")
+    return (f"cannot write {path}: {cause}{f' [{name}]' if name else ''}: {fix} and run the "
+            f"same command again to resume from the last checkpoint, or choose another "
+            f"run.dir with --set run.dir=PATH")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -80,14 +125,15 @@ def _fsync(path: Path) -> None:
 def save_params(path: str | Path, params: np.ndarray, model: dict, step: int = 0) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("params", data=np.asarray(params, dtype=np.float32))
-        f.attrs["schema"] = PARAMS_SCHEMA
-        f.attrs["schema_version"] = PARAMS_VERSION
-        f.attrs["num_params"] = int(params.size)
-        f.attrs["model"] = json.dumps(model)
-        f.attrs["step"] = int(step)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("params", data=np.asarray(params, dtype=np.float32))
+            f.attrs["schema"] = PARAMS_SCHEMA
+            f.attrs["schema_version"] = PARAMS_VERSION
+            f.attrs["num_params"] = int(params.size)
+            f.attrs["model"] = json.dumps(model)
+            f.attrs["step"] = int(step)
+        os.replace(tmp, path)
 
 
 def append_iterate(path: str | Path, x: np.ndarray, **scalars: float) -> None:
@@ -160,16 +206,17 @@ def write_shard(run_dir: str | Path, sequence: int, shard: int, start: int, stop
     """Shard: write its block of checkpoint ``sequence`` (into the pending directory);
     ``state`` is the optimizer's, ``(len(state_names), stop - start)``."""
     d = pending_dir(run_dir, sequence)
-    d.mkdir(parents=True, exist_ok=True)
     path = d / f"shard-{shard:04d}.h5"
-    with h5py.File(path, "w") as f:
-        f.create_dataset("params", data=params)
-        f.create_dataset("state", data=state)
-        f.attrs["start"], f.attrs["stop"] = int(start), int(stop)
-        f.attrs["applied"] = int(applied)
-        f.attrs["state_names"] = json.dumps(list(state_names))
-        f.attrs["checksum"] = _crc(params, state)
-    _fsync(path)
+    with writing(path):
+        d.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            f.create_dataset("params", data=params)
+            f.create_dataset("state", data=state)
+            f.attrs["start"], f.attrs["stop"] = int(start), int(stop)
+            f.attrs["applied"] = int(applied)
+            f.attrs["state_names"] = json.dumps(list(state_names))
+            f.attrs["checksum"] = _crc(params, state)
+        _fsync(path)
 
 
 def commit(run_dir: str | Path, sequence: int, *, steps: int, num_params: int, num_shards: int,
@@ -177,6 +224,19 @@ def commit(run_dir: str | Path, sequence: int, *, steps: int, num_params: int, n
     """Coordinator: write ``checkpoint.h5``, rename the directory into place, prune old ones."""
     d = pending_dir(run_dir, sequence)
     path = d / "checkpoint.h5"
+    with writing(path):  # on failure the .tmp directory stays pending: never committed
+        _write_meta(path, sequence, steps, num_params, num_shards, workers, final, model,
+                    config)
+    final_dir = d.with_name(d.name[:-len(".tmp")])
+    with writing(final_dir):
+        os.replace(d, final_dir)
+        _fsync(final_dir.parent)
+    prune(run_dir, keep)
+    return final_dir
+
+
+def _write_meta(path: Path, sequence, steps, num_params, num_shards, workers, final, model,
+                config) -> None:
     with h5py.File(path, "w") as f:
         f.attrs["schema"] = CKPT_SCHEMA
         f.attrs["schema_version"] = CKPT_VERSION
@@ -191,11 +251,6 @@ def commit(run_dir: str | Path, sequence: int, *, steps: int, num_params: int, n
         f.create_dataset("workers", data=workers)
         f.attrs["checksum"] = _meta_crc({k: f.attrs[k] for k in _META}, workers)
     _fsync(path)
-    final_dir = d.with_name(d.name[:-len(".tmp")])
-    os.replace(d, final_dir)
-    _fsync(final_dir.parent)
-    prune(run_dir, keep)
-    return final_dir
 
 
 @dataclass

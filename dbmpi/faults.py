@@ -63,3 +63,17 @@ def checkpoint_delay() -> float:
     """Test-only: ``DBMPI_CKPT_DELAY=SECONDS`` makes each shard sleep after writing its
     checkpoint file, before acknowledging it, so a test can kill a job mid-checkpoint."""
     return float(os.environ.get("DBMPI_CKPT_DELAY", "0") or 0)
+
+
+def write_fault(path) -> None:
+    """Test-only: ``DBMPI_FAULT_ENOSPC=PATTERN`` (a glob on the file name, e.g.
+    ``shard-0001.h5`` or ``summary.json``) makes the write of a matching file fail as a full
+    disk would, so the disk-full path is tested without filling a disk. Unset: one lookup."""
+    pattern = os.environ.get("DBMPI_FAULT_ENOSPC")
+    if pattern:
+        import errno
+        from fnmatch import fnmatch
+        from pathlib import Path
+
+        if fnmatch(Path(path).name, pattern):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -12,20 +12,56 @@ import json
 import time
 from pathlib import Path
 
+from .checkpoint import writing
+from .log import get_logger
+
+log = get_logger("metrics")
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, rank: int, t0: float | None = None):
         self.dir = Path(run_dir) / "metrics"
         self.path = self.dir / f"rank-{rank:05d}.jsonl"
-        self.fh = self.path.open("a", buffering=1)
+        with writing(self.path):
+            self.fh = self.path.open("a", buffering=1)
         self.t0 = time.time() if t0 is None else t0
 
     def write(self, kind: str, **fields) -> None:
         rec = {"kind": kind, "time": round(time.time() - self.t0, 4), **fields}
-        self.fh.write(json.dumps(rec) + "\n")
+        with writing(self.path):
+            self.fh.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError as exc:  # the last buffered bytes did not fit: already torn, say so
+            log.warning("%s: last records lost on close (%s)", self.path, exc)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file, skipping lines that do not parse (a full disk or a
+    kill leaves a torn last line): they are counted and named in one warning, so a run that
+    trained to its end is not lost to half a line of metrics."""
+    path = Path(path)
+    records, bad, first = [], 0, None
+    with path.open(errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad += 1
+                first = first or n
+    if bad:
+        log.warning("%s: skipped %d line(s) that are not JSON records (first: line %d; a torn "
+                    "write from a full disk or a killed rank)", path, bad, first)
+    return records
 
 
 def merge(run_dir: str | Path) -> Path:
@@ -33,21 +69,17 @@ def merge(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = []
     for path in sorted((run_dir / "metrics").glob("rank-*.jsonl")):
-        with path.open() as fh:
-            for line in fh:
-                line = line.strip()
-                if line:
-                    records.append(json.loads(line))
-    records.sort(key=lambda r: r["time"])
+        records.extend(read_jsonl(path))
+    records.sort(key=lambda r: float(r.get("time", 0.0)))
     out = run_dir / "metrics.jsonl"
     tmp = out.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-    tmp.replace(out)
+    with writing(out, tmp):
+        with tmp.open("w") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+        tmp.replace(out)
     return out
 
 
 def read(run_dir: str | Path) -> list[dict]:
-    with (Path(run_dir) / "metrics.jsonl").open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

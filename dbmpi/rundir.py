@@ -172,11 +172,14 @@ class RunDir:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    try:
-        with path.open() as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    except ValueError as e:
-        raise DbmpiError(f"{path}: not JSON lines ({e}); {PARAMS_FIX}") from None
+    """A torn line (a full disk, a kill) is skipped with one warning; a file with no record
+    at all that parses is not JSON lines."""
+    from .metrics import read_jsonl
+
+    records = read_jsonl(path)
+    if not records and path.read_text(errors="replace").strip():
+        raise DbmpiError(f"{path}: not JSON lines (no line parses); {PARAMS_FIX}")
+    return records
 
 
 def read_vocab(directory: str | os.PathLike) -> dict:

@@ -173,12 +173,8 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
             print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     if checkpoint is not None and checkpoint.final:
-        if rank == 0:
-            print(f"dbmpi: {run_dir} holds a finished run (checkpoint {checkpoint.sequence}, "
-                  f"{_checkpoint_steps(checkpoint, cfg)}): nothing to do; use another run.dir "
-                  f"for a new run",
-                  file=sys.stderr, flush=True)
-        return 0
+        return comm.bcast(_finished_run(cfg, run_dir, checkpoint) if rank == 0 else None,
+                          root=0)
     topo = Topology.create(cfg.topology, comm)
     setup_logging(rank, topo.label)
     if rank == 0:
@@ -214,12 +210,40 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
                       time.time() - t0], dtype=np.float64)
     table = np.zeros((comm.Get_size(), 4)) if rank == 0 else None
     comm.Gather(stats, table, root=0)
+    code = 0
     if rank == 0:
-        _finish(cfg, run_dir, result, table)
+        try:
+            _finish(cfg, run_dir, result, table)
+        except ckpt_mod.DiskWriteError as exc:  # the final checkpoint stands: a re-run rebuilds
+            print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
+            code = exc.exit_code
+        if not code and result and result.get("interrupted"):
+            code = 143
     topo.free()
     TERMINATION.uninstall()
-    interrupted = comm.bcast(bool(result and result.get("interrupted")), root=0)
-    return 143 if interrupted else 0
+    return comm.bcast(code, root=0)
+
+
+def _finished_run(cfg, run_dir: Path, ck) -> int:
+    """Rank 0, a run directory whose final checkpoint is committed: nothing to train, but the
+    outputs a failed final write lost are rebuilt (a full disk used to lose the summary for
+    good). Returns the exit status."""
+    from .rebuild import missing_outputs, rebuild_missing
+
+    head = f"{run_dir} holds a finished run (checkpoint {ck.sequence}, " \
+           f"{_checkpoint_steps(ck, cfg)})"
+    if not missing_outputs(run_dir):
+        print(f"dbmpi: {head}: nothing to do; use another run.dir for a new run",
+              file=sys.stderr, flush=True)
+        return 0
+    try:
+        done = rebuild_missing(run_dir, ck, cfg)
+    except ckpt_mod.DiskWriteError as exc:
+        print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    print(f"dbmpi: {head}: rebuilt the missing {', '.join(done) or 'nothing'} from checkpoint "
+          f"{ck.sequence} and metrics/rank-*.jsonl", file=sys.stderr, flush=True)
+    return 0
 
 
 def _log_placement(topo: Topology, run_dir: Path) -> None:
@@ -275,9 +299,13 @@ def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
         "ranks": ranks,
     }
     metrics_mod.merge(run_dir)
-    write_json(run_dir / "summary.json", summary)
+    with ckpt_mod.writing(run_dir / "summary.json", run_dir / "summary.json.tmp"):
+        write_json(run_dir / "summary.json", summary)
     try:
-        plot_learning_curve(run_dir)
+        with ckpt_mod.writing(run_dir / "learning_curve.png"):
+            plot_learning_curve(run_dir)
+    except ckpt_mod.DiskWriteError:
+        raise
     except Exception as exc:  # a missing plot must not lose a finished run
         log.warning("could not draw the learning curve: %s", exc)
     done = _steps_done(result, cfg.topology.replicas)

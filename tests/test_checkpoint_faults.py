@@ -111,7 +111,7 @@ def test_a_run_with_a_corrupt_newest_checkpoint_resumes_and_finishes(tmp_path, s
         "model": {"layers": [{"type": "dense", "units": 16, "activation": "relu"}]},
         "data": {"path": small_data, "batch_size": 32},
         "downpour": {"steps": steps, "eval_every_s": 60.0, "straggler_replica": 0,
-                     "straggler_factor": 400.0, "log_every": 5},
+                     "straggler_factor": 50.0, "log_every": 1},
         "checkpoint": {"every_steps": 10, "keep": 10},
         "run": {"dir": run, "seed": 2}})
     assert kill_after_checkpoints(4, cfg, run, rank=3, count=2).returncode != 0

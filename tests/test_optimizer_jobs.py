@@ -30,7 +30,7 @@ def _config(path, data, run_dir, name: str, **downpour):
         "data": {"path": data, "batch_size": 32},
         "optimizer": {"name": name, "learning_rate": 0.01 if name == "adam" else 0.02},
         "downpour": {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True,
-                     "log_every": 5, **downpour},
+                     "log_every": 1, **downpour},
         "checkpoint": {"every_steps": 10},
         "run": {"dir": run_dir, "seed": 4}})
 
@@ -44,11 +44,11 @@ def test_killed_and_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, 
     proc = run_job(4, ["train", str(whole)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected, _ = load_params(tmp_path / "whole" / "params.h5")
-    # the replica sleeps to make each step 400x longer (numerically irrelevant): the run is
+    # the replica sleeps to make each step 50x longer (numerically irrelevant): the run is
     # still going when its first checkpoint appears
     run = tmp_path / "cut"
     cfg = _config(tmp_path / "cut.toml", small_data, run, name, straggler_replica=0,
-                  straggler_factor=400.0)
+                  straggler_factor=50.0)
     assert kill_after_checkpoints(4, cfg, run, rank=3).returncode != 0
     latest = ckpt_mod.find_latest(run)
     assert 0 < latest.steps < STEPS and not latest.final
