@@ -69,7 +69,7 @@ test: build
 	[ $$serial = 0 ] && [ $$mpi = 0 ] && [ $$multi = 0 ]
 
 test-serial: build
-	$(PYTEST) tests
+	$(PYTEST) --durations=15 tests
 
 test-mpi: build
 	OPENBLAS_NUM_THREADS=1 $(YIELD_ENV) timeout 600 $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -x -p no:cacheprovider tests/mpi
