@@ -40,6 +40,9 @@ class Termination:
     def __init__(self):
         self.requested = False
         self.signum = 0  # the first signal received (0: none)
+        # False where the algorithm never looks at the flag (Sandblaster): Ctrl-C then stops
+        # the rank at once, as before, instead of being ignored
+        self.graceful = True
         self._previous = {}
 
     @property
@@ -53,6 +56,8 @@ class Termination:
         import signal
 
         def handler(signum, frame):
+            if signum == signal.SIGINT and not self.graceful:
+                raise KeyboardInterrupt
             if self.requested:
                 raise SystemExit(128 + signum)
             self.requested, self.signum = True, signum

@@ -184,6 +184,7 @@ def _train(config_path: str, overrides: list[str], comm: MPI.Comm, resume: bool)
     TERMINATION.install()  # from the start: a Ctrl-C during set-up is no traceback per rank
     try:
         cfg = agree(comm, config_mod.load, config_path, overrides)
+        TERMINATION.graceful = cfg.algorithm == "downpour"  # the one that stops on the flag
         agree(comm, check_world_size, cfg.topology, comm.Get_size())
         agree(comm, _check_data, cfg)
         run_dir = agree(comm, _make_run_dir, cfg, comm, resume)
