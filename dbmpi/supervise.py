@@ -79,6 +79,8 @@ class _Stream(threading.Thread):
                     self._emit(piece)
         if buf:
             self._line(buf.decode(errors="replace"))
+        if self.blank:  # blank lines that no hydra line followed are the job's
+            self._emit("\n" * self.blank)
         os.close(self.fd)
 
 
