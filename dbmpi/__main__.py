@@ -84,6 +84,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="let hosts take more ranks than slots instead of refusing")
     p.add_argument("--rankfile", default=None, metavar="FILE",
                    help="also write an Open MPI rankfile of the plan there (default: none)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show mpiexec's own lines (BAD TERMINATION, Abort(N) ...) on "
+                        "stderr; they always go to RUN_DIR/launch.log")
 
     p = sub.add_parser("eval", help="test accuracy of a finished run, in the task's units "
                                     "(images, frames and utterances, next words; writes "
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return launch_main(args.config, args.set, args.dry_run, args.hosts,
                                args.hostfile, args.ps_hosts, args.oversubscribe,
-                               args.rankfile)
+                               args.rankfile, args.verbose)
         if args.cmd == "eval":
             from .evaluate import evaluate_iterates, evaluate_run, summary_line
 

@@ -30,30 +30,49 @@ class Fault:
 
 
 class Termination:
-    """SIGTERM (what SLURM sends before it kills a job) sets a flag instead of killing the rank,
-    so training can stop in order and write a last checkpoint. A second SIGTERM exits at once."""
+    """SIGTERM (what SLURM sends before it kills a job) or SIGINT (Ctrl-C: mpiexec forwards it
+    to every rank) sets a flag instead of killing the rank, so training can stop in order and
+    write a last checkpoint; the job then exits 128 + the signal (143, 130). A second signal
+    exits at once."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = 0  # the first signal received (0: none)
+        # False where the algorithm never looks at the flag (Sandblaster): Ctrl-C then stops
+        # the rank at once, as before, instead of being ignored
+        self.graceful = True
+        self._previous = {}
+
+    @property
+    def name(self) -> str:
+        """The signal's name for messages (SIGTERM when the request came from another rank)."""
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum else "SIGTERM"
 
     def install(self) -> "Termination":
         import signal
 
         def handler(signum, frame):
+            if signum == signal.SIGINT and not self.graceful:
+                raise KeyboardInterrupt
             if self.requested:
                 raise SystemExit(128 + signum)
-            self.requested = True
+            self.requested, self.signum = True, signum
 
-        self._previous = signal.signal(signal.SIGTERM, handler)
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous.setdefault(sig, signal.signal(sig, handler))
         return self
 
     def uninstall(self) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 TERMINATION = Termination()

@@ -122,7 +122,8 @@ def plan_job(cfg, hosts: str | None = None, hostfile: str | None = None,
 
 def main(config_path: str, overrides: list[str], dry_run: bool = False,
          hosts: str | None = None, hostfile: str | None = None, ps_hosts: str | None = None,
-         oversubscribe: bool = False, rankfile: str | None = None) -> int:
+         oversubscribe: bool = False, rankfile: str | None = None,
+         verbose: bool = False) -> int:
     cfg = config_mod.load(config_path, overrides)
     n = cfg.topology.world_size
     env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions)
@@ -145,8 +146,9 @@ def main(config_path: str, overrides: list[str], dry_run: bool = False,
     # rank 0's stderr is mpiexec's pipe, never the terminal: say here whether there is one,
     # so that only a terminal gets the in-place progress line (dbmpi.progress)
     env.setdefault("DBMPI_PROGRESS", "tty" if sys.stderr.isatty() else "plain")
-    os.execvpe(cmd[0], cmd, env)
-    return 1  # not reached
+    from .supervise import supervise
+
+    return supervise(cmd, env, cfg.run.dir, verbose)
 
 
 def print_env(shell: bool = False) -> None:

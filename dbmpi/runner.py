@@ -26,6 +26,7 @@ from .faults import TERMINATION
 from .log import get_logger, setup_logging
 from .progress import steps_phrase
 from .report import plot_learning_curve, write_json
+from .runlock import RunLock
 from .topology import Role, Topology, check_world_size
 
 log = get_logger()
@@ -41,11 +42,13 @@ def agree(comm: MPI.Comm, fn, *args):
     try:
         result = fn(*args)
     except DbmpiError as exc:
-        message = str(exc)
+        message = (str(exc), exc.exit_code)
     messages = comm.allgather(message)
     for rank, msg in enumerate(messages):
         if msg is not None:
-            raise AgreedError(msg if rank == 0 else f"(rank {rank}) {msg}")
+            err = AgreedError(msg[0] if rank == 0 else f"(rank {rank}) {msg[0]}")
+            err.exit_code = msg[1]  # e.g. a busy run directory keeps its own status
+            raise err
     return result
 
 
@@ -59,7 +62,7 @@ def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm, resume: bool) -> Path:
 
     With ``resume`` and no ``run.dir``, the newest ``runs/NAME-*`` that holds checkpoints.
     """
-    path, error = None, None
+    path, error, code = None, None, 2
     if comm.Get_rank() == 0:
         name = cfg.run.dir or f"runs/{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}"
         if resume and not cfg.run.dir:
@@ -70,15 +73,39 @@ def _make_run_dir(cfg: config_mod.Config, comm: MPI.Comm, resume: bool) -> Path:
             name = str(latest)
         path = Path(name)
         try:
+            path.mkdir(parents=True, exist_ok=True)
+            _lock_run_dir(path)  # before anything is written: another job may own it
             (path / "metrics").mkdir(parents=True, exist_ok=True)
             (path / "config.toml").write_text(config_mod.to_toml(cfg))
         except OSError as exc:
             error = (f"run.dir: cannot write the run directory {path} ({exc.strerror}): choose "
                      f"a writable place with --set run.dir=PATH")
-    path, error = comm.bcast((str(path) if path else None, error), root=0)
+        except DbmpiError as exc:
+            error, code = str(exc), exc.exit_code
+    path, error, code = comm.bcast((str(path) if path else None, error, code), root=0)
     if error:
-        raise DbmpiError(error)
+        err = DbmpiError(error)
+        err.exit_code = code
+        raise err
     return Path(path)
+
+
+_RUN_LOCK: RunLock | None = None  # rank 0's lock on the run directory, while it runs
+
+
+def _lock_run_dir(path: Path) -> None:
+    """Rank 0: take RUN_DIR's lock (RunLocked names the job that holds it)."""
+    global _RUN_LOCK
+    _RUN_LOCK = RunLock(path).acquire(
+        warn=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _release_run_dir() -> None:
+    """Give the run directory back: at the end, on errors, before MPI_Abort."""
+    global _RUN_LOCK
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.release()
+        _RUN_LOCK = None
 
 
 def resume_mismatch(ck: ckpt_mod.Checkpoint, cfg: config_mod.Config,
@@ -158,12 +185,22 @@ def _check_data(cfg: config_mod.Config) -> None:
 
 def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORLD,
           resume: bool = False) -> int:
+    """Train (see :func:`_train`), the run directory's lock released however it ends."""
+    try:
+        return _train(config_path, overrides, comm, resume)
+    finally:
+        _release_run_dir()
+
+
+def _train(config_path: str, overrides: list[str], comm: MPI.Comm, resume: bool) -> int:
     t0, cpu0 = time.time(), time.process_time()
     rank = comm.Get_rank()
     t0 = comm.bcast(t0, root=0)  # one time origin, so metrics of different ranks line up
     setup_logging(rank)
+    TERMINATION.install()  # from the start: a Ctrl-C during set-up is no traceback per rank
     try:
         cfg = agree(comm, config_mod.load, config_path, overrides)
+        TERMINATION.graceful = cfg.algorithm == "downpour"  # the one that stops on the flag
         agree(comm, check_world_size, cfg.topology, comm.Get_size())
         agree(comm, _check_data, cfg)
         run_dir = agree(comm, _make_run_dir, cfg, comm, resume)
@@ -184,7 +221,6 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
         if checkpoint is not None:
             log.info("resuming from %s (%s)", checkpoint.path, _checkpoint_steps(checkpoint, cfg))
     _log_placement(topo, run_dir)
-    TERMINATION.install()
     try:
         if cfg.algorithm == "sandblaster":
             from .train import sandblaster
@@ -203,6 +239,7 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
             traceback.print_exc(file=sys.stderr)
             sys.stderr.flush()
         time.sleep(0.5)  # let mpiexec forward the message before MPI_Abort kills the job
+        _release_run_dir()  # MPI_Abort skips every finally
         comm.Abort(exc.exit_code if isinstance(exc, DbmpiError) else 1)
         return 1  # not reached
     # CPU accounting: how much of its wall time each rank spent on a core.
@@ -217,11 +254,10 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
         except ckpt_mod.DiskWriteError as exc:  # the final checkpoint stands: a re-run rebuilds
             print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
             code = exc.exit_code
-        if not code and result and result.get("interrupted"):
-            code = 143
     topo.free()
     TERMINATION.uninstall()
-    return comm.bcast(code, root=0)
+    code = comm.bcast(code, root=0)
+    return code or _interrupted_status(comm, result)
 
 
 def _finished_run(cfg, run_dir: Path, ck) -> int:
@@ -244,6 +280,14 @@ def _finished_run(cfg, run_dir: Path, ck) -> int:
     print(f"dbmpi: {head}: rebuilt the missing {', '.join(done) or 'nothing'} from checkpoint "
           f"{ck.sequence} and metrics/rank-*.jsonl", file=sys.stderr, flush=True)
     return 0
+
+
+def _interrupted_status(comm: MPI.Comm, result: dict | None) -> int:
+    """0, or 128 + the signal that stopped the run (143 SIGTERM, 130 SIGINT) on every rank;
+    SIGTERM wins when both came (the scheduler's stop, not the terminal's)."""
+    interrupted = comm.bcast(bool(result and result.get("interrupted")), root=0)
+    signum = comm.allreduce(TERMINATION.signum, op=MPI.MAX)
+    return 128 + (signum or 15) if interrupted else 0
 
 
 def _log_placement(topo: Topology, run_dir: Path) -> None:

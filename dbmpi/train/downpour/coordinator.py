@@ -194,7 +194,8 @@ class Coordinator:
             if self._get(Board.DONE) >= workers:
                 break
             if not interrupted and (TERMINATION.requested or self._get(Board.TERM)):
-                log.warning("SIGTERM received: stopping after a last checkpoint")
+                log.warning("%s received: stopping after a last checkpoint",
+                            TERMINATION.name)
                 interrupted = True
                 self.coord.raise_flag(Flag.STOP, 1)
                 stop_deadline = time.monotonic() + ck.deadline_s
