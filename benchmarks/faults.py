@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine_info, print_table, write_json
 
 from dbmpi import checkpoint as ckpt_mod
+from dbmpi.faults import rank_pids
 from dbmpi.launch import command, find_mpiexec, launch_env
 
 NRANKS = 4  # coordinator, shards 1-2, replica 3
@@ -73,24 +74,6 @@ dir = {json.dumps(str(run))}
 seed = 1
 """)
     return path
-
-
-def rank_pids(cfg: Path) -> dict[int, int]:
-    """World rank -> pid of the ranks running ``cfg`` (PMI_RANK in their environment)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if str(cfg).encode() not in (d / "cmdline").read_bytes().split(b"\0"):
-                continue
-            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0")
-                       if b"=" in kv)
-        except OSError:
-            continue
-        if b"PMI_RANK" in env:
-            out[int(env[b"PMI_RANK"])] = int(d.name)
-    return out
 
 
 def committed(run: Path) -> list[Path]:

@@ -96,3 +96,27 @@ def write_fault(path) -> None:
 
         if fnmatch(Path(path).name, pattern):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def rank_pids(cfg) -> dict[int, int]:
+    """World rank -> pid of this host's ranks of the job started on config file ``cfg`` (from
+    /proc: the config path in the command line, PMI_RANK in the environment). For tests and
+    benchmarks that kill or stop a chosen rank."""
+    from pathlib import Path
+
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().split(b"\0")
+            if str(cfg).encode() not in cmdline or b"dbmpi" not in cmdline:
+                continue
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0")
+                       if b"=" in kv)
+        except OSError:
+            continue
+        if b"PMI_RANK" in env:
+            out[int(env[b"PMI_RANK"])] = int(d.name)
+    return out
+

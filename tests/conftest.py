@@ -16,6 +16,7 @@ import pytest
 
 from dbmpi import config as config_mod
 from dbmpi.errors import DbmpiError
+from dbmpi.faults import rank_pids
 from dbmpi.launch import MPICH_YIELD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,25 +206,6 @@ def run_command(cmd: list, env: dict | None = None, cwd: Path = ROOT,
     _require_job_marker()
     with Job(cmd, env, cwd, run_dir, watch) as job:
         return job.wait()
-
-
-def rank_pids(cfg: Path) -> dict[int, int]:
-    """World rank -> pid of the ranks running ``cfg`` (from /proc: PMI_RANK in the env)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes().split(b"\0")
-            if str(cfg).encode() not in cmdline or b"dbmpi" not in cmdline:
-                continue
-            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0")
-                       if b"=" in kv)
-        except OSError:
-            continue
-        if b"PMI_RANK" in env:
-            out[int(env[b"PMI_RANK"])] = int(d.name)
-    return out
 
 
 # -- the `job` marker: `make check` (-m "not job") runs no job; a test that starts one
