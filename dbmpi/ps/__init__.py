@@ -32,6 +32,9 @@ Windows (a rank exposes 0 bytes in a window that is not its own):
     the slot into slot ``(q - 1) % 2`` of its inbox on s. The pull of old (a shard ``Get``
     from the worker's window) waited over TCP for the worker's next MPI call, i.e. its whole
     compute step.
+    Memory: a shard holds 2 x its block per worker on another node (4 bytes a parameter
+    each): 16 remote replicas of a 50M-parameter block take 6.4 GB; add shards (smaller
+    blocks) as replicas grow. A pool of receive slots shared by the workers would bound it.
 ``ctrl`` (int64, 4 + 4W for W workers; on each shard)
     ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2]]``.
 
