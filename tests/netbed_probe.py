@@ -57,27 +57,24 @@ def hosts(comm) -> None:
 def bandwidth(comm, nbytes: int, reps: int) -> None:
     rank, last = comm.Get_rank(), comm.Get_size() - 1
     buf, ack = np.ones(nbytes, np.uint8), np.zeros(8, np.uint8)
-    rates, lat = [], []
+
+    def round_trip(out: np.ndarray) -> float:
+        """Rank 0 sends ``out`` to the last rank, which answers with ``ack``: seconds."""
+        t = time.perf_counter()
+        if rank == 0:
+            comm.Send(out, last)
+            comm.Recv(ack, last)
+        elif rank == last:
+            comm.Recv(out, 0)
+            comm.Send(ack, 0)
+        return time.perf_counter() - t
+
+    rates = []
     for _ in range(reps):
         comm.Barrier()
-        t = time.perf_counter()
-        if rank == 0:
-            comm.Send(buf, last)
-            comm.Recv(ack, last)
-        elif rank == last:
-            comm.Recv(buf, 0)
-            comm.Send(ack, 0)
-        rates.append(nbytes / (time.perf_counter() - t) / 1e9)
+        rates.append(nbytes / round_trip(buf) / 1e9)
     comm.Barrier()
-    for _ in range(200):
-        t = time.perf_counter()
-        if rank == 0:
-            comm.Send(ack, last)
-            comm.Recv(ack, last)
-        elif rank == last:
-            comm.Recv(ack, 0)
-            comm.Send(ack, 0)
-        lat.append((time.perf_counter() - t) / 2 * 1e6)
+    lat = [round_trip(ack) / 2 * 1e6 for _ in range(200)]
     if rank == 0:
         print(json.dumps({"nbytes": nbytes, "best_GBps": max(rates),
                           "median_GBps": float(np.median(rates)),

@@ -330,13 +330,13 @@ def test_scheduler_counts_every_portion_once(seed, replicas, push_every, backups
     evaluation completes, and the pushes granted cover each portion exactly once."""
     from types import SimpleNamespace
 
-    from dbmpi.train.sandblaster import REQUEST_HEAD, Decision, Scheduler
+    from dbmpi.train.sandblaster import REQUEST_HEAD, Decision, Dispatcher
 
     rng = np.random.default_rng(seed)
     R, n, size = replicas, 95, 10
     outbox = {r: [] for r in range(R)}
     topo = SimpleNamespace(cfg=SimpleNamespace(replicas=R), worker_rank=lambda r: 100 + r)
-    sched = Scheduler(_FakeComm(lambda dest, rep: outbox[dest - 100].append(rep)), topo,
+    sched = Dispatcher(_FakeComm(lambda dest, rep: outbox[dest - 100].append(rep)), topo,
                       size, push_every, backups)
     st = [{"busy": None, "pending": [], "eval": -1} for _ in range(R)]
     pushed = {}  # eval -> pushes per portion

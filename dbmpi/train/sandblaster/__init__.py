@@ -97,11 +97,10 @@ from .scheduler import MAX_COPIES, EvalStats, PortionScheduler, Reply
 from .wire import REPLY_SIZE, REQUEST_HEAD, Decision
 
 # The MPI side loads on first use, so that importing the scheduler (and its tests) does not
-# initialise MPI. ``Scheduler`` was the scheduler with its communicator built in, and
-# tests/test_sandblaster.py still drives one through a fake comm: that is the Dispatcher now.
+# initialise MPI.
 _MPI_SIDE = {"run": ("job", "run"), "Coordinator": ("coordinator", "Coordinator"),
              "Dispatcher": ("coordinator", "Dispatcher"),
-             "Scheduler": ("coordinator", "Dispatcher"), "Replica": ("replica", "Replica"),
+             "Replica": ("replica", "Replica"),
              "SandblasterObjective": ("objective", "SandblasterObjective")}
 
 
@@ -116,5 +115,5 @@ def __getattr__(name: str):
 
 __all__ = ["MAX_COPIES", "REPLY_SIZE", "REQUEST_HEAD", "BatchPlan", "Coordinator", "Decision",
            "Dispatcher", "EvalStats", "Model64", "PortionScheduler", "Replica", "Reply",
-           "SandblasterObjective", "Scheduler", "Dense64", "build_model", "portion_bounds",
+           "SandblasterObjective", "Dense64", "build_model", "portion_bounds",
            "run"]
