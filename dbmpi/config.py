@@ -115,6 +115,12 @@ class DownpourConfig:
     # With an embedding layer: fetch and push only the embedding rows a step touches
     # (dbmpi.ps.sparse); false: the whole vector, as for any model.
     sparse: bool = False
+    # "continue": under `dbmpi launch`, a replica whose rank dies is counted lost and the
+    # others go on (docs/faults.md); "stop": any rank's death ends the job, to be resumed.
+    replica_loss: str = "continue"
+    # after a process of the job died: how long a rank's heartbeat may stand still before
+    # it is counted lost (longer than the longest step of a replica)
+    lost_after_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -375,6 +381,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(p.log_every >= 1, f"{s} downpour.log_every", f"must be >= 1, got {p.log_every}")
     _require(p.straggler_factor >= 1, f"{s} downpour.straggler_factor",
              f"must be >= 1, got {p.straggler_factor}")
+    _require(p.replica_loss in ("continue", "stop"), f"{s} downpour.replica_loss",
+             f"must be \"continue\" or \"stop\", got {p.replica_loss!r}")
+    _require(p.lost_after_s > 0, f"{s} downpour.lost_after_s",
+             f"must be > 0 seconds, got {p.lost_after_s}")
     _require(-1 <= p.straggler_replica < t.replicas, f"{s} downpour.straggler_replica",
              f"must be -1 (none) or a replica index below {t.replicas}, got {p.straggler_replica}")
     c = cfg.checkpoint

@@ -29,6 +29,28 @@ class Fault:
             raise InjectedFault(f"fault injected on rank {self.rank} by DBMPI_FAULT")
 
 
+class KillPoint:
+    """Test-only: ``DBMPI_FAULT_KILL=RANK:PUSH:SHARDS`` SIGKILLs world rank RANK (a worker)
+    during its push number PUSH, once the push's data is in place and its SEQ has moved on
+    SHARDS of its shards (0: on none yet). Unset: :attr:`active` is False and nothing is
+    called."""
+
+    def __init__(self, rank: int, env: str | None = None):
+        spec = os.environ.get("DBMPI_FAULT_KILL", "") if env is None else env
+        self.push = self.shards = None
+        if spec:
+            target, push, shards = (int(x) for x in spec.split(":"))
+            if target == rank:
+                self.push, self.shards = push, shards
+        self.active = self.push is not None
+
+    def at(self, push: int, shards: int) -> None:
+        if push == self.push and shards == self.shards:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Termination:
     """SIGTERM (what SLURM sends before it kills a job) or SIGINT (Ctrl-C: mpiexec forwards it
     to every rank) sets a flag instead of killing the rank, so training can stop in order and
@@ -112,6 +134,8 @@ def rank_pids(cfg) -> dict[int, int]:
             cmdline = (d / "cmdline").read_bytes().split(b"\0")
             if str(cfg).encode() not in cmdline or b"dbmpi" not in cmdline:
                 continue
+            if Path(cmdline[0].decode(errors="replace")).name == "sh":
+                continue  # the rank's keep-going shell (dbmpi.launch.KEEP_GOING)
             env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0")
                        if b"=" in kv)
         except OSError:

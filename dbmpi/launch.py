@@ -7,12 +7,18 @@ already in the environment win.
 
 With ``--hosts a:8,b:8`` (or ``--hostfile``, or inside a SLURM job) it also chooses each rank's
 host (:mod:`dbmpi.placement`, docs/placement.md) and hands mpiexec that order.
+
+Downpour with ``downpour.replica_loss = "continue"`` (the default) under MPICH's hydra runs
+with ``-disable-auto-cleanup`` and each rank under :data:`KEEP_GOING`, so that a dead replica
+does not end the job (:mod:`dbmpi.train.downpour.census`).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +32,33 @@ MPICH_YIELD = {
     "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "true",
     "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
 }
+
+
+# Each rank runs under `sh -c KEEP_GOING sh CMD...`. Measured on hydra 5.0.2 with
+# -disable-auto-cleanup: when a rank dies *by a signal*, its proxy still SIGKILLs the others
+# in about half the runs; when it exits with a status, never. So sh waits for its rank and
+# exits with a status: 0 for a rank killed by a signal (the job's census decides what that
+# death means), the status otherwise (129, 130, 143: a rank stopped by SIGHUP, SIGINT, SIGTERM
+# keeps its status). sh ignores SIGUSR1, hydra's death notice, which is for the rank.
+KEEP_GOING = ('trap "" USR1; "$@"; s=$?; case $s in 129|130|143) exit $s;; esac; '
+              '[ $s -gt 128 ] && exit 0; exit $s')
+
+
+def is_hydra(mpiexec: str) -> bool:
+    """Whether ``mpiexec`` is MPICH's hydra (which has ``-disable-auto-cleanup``)."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                             timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "HYDRA" in out
+
+
+def keep_going(cmd: list[str]) -> list[str]:
+    """``mpiexec -disable-auto-cleanup ARGS sh -c KEEP_GOING sh PYTHON...`` from ``cmd``,
+    ``[mpiexec, ARGS..., PYTHON...]`` (PYTHON: this interpreter, as :func:`command` puts it)."""
+    i = cmd.index(sys.executable)
+    return [cmd[0], "-disable-auto-cleanup", *cmd[1:i], "sh", "-c", KEEP_GOING, "sh", *cmd[i:]]
 
 
 def available_cores() -> int:
@@ -128,7 +161,8 @@ def main(config_path: str, overrides: list[str], dry_run: bool = False,
     n = cfg.topology.world_size
     env = launch_env(n, cfg.topology.replicas * cfg.topology.partitions)
     places = plan_job(cfg, hosts, hostfile, ps_hosts, oversubscribe)
-    cmd = command(config_path, overrides, n, find_mpiexec())
+    mpiexec = find_mpiexec()
+    cmd = command(config_path, overrides, n, mpiexec)
     if places is not None:
         cmd = placed_command(cmd, places)
         if dry_run:
@@ -140,7 +174,10 @@ def main(config_path: str, overrides: list[str], dry_run: bool = False,
                   file=sys.stderr, flush=True)
     elif rankfile:
         raise placement.PlacementError("--rankfile needs the hosts: add --hosts or --hostfile")
-    print("dbmpi launch: " + " ".join(cmd), file=sys.stderr, flush=True)
+    if cfg.algorithm == "downpour" and cfg.downpour.replica_loss == "continue" and \
+            is_hydra(mpiexec):
+        cmd = keep_going(cmd)
+    print("dbmpi launch: " + shlex.join(cmd), file=sys.stderr, flush=True)
     if dry_run:
         return 0
     # rank 0's stderr is mpiexec's pipe, never the terminal: say here whether there is one,

@@ -31,12 +31,15 @@ class ShardCtrl(enum.IntEnum):
 
 
 class Flag(enum.IntEnum):
-    """A Downpour replica's flags, in its own memory (:mod:`dbmpi.train.downpour.control`)."""
+    """Flags in the memory of every Downpour worker and shard, written by the coordinator
+    (:mod:`dbmpi.train.downpour.control`)."""
 
     STOP = 0  # finish now (target reached, SIGTERM)
     CKPT_REQ = 1  # checkpoint k requested: pause at the next step boundary
     CKPT_DONE = 2  # checkpoint k committed: go on
     RELEASED = 3  # the warm start is over
+    CENSUS = 4  # censuses taken after a process of the job died (dbmpi.train.downpour.census)
+    TEARDOWN = 5  # the run's outputs are written: 1 free the windows together, 2 leave
 
 
 class Board(enum.IntEnum):
@@ -55,3 +58,5 @@ class Row(enum.IntEnum):
     EPOCH = 2
     POSITION = 3  # of its data reader
     FINISHED = 4
+    BEAT = 5  # heartbeats sent (a census tells the live from the dead by it)
+    AT_STEP = 6  # the worker's step at its last heartbeat

@@ -23,6 +23,7 @@ from . import config as config_mod
 from . import metrics as metrics_mod
 from .errors import DbmpiError
 from .faults import TERMINATION
+from .liveness import NOTICE, TEARDOWN
 from .log import get_logger, setup_logging
 from .progress import steps_phrase
 from .report import plot_learning_curve, write_json
@@ -190,6 +191,7 @@ def train(config_path: str, overrides: list[str], comm: MPI.Comm = MPI.COMM_WORL
         return _train(config_path, overrides, comm, resume)
     finally:
         _release_run_dir()
+        NOTICE.ignore()
 
 
 def _train(config_path: str, overrides: list[str], comm: MPI.Comm, resume: bool) -> int:
@@ -198,6 +200,7 @@ def _train(config_path: str, overrides: list[str], comm: MPI.Comm, resume: bool)
     t0 = comm.bcast(t0, root=0)  # one time origin, so metrics of different ranks line up
     setup_logging(rank)
     TERMINATION.install()  # from the start: a Ctrl-C during set-up is no traceback per rank
+    NOTICE.install()  # hydra's death notice (SIGUSR1) must not kill a survivor
     try:
         cfg = agree(comm, config_mod.load, config_path, overrides)
         TERMINATION.graceful = cfg.algorithm == "downpour"  # the one that stops on the flag
@@ -245,6 +248,8 @@ def _train(config_path: str, overrides: list[str], comm: MPI.Comm, resume: bool)
     # CPU accounting: how much of its wall time each rank spent on a core.
     stats = np.array([float(topo.role), float(topo.index), time.process_time() - cpu0,
                       time.time() - t0], dtype=np.float64)
+    if not TEARDOWN.collective:  # a replica was lost: no collective may include the dead
+        _leave(cfg, run_dir, result, stats)
     table = np.zeros((comm.Get_size(), 4)) if rank == 0 else None
     comm.Gather(stats, table, root=0)
     code = 0
@@ -258,6 +263,26 @@ def _train(config_path: str, overrides: list[str], comm: MPI.Comm, resume: bool)
     TERMINATION.uninstall()
     code = comm.bcast(code, root=0)
     return code or _interrupted_status(comm, result)
+
+
+def _leave(cfg, run_dir: Path, result: dict | None, stats: np.ndarray) -> None:
+    """End this rank without MPI_Finalize (which would wait for the dead ranks): rank 0
+    writes the summary (its own CPU row only), everyone flushes and exits 0 (74 if the
+    summary could not be written), so the job's status is 0 once every survivor is out."""
+    import logging
+
+    code = 0
+    if result is not None:
+        try:
+            _finish(cfg, run_dir, result, stats[None, :])
+        except ckpt_mod.DiskWriteError as exc:
+            print(f"dbmpi: error: {exc}", file=sys.stderr, flush=True)
+            code = exc.exit_code
+    _release_run_dir()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _finished_run(cfg, run_dir: Path, ck) -> int:
@@ -358,5 +383,8 @@ def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
               f"same command with --set run.dir={run_dir} (or --resume) to continue", flush=True)
     print(f"final test accuracy {result['final_test_accuracy']:.4f} after {done} "
           f"in {result['wall_s']:.1f} s", flush=True)
+    for loss in result.get("replicas_lost", []):
+        print(f"replica {loss['replica']} was lost at step {loss['step']} ({loss['who']}); "
+              f"the others went on (summary.json: replicas_lost)", flush=True)
     print(f"run directory: {run_dir}", flush=True)
     log.debug("summary: %s", json.dumps(summary))

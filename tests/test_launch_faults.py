@@ -79,27 +79,29 @@ def test_launch_forwards_sigint_once_and_keeps_130(tmp_path, small_data):
     assert not (run / "dbmpi.lock").exists()
 
 
-@pytest.mark.parametrize("victim", [2, 3], ids=["shard", "replica"])
-def test_launch_names_the_killed_rank_in_its_last_line(tmp_path, small_data, victim):
+def test_launch_names_a_killed_shard_and_ends_the_job_with_75(tmp_path, small_data):
+    """A shard's death ends the job (a replica's does not: tests/test_replica_loss.py): the
+    coordinator's census finds the silent shard, names it and aborts with 75, so that the
+    same command resumes from the last checkpoint."""
     cfg = _long_config(tmp_path, small_data)
     run = tmp_path / "run"
-    with _launch_job(cfg) as job:
+    with _launch_job(cfg, "--set", "downpour.lost_after_s=2") as job:
         job.wait_for(lambda: _committed(run) >= 1 and (run / "placement.json").exists()
                      and len(rank_pids(cfg)) == 5, "a first checkpoint")
-        pid = rank_pids(cfg)[victim]
+        pid = rank_pids(cfg)[2]
         os.kill(pid, signal.SIGKILL)
         proc = job.wait()
-    assert proc.returncode != 0
+    assert proc.returncode == 75, proc.stderr[-3000:]
     rows = {r["rank"]: r for r in json.loads((run / "placement.json").read_text())["ranks"]}
-    role = {2: "shard 1", 3: "replica 0"}[victim]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"dbmpi: error: rank {victim} ({role}, host {rows[victim]['host']}, pid "
-                    f"{pid}) died (SIGKILL): the job was ended; re-run the same command to "
-                    f"resume from the last checkpoint"), proc.stderr[-3000:]
+    assert last == (f"dbmpi: error on rank 0 (coordinator): rank 2 (shard 1 on "
+                    f"{rows[2]['host']}, pid {pid}) died (no heartbeat for "
+                    f"downpour.lost_after_s = 2 s after a process of the job ended): a "
+                    f"parameter-server shard is lost, so the job ends; re-run the same command "
+                    f"to resume from the last checkpoint; aborting the job"), proc.stderr[-3000:]
     assert not any(s in proc.stderr + proc.stdout for s in MPICH_NOISE), proc.stderr[-3000:]
-    log = (run / "launch.log").read_text()
-    # the raw lines are kept there (hydra's PID may be a rank it killed while cleaning up)
-    assert "BAD TERMINATION" in log and "(signal 9)" in log
+    latest = ckpt_mod.find_latest(run)
+    assert latest is not None and not latest.final
 
 
 def test_launch_shows_one_line_for_a_failing_rank_and_keeps_its_status(tmp_path, small_data):

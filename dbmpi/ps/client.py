@@ -38,6 +38,9 @@ class PSClient:
         self._mine = np.zeros(PER_WORKER, dtype=np.int64)
         self._all = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
         self.wait_s = 0.0
+        # test-only (dbmpi.faults.KillPoint): called with the number of shards whose SEQ has
+        # moved for the push being posted (0: its data is in place, no SEQ moved yet)
+        self.on_post = None
 
     # -- fetch -------------------------------------------------------------------------------
     def fetch(self, params: np.ndarray, read_own_pushes: bool = False) -> None:
@@ -107,9 +110,13 @@ class PSClient:
         for target in sent:  # the inboxes hold the push before SEQ moves
             for win in ps.post_windows:
                 win.flush(target)
-        for seg in self.segments:
+        if self.on_post is not None:
+            self.on_post(0)
+        for i, seg in enumerate(self.segments):
             ps.ctrl.fetch_and_op(1, ps.topo.shard_rank(seg.shard), seq_index(self.worker))
             self.counters[seg.shard].pushes += 1
+            if self.on_post is not None:
+                self.on_post(i + 1)
         self.pushes += 1
 
     def _post(self, seg, slot: np.ndarray, k: int) -> bool:

@@ -34,12 +34,14 @@ from ... import checkpoint as ckpt_mod
 from ...config import Config
 from ...data import open_dataset
 from ...faults import Fault, checkpoint_delay
+from ...liveness import TEARDOWN, Watchdog
 from ...log import get_logger
 from ...metrics import MetricsWriter
 from ...model import Model
 from ...optim import make_optimizer
 from ...protocol import Board, Flag, Row
 from ...ps import ParameterServer, ParamLayout, ShardService, sparse
+from ...ps.server import Backoff
 from ...topology import Role, Topology
 from .. import partitioned
 from .control import HEAD, ROW, Control
@@ -76,7 +78,7 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
         if topo.role is Role.COORDINATOR:
             board = coord.board.local
             board[Board.STEPS] = int(resume.workers[:, 0].sum()) // cfg.topology.partitions
-            rows = board[HEAD:].reshape(-1, ROW)
+            rows = board[HEAD:coord.shard_beats].reshape(-1, ROW)
             rows[:, Row.STEP:Row.POSITION + 1] = resume.workers
         for win in (coord.flags, coord.board):
             win.sync()
@@ -102,6 +104,12 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
                                ps, make_optimizer(cfg.optimizer), init, state, applied,
                                on_checkpoint=write_checkpoint)
     topo.comm.Barrier()  # the shards hold the initial parameters before anyone fetches
+    if topo.role is not Role.COORDINATOR and cfg.downpour.replica_loss == "continue":
+        coord.watchdog = Watchdog(topo.label, lambda: coord.flags.local[Flag.CENSUS],
+                                  cfg.downpour.lost_after_s,
+                                  cfg.downpour.lost_after_s + cfg.checkpoint.deadline_s,
+                                  leave_if_stuck=topo.role is Role.REPLICA)
+        coord.watchdog.start()
     result = None
     try:
         if service is not None:
@@ -111,6 +119,7 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
             def heartbeat():
                 fault.check()
                 term.check()
+                coord.beat()
 
             applied = service.serve(heartbeat=heartbeat)
             metrics.write("shard", shard=topo.index, pushes_applied=applied,
@@ -126,10 +135,29 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
                                  resume).run()
     finally:
         metrics.close()
+    TEARDOWN.mode = _teardown(coord, topo, result)
+    if not TEARDOWN.collective:
+        return result  # the runner exits without a collective (dbmpi.liveness.Teardown)
     topo.comm.Barrier()  # nobody frees a window another rank still uses
     coord.free()
     ps.free()
     return result
+
+
+def _teardown(coord: Control, topo: Topology, result: dict | None) -> int:
+    """The coordinator, its outputs written, tells every live rank how to end (TEARDOWN);
+    the others wait for it with heartbeats, so that a census still sees them."""
+    if topo.role is Role.COORDINATOR:
+        mode = TEARDOWN.LEAVE if result and result["replicas_lost"] else TEARDOWN.COLLECTIVE
+        coord.raise_flag(Flag.TEARDOWN, mode, shards=True)
+        return mode
+    backoff = Backoff(cap=0.01)
+    while not (mode := int(coord.read_flags()[Flag.TEARDOWN])):
+        coord.beat()
+        backoff.wait()
+    if coord.watchdog is not None:
+        coord.watchdog.stop()
+    return mode
 
 
 def _sparse_parts(cfg: Config, model) -> dict | None:

@@ -17,6 +17,7 @@ from ...protocol import Board, Flag, Row
 from ...ps import PSClient
 from ...ps.server import Backoff, RankUnreachable, request_checkpoint, request_stop, stuck_shards
 from .. import partitioned
+from .census import Census
 
 log = get_logger("downpour")
 
@@ -39,6 +40,17 @@ class Coordinator:
         self.fault = Fault(topo.rank)
         self.live = prog.LiveLine(prog.live_wanted())  # the in-place line, on a terminal only
         self.steps_each = self._budget_each(dataset)
+        self.census = Census(cfg, topo, ps, coord, self._who, t0, self.steps_each)
+
+    def _watch(self) -> None:
+        """Called from every wait: injected faults, and a census after a death notice."""
+        self.fault.check()
+        if self.census.due():
+            self.census.take()
+
+    def _finished(self, rows: np.ndarray) -> np.ndarray:
+        """Workers that are done: finished, or lost with their replica."""
+        return (rows[:, Row.FINISHED] == 1) | self.census.lost_mask(len(rows))
 
     def _budget_each(self, dataset) -> int:
         """Steps per replica the run is to make, for the progress lines and the ETA:
@@ -53,9 +65,13 @@ class Coordinator:
         return min(budgets) if budgets else 0
 
     def _replica_steps(self, rows: np.ndarray) -> list[int]:
-        """Each replica's own step count (its partition 0's row; rows are replica-major)."""
+        """Each replica's own step count (its partition 0's row; rows are replica-major); a
+        lost replica's is its last step reported by heartbeat."""
         P = self.cfg.topology.partitions
-        return [int(s) for s in rows[::P, Row.STEP]]
+        steps = [int(s) for s in rows[::P, Row.STEP]]
+        for loss in self.census.losses:
+            steps[loss.replica] = loss.step
+        return steps
 
     def _get(self, field: Board) -> int:
         return int(self.coord.board_view()[field])
@@ -145,16 +161,16 @@ class Coordinator:
         self.coord.raise_flag(Flag.CKPT_REQ, k)
         backoff = Backoff(cap=0.005)
         while True:
-            self.fault.check()
+            self._watch()
             r = self.coord.rows()  # board_view() calls rma.progress(): our window advances
-            waiting = ~((r[:, Row.ACK] >= k) | (r[:, Row.FINISHED] == 1))
+            waiting = ~((r[:, Row.ACK] >= k) | self._finished(r))
             if not waiting.any():
                 break
             if time.monotonic() >= deadline:
                 self._overdue(when, [int(w) for w in np.flatnonzero(waiting)], None, strict)
                 deadline = time.monotonic() + d
             backoff.wait()
-        while late := request_checkpoint(self.ps, k, heartbeat=self.fault.check,
+        while late := request_checkpoint(self.ps, k, heartbeat=self._watch,
                                          deadline=deadline):
             self._overdue(when, [], late, strict)
             deadline = time.monotonic() + d
@@ -190,8 +206,9 @@ class Coordinator:
         stopped_early = interrupted = False
         stop_deadline = math.inf  # after SIGTERM: when the workers must have finished
         while True:
-            self.fault.check()
-            if self._get(Board.DONE) >= workers:
+            self._watch()
+            if self._get(Board.DONE) >= workers or (
+                    self.census.lost_workers and self._finished(self.coord.rows()).all()):
                 break
             if not interrupted and (TERMINATION.requested or self._get(Board.TERM)):
                 log.warning("%s received: stopping after a last checkpoint",
@@ -202,7 +219,7 @@ class Coordinator:
             if time.monotonic() >= stop_deadline:  # a worker, or a shard it waits on, is stuck
                 rows = self.coord.rows()
                 self._overdue("after SIGTERM", [int(w) for w in
-                                                np.flatnonzero(rows[:, Row.FINISHED] == 0)],
+                                                np.flatnonzero(~self._finished(rows))],
                               None, strict=True)
             now = time.time()
             steps = self._get(Board.STEPS)
@@ -266,6 +283,7 @@ class Coordinator:
                 "target_reached": bool(dp.target_accuracy and (
                     stopped_early or final["accuracy"] >= dp.target_accuracy)),
                 "interrupted": interrupted,
+                "replicas_lost": [loss.record() for loss in self.census.losses],
                 "resumed_from": ({"sequence": self.resume.sequence, "steps": self.resume.steps}
                                  if self.resume else None),
                 "num_params": self.model.num_params,

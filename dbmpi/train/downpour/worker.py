@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from ...errors import TrainingError
-from ...faults import TERMINATION, Fault
+from ...faults import TERMINATION, Fault, KillPoint
 from ...log import get_logger
 from ...protocol import Flag
 from ...ps import PSClient
@@ -50,6 +50,9 @@ class Worker:
         self.fault = Fault(topo.rank)
         self.term = TermReporter(coord)
         self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
+        kill = KillPoint(topo.rank)
+        if kill.active:
+            self.client.on_post = lambda shards: kill.at(self.client.pushes + 1, shards)
         self.reader = dataset.reader(
             "train", replica=topo.index, num_replicas=cfg.topology.replicas,
             batch_size=cfg.data.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -93,6 +96,7 @@ class Worker:
             if head[Flag.CKPT_DONE] >= k or head[Flag.STOP]:
                 return
             self.fault.check()
+            self.coord.beat(self.step)
             backoff.wait()
 
     def _wait_release(self) -> bool:
@@ -105,6 +109,7 @@ class Worker:
             if head[Flag.STOP]:
                 return False
             self._service(head)
+            self.coord.beat(self.step)
             backoff.wait()
 
     def _release(self) -> None:
@@ -143,8 +148,9 @@ class Worker:
         win_pushes = 0
         while not self._budget_spent():
             t_step = time.perf_counter()
+            self.coord.beat(self.step)
             head = self._read_head()
-            if head[Flag.STOP]:
+            if head[Flag.STOP] or head[Flag.TEARDOWN]:  # TEARDOWN here: my replica is lost
                 break
             self._service(head)
             win_ctrl += time.perf_counter() - t_step
