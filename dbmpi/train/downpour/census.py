@@ -127,7 +127,9 @@ class Census:
         for w in ids:
             pushes += self._roll_forward(w)
         rows = self.coord.rows()
-        step = max(int(rows[ids[0], Row.AT_STEP]), min(pushes, default=0) * self.cfg.downpour.n_push)
+        # its last heartbeat may be a few steps old; its pushes applied are exact
+        step = max(int(rows[ids[0], Row.AT_STEP]),
+                   min(pushes, default=0) * self.cfg.downpour.n_push)
         left = max(0, self.steps_each - step) if self.steps_each else None
         loss = Loss(replica, ranks, self.who(ranks), notice - self.t0,
                     time.time() - self.t0, step, left, pushes)
