@@ -59,6 +59,12 @@ on ``ctrl``. A push becomes *visible* to fetches at that Sync, and is *acknowled
 moves. Each push is applied exactly once: a slot (and its inbox slot) is read only after its
 SEQ moved and written again only after DONE caught up.
 
+A worker that dies (:mod:`dbmpi.train.downpour.census`): a push whose SEQ moved on no shard
+is applied nowhere; one whose SEQ moved on some of its shards is complete on all of them (step
+2 ends before step 3 starts; a mapped slot outlives its process), and the coordinator moves
+SEQ (``Fetch_and_op(SUM)``, the worker's own op: it is dead, so SEQ still has one live writer)
+on the shards it had not reached: every push is applied on all its shards or on none.
+
 Checkpoints: the coordinator stores ``CKPT_REQ = k`` once every worker has paused with its
 pushes acknowledged; the shard writes its block and accumulator and stores ``CKPT_ACK = k``.
 

@@ -45,14 +45,16 @@ class Loss:
     who: str  # ranks with their hosts and pids
     notice_s: float  # wall time of the death notice since the job's start
     detected_s: float  # ... and of the census that counted it
-    step: int  # its last step reported by heartbeat
+    notice_unix: float  # the notice's time.time(), to compare with the kill's
+    step: int  # its last step (its pushes applied, or its last heartbeat's if later)
     steps_lost: int | None  # steps of its budget it will not make (None: no step budget)
     pushes: list[int] = field(default_factory=list)  # its pushes applied, per shard of its range
 
     def record(self) -> dict:
         return {"replica": self.replica, "ranks": self.ranks, "who": self.who,
                 "notice_s": round(self.notice_s, 3), "detected_s": round(self.detected_s, 3),
-                "detection_s": round(self.detected_s - self.notice_s, 3), "step": self.step,
+                "detection_s": round(self.detected_s - self.notice_s, 3),
+                "notice_unix": round(self.notice_unix, 3), "step": self.step,
                 "steps_lost": self.steps_lost, "pushes_applied_per_shard": self.pushes,
                 "data": "its training shards were not read after its last step"}
 
@@ -132,7 +134,7 @@ class Census:
                    min(pushes, default=0) * self.cfg.downpour.n_push)
         left = max(0, self.steps_each - step) if self.steps_each else None
         loss = Loss(replica, ranks, self.who(ranks), notice - self.t0,
-                    time.time() - self.t0, step, left, pushes)
+                    time.time() - self.t0, notice, step, left, pushes)
         self.losses.append(loss)
         log.warning("replica %d lost (%s: killed, or its host gone) at step %d%s, %.1f s "
                     "after the notice: going on with the other replicas; its data shards "
