@@ -118,6 +118,10 @@ class DownpourConfig:
     # "continue": under `dbmpi launch`, a replica whose rank dies is counted lost and the
     # others go on (docs/faults.md); "stop": any rank's death ends the job, to be resumed.
     replica_loss: str = "continue"
+    # Bounded staleness (dbmpi.train.downpour.bound): every push is applied with at most
+    # max_staleness other replicas' pushes since its fetch (-1: off; 0: serial SGD over the
+    # replicas' minibatches in turn)
+    max_staleness: int = -1
     # after a process of the job died: how long a rank's heartbeat may stand still before
     # it is counted lost (longer than the longest step of a replica)
     lost_after_s: float = 5.0
@@ -385,6 +389,15 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be \"continue\" or \"stop\", got {p.replica_loss!r}")
     _require(p.lost_after_s > 0, f"{s} downpour.lost_after_s",
              f"must be > 0 seconds, got {p.lost_after_s}")
+    _require(p.max_staleness >= -1, f"{s} downpour.max_staleness",
+             f"must be >= 0 pushes, or -1 for no bound, got {p.max_staleness}")
+    _require(p.max_staleness < 0 or (cfg.topology.partitions == 1 and p.n_fetch == 1
+                                      and p.n_push == 1 and not p.sparse
+                                      and not p.warm_start_steps),
+             f"{s} downpour.max_staleness",
+             "needs topology.partitions = 1, n_fetch = n_push = 1, dense traffic and no "
+             "warm start (the bound is kept per push, from the first); set max_staleness = -1 "
+             "or change those")
     _require(-1 <= p.straggler_replica < t.replicas, f"{s} downpour.straggler_replica",
              f"must be -1 (none) or a replica index below {t.replicas}, got {p.straggler_replica}")
     c = cfg.checkpoint

@@ -35,8 +35,10 @@ Windows (a rank exposes 0 bytes in a window that is not its own):
     Memory: a shard holds 2 x its block per worker on another node (4 bytes a parameter
     each): 16 remote replicas of a 50M-parameter block take 6.4 GB; add shards (smaller
     blocks) as replicas grow. A pool of receive slots shared by the workers would bound it.
-``ctrl`` (int64, 4 + 4W for W workers; on each shard)
-    ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2]]``.
+``ctrl`` (int64, 4 + 5W for W workers; on each shard)
+    ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2],
+    RETIRED_w]``. RETIRED_w = 1: w pushes no more (finished, or lost); workers bounding their
+    staleness (``downpour.max_staleness``) wait only for the others.
 
 A *push* (number q) by worker w, step by step:
 

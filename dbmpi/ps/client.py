@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .server import APPLIED, NSLOTS, PER_WORKER, Backoff, ParameterServer, ctrl_size, seq_index
+from .server import (
+    APPLIED,
+    NSLOTS,
+    PER_WORKER,
+    RETIRED,
+    Backoff,
+    ParameterServer,
+    ctrl_size,
+    seq_index,
+)
 
 
 @dataclass
@@ -133,6 +142,17 @@ class PSClient:
         lo = seg.start - self.start
         ps.inbox.put(slot[lo:lo + n], ps.topo.shard_rank(seg.shard), at + k * n)
         return True
+
+    def shard_counters(self) -> list[np.ndarray]:
+        """A copy of the ``ctrl`` counters of each shard of my range (atomic per element)."""
+        return [self.ps.ctrl.read(self._all, self.ps.topo.shard_rank(seg.shard)).copy()
+                for seg in self.segments]
+
+    def retire(self) -> None:
+        """Mark me as pushing no more on every shard of my range (their RETIRED)."""
+        for seg in self.segments:
+            self.ps.ctrl.store(1, self.ps.topo.shard_rank(seg.shard),
+                               seq_index(self.worker) + RETIRED)
 
     def wait_acknowledged(self) -> None:
         """Block until every shard has applied all my pushes."""

@@ -28,9 +28,11 @@ NSLOTS = 2
 APPLY_CHUNK = 1 << 18
 # Seconds a shard with workers on other nodes keeps calling MPI after applying a push.
 HOT_S = 0.005
-# ctrl window layout on each shard: ShardCtrl, then per worker SEQ, DONE, BASE of each slot
+# ctrl window layout on each shard: ShardCtrl, then per worker SEQ, DONE, BASE of each slot,
+# RETIRED (the worker pushes no more: finished, or lost)
 STOP, APPLIED, CKPT_REQ, CKPT_ACK = ShardCtrl
-CTRL_HEAD, PER_WORKER = len(ShardCtrl), 2 + NSLOTS
+CTRL_HEAD, PER_WORKER = len(ShardCtrl), 2 + NSLOTS + 1
+RETIRED = 2 + NSLOTS  # offset in a worker's row
 
 
 def seq_index(worker: int) -> int:
@@ -202,16 +204,18 @@ class ShardService:
         t0, c0 = time.perf_counter(), time.process_time()
         for win in ps.push_windows:
             win.sync()  # the pushes' data is visible from here (mapped slots and inboxes)
-        applied = 0
-        for w in pending:
-            i = seq_index(w)
-            for push in range(int(ctrl[i + 1]) + 1, int(ctrl[i]) + 1):  # in push order
-                slot = (push - 1) % NSLOTS
-                if self.worker_slices[w] is not None:
-                    self._apply_push(w, slot)
-                self._publish(i + 2 + slot, self.applied)  # BASE of this push
-                self.applied += 1
-                applied += 1
+        # in the global order (push number, worker): each worker's in its own order, and the
+        # order a staleness bound relies on (dbmpi.train.downpour.bound)
+        order = sorted((push, w) for w in pending
+                       for push in range(int(ctrl[seq_index(w) + 1]) + 1,
+                                         int(ctrl[seq_index(w)]) + 1))
+        for push, w in order:
+            slot = (push - 1) % NSLOTS
+            if self.worker_slices[w] is not None:
+                self._apply_push(w, slot)
+            self._publish(seq_index(w) + 2 + slot, self.applied)  # BASE of this push
+            self.applied += 1
+        applied = len(order)
         ps.params.sync()  # updates visible to fetches from here on
         self._publish(APPLIED, self.applied)
         for w in pending:

@@ -30,7 +30,7 @@ from ...liveness import NOTICE, TEARDOWN
 from ...log import get_logger
 from ...protocol import Flag, Row
 from ...ps.rma import progress
-from ...ps.server import RankUnreachable, seq_index
+from ...ps.server import RETIRED, RankUnreachable, seq_index
 
 log = get_logger("downpour")
 LEAVE = TEARDOWN.LEAVE
@@ -158,5 +158,6 @@ class Census:
                 ps.ctrl.fetch_and_op(top - seq, r, seq_index(w))
                 log.warning("worker %d died while posting push %d: rolled forward on rank %d",
                             w, top, r)
+            ps.ctrl.store(1, r, seq_index(w) + RETIRED)  # nobody waits for its pushes
         progress()
         return [top] * len(ranks)

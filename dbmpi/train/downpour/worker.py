@@ -17,6 +17,7 @@ from ...protocol import Flag
 from ...ps import PSClient
 from ...ps.server import Backoff
 from .. import partitioned
+from .bound import StalenessBound
 from .control import Control
 
 log = get_logger("downpour")
@@ -59,6 +60,11 @@ class Worker:
             seed=cfg.run.seed * 1000 + topo.index)
         self.step = 0
         self.answered = 0
+        R = cfg.topology.replicas
+        self.bound = (StalenessBound(self.client, self.worker,
+                                     [r for r in range(R) if r != topo.index],
+                                     self.dp.max_staleness)
+                      if self.dp.max_staleness >= 0 and R > 1 else None)
         self._staleness: dict[int, list] = {}  # push -> staleness per shard, until complete
         self._head = np.zeros(len(Flag), np.int64)
         if resume is not None:
@@ -120,6 +126,16 @@ class Worker:
         self.coord.raise_flag(Flag.RELEASED, 1)
         log.info("warm start over: other replicas released")
 
+    def _go_on(self) -> bool:
+        """While waiting on the staleness bound: serve checkpoints, send heartbeats; False
+        once told to stop."""
+        head = self._read_head()
+        if head[Flag.STOP] or head[Flag.TEARDOWN]:
+            return False
+        self._service(head)
+        self.coord.beat(self.step)
+        return True
+
     def _budget_spent(self) -> bool:
         dp = self.dp
         return bool((dp.steps and self.step >= dp.steps)
@@ -132,6 +148,8 @@ class Worker:
             self._finish()
             return
         self.metrics.write("started", replica=self.replica, step=self.step)
+        if self.bound is not None:
+            self.bound.before_fetch(client.pushes + 1, self._go_on)
         client.fetch(model.params)
         # The gradient goes straight into a push slot of my window, which the shards pull:
         # the backward pass writes it there when the model can (`direct`; with n_push > 1 the
@@ -153,6 +171,9 @@ class Worker:
             if head[Flag.STOP] or head[Flag.TEARDOWN]:  # TEARDOWN here: my replica is lost
                 break
             self._service(head)
+            if self.bound is not None and pending == 0 and self.step > start_step:
+                # the fetch for push q follows
+                self.bound.before_fetch(client.pushes + 1, self._go_on)
             win_ctrl += time.perf_counter() - t_step
             x, y = self.reader.next_batch()
             if self.step > start_step and (self.step - start_step) % dp.n_fetch == 0:
@@ -237,6 +258,8 @@ class Worker:
 
     def _push(self, accum: np.ndarray) -> tuple[int, int]:
         """Push the gradient summed in ``accum``; returns (bytes pushed, rows pushed)."""
+        if self.bound is not None:
+            self.bound.before_post(self.client.pushes + 1, self._go_on)
         self.client.push(accum)
         return 4 * (self.client.stop - self.client.start), 0
 
@@ -261,8 +284,10 @@ class Worker:
 
     def _finish(self) -> None:
         """Publish the final state, then tell the coordinator this worker is done."""
+        self.client.retire()  # replicas bounding their staleness stop waiting for me
         st = self.reader.state()
         self.coord.finish(self.worker, self.step, st["epoch"], st["position"])
         self.metrics.write("worker_done", replica=self.replica, partition=self.topo.partition,
                            steps=self.step,
-                           fetch_push_wait_s=round(self.client.wait_s, 3))
+                           fetch_push_wait_s=round(self.client.wait_s, 3),
+                           bound_wait_s=round(self.bound.wait_s if self.bound else 0.0, 3))
