@@ -7,6 +7,10 @@ its ``train`` records' samples/s while it ran. Goal (issue 7): the other replica
 >= (R-1)/R of the whole job's throughput without a straggler, i.e. nobody waits for the slow one.
 
     python benchmarks/straggler.py --config jobs/configs/fashion_mnist.toml --replicas 2 3
+
+``--max-staleness 0 1 4 16 -1`` (issue 23) runs the straggler job once per bound instead
+(``downpour.max_staleness``; -1: none) and reports what the bound costs the others, and the
+worst staleness of any push.
 """
 
 from __future__ import annotations
@@ -35,7 +39,11 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--factor", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--max-staleness", type=int, nargs="+", default=None,
+                    help="bounds to compare (-1: none); default: the straggler goal only")
     args = ap.parse_args()
+    if args.max_staleness is not None:
+        return bounds(args)
     rows, results = [], []
     for R in args.replicas:
         common = [f"topology.replicas={R}", f"downpour.steps={args.steps}", "downpour.epochs=0",
@@ -57,6 +65,34 @@ def main() -> None:
                 title=f"Downpour samples/s with a straggler ({args.config})")
     write_json("straggler", {"machine": machine_info(), "config": args.config,
                                     "results": results})
+
+
+def bounds(args) -> None:
+    """The straggler job once per staleness bound: the others' samples/s and the worst
+    staleness, against the job without a straggler (and without a bound)."""
+    rows, results = [], []
+    for R in args.replicas:
+        common = [f"topology.replicas={R}", f"downpour.steps={args.steps}", "downpour.epochs=0",
+                  "downpour.warm_start_steps=0", "downpour.log_every=50",
+                  "downpour.eval_every_s=1000.0", "checkpoint.every_s=0"]
+        base = sum(throughput(run_job(args.config, common)[1], R))
+        for s in args.max_staleness:
+            _, recs = run_job(args.config, common + [
+                "downpour.straggler_replica=0", f"downpour.straggler_factor={args.factor}",
+                f"downpour.max_staleness={s}"])
+            rates = throughput(recs, R)
+            worst = max(max(r["staleness"]) for r in recs if r["kind"] == "push")
+            waits = [r["bound_wait_s"] for r in recs if r["kind"] == "worker_done"]
+            results.append({"replicas": R, "max_staleness": s, "samples_per_s": rates,
+                            "no_straggler_total": base, "worst_staleness": worst,
+                            "bound_wait_s": waits})
+            rows.append([R, "off" if s < 0 else s, " ".join(f"{x:.0f}" for x in rates),
+                         f"{sum(rates[1:]):.0f}", f"{sum(rates[1:]) / base:.2f}", worst])
+    print_table(["R", "max_staleness", "per replica (replica 0 slow)", "others' total",
+                 "others / job without straggler", "worst staleness"], rows,
+                title=f"Bounded staleness with replica 0 x{args.factor:g} slower ({args.config})")
+    write_json("staleness_bound", {"machine": machine_info(), "config": args.config,
+                                   "factor": args.factor, "results": results})
 
 
 if __name__ == "__main__":
