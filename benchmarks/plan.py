@@ -143,6 +143,10 @@ def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
     env = {**os.environ, **YIELD_ENV,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     rows = []
+    with Bed(2, name="plancpu") as bed:  # unshaped: the TCP stack's CPU per byte, no waiting
+        lk = cal.measure_link(lambda c: bed.mpiexec_cmd(2, c, rank_hosts=[0, 1]), env=env)
+    tcp_cpu = lk["cpu_s_per_byte_with_polling"]
+    print(f"  TCP CPU per byte (unshaped veth): {tcp_cpu:.3g} s", flush=True)
     for rate in links:
         with Bed(3, name="plan", rate=rate) as bed:
             lk = cal.measure_link(lambda c: bed.mpiexec_cmd(2, c, rank_hosts=[0, 1]), env=env)
@@ -165,7 +169,7 @@ def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
                         raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
                     recs = [json.loads(x)
                             for x in (out / "metrics.jsonl").read_text().splitlines()]
-                p = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk))
+                p = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu))
                 got, detail = measured(recs, R)
                 rows.append({"where": f"3 hosts, {rate}", "S": S, "R": R, "P": P, "n": n,
                              "predicted": p.samples_per_s, "measured": got, "detail": detail,

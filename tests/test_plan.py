@@ -70,14 +70,24 @@ def test_a_slow_shard_is_the_bottleneck_and_more_shards_relieve_it():
     assert p4.samples_per_s == pytest.approx(4 * p1.samples_per_s)
 
 
-def test_the_ps_hosts_nic_limits_remote_replicas():
-    # 3 hosts: shards on host 0, one replica on each of hosts 1 and 2, 100 MB/s links:
-    # host 0's NIC carries 2 x (4 MB fetch + 4 MB push) per round
+def test_remote_replicas_wait_for_their_traffic_and_share_the_ps_link():
+    # 3 hosts: the shard on host 0, one replica on each of hosts 1 and 2, 100 MB/s links.
+    # Each step moves 4 MB fetch + 4 MB push over the link (w = 80 ms alone), not hidden
+    # behind compute (TCP progress); the other replica is on the link for the share
+    # s w / (r + s w) of its step, so s = 1 + s w / (r + s w): w s^2 + (r - 2w) s - r = 0
     job = Job(shards=1, replicas=2, hosts=3, cores_per_host=8, link=Link(1e-4, 1e8))
     p = downpour(rep1(), job, Machine(**{**M.__dict__, "cores": 8}))
-    assert p.bottleneck == "NIC of host 0"
-    assert p.samples_per_s == pytest.approx(2 * 100 / (16e6 / 1e8))
+    w, r = 8e6 / 1e8, 0.010 + 1e-6 + 1e-4  # compute, shard latency, posting the push
+    s = (-(r - 2 * w) + math.sqrt((r - 2 * w) ** 2 + 4 * w * r)) / (2 * w)
+    assert p.step_alone_s == pytest.approx(r + 1e-4 + w * s)
+    assert p.bottleneck == "replica step: fetch"
+    # the ps host's NIC: 2 x 8 MB per round at 100 MB/s, busy most of the round
+    assert p.utilisation["NIC of host 0"] == pytest.approx(0.16 / p.step_s)
     assert p.bytes_per_step["host 1 <-> host 0"] == pytest.approx(4e6)  # half: 2 replicas
+    # a faster link lifts the step
+    fast = downpour(rep1(), Job(**{**job.__dict__, "link": Link(1e-4, 1e9)}),
+                    Machine(**{**M.__dict__, "cores": 8}))
+    assert fast.samples_per_s > 3 * p.samples_per_s
 
 
 def test_partitioned_replica_counts_the_plans_transfers():

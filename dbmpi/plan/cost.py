@@ -39,14 +39,16 @@ FLOAT = 4  # bytes of a float32 parameter
 
 @dataclass(frozen=True)
 class Link:
-    """A path between two ranks: one-way latency and bandwidth (bytes/s)."""
+    """A path between two ranks: one-way latency, bandwidth (bytes/s) and the CPU its stack
+    spends per byte (TCP; 0 for shared memory, whose copies count as the ranks' compute)."""
 
     latency_s: float
     bandwidth: float
+    cpu_s_per_byte: float = 0.0
 
     @classmethod
-    def of(cls, d: dict) -> Link:
-        return cls(float(d["latency_s"]), float(d["bandwidth"]))
+    def of(cls, d: dict, cpu_s_per_byte: float = 0.0) -> Link:
+        return cls(float(d["latency_s"]), float(d["bandwidth"]), cpu_s_per_byte)
 
     def time(self, nbytes: float, messages: int = 1) -> float:
         return messages * self.latency_s + nbytes / self.bandwidth
@@ -181,6 +183,18 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
     def add(resource: str, seconds: float) -> None:
         demand[resource] = demand.get(resource, 0.0) + seconds
 
+    remote_replicas = sum(1 for h in replica_host if any(sh != h for sh in shard_host))
+    # CPU that ranks other than the workers spend per round (one step of every replica) on
+    # each machine: the shards' apply and the TCP stack (half at each end of a transfer)
+    others = {k: 0.0 for k in machines}
+    for h in replica_host:
+        for sh in shard_host:
+            slice_push = P * push_bytes / S
+            others[machine_of(sh)] += slice_push / m.apply_bw
+            if sh != h:
+                tcp = P * (fetch_bytes + push_bytes) / S * net.cpu_s_per_byte
+                others[machine_of(sh)] += tcp / 2
+                others[machine_of(h)] += tcp / 2
     for r, h in enumerate(replica_host):
         k = machine_of(h)
         remote = [s for s in range(S) if shard_host[s] != h]
@@ -193,22 +207,37 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             if ranks[k] > cores_of[k]:
                 # no core to spare: whatever the shards and the coordinator of this machine
                 # run per round preempts one partition, and the others wait for it
-                exchange += (m.coordinator_cores * rep.compute_s * (k == 0)
-                             + sum(R * P * push_bytes / S / m.apply_bw
-                                   for s in range(S) if machine_of(shard_host[s]) == k))
+                exchange += m.coordinator_cores * rep.compute_s * (k == 0) + others[k]
+        elif workers[k] >= cores_of[k]:
+            # every core computes: the other ranks' work of the round takes turns with the
+            # workers' compute, spread over the cores
+            compute += (others[k] + m.coordinator_cores * rep.compute_s * (k == 0)) / cores_of[k]
         # fetch: Gets to every shard, then one flush; local slices are copies by this core
-        fetch = (fetch_bytes * local_share / m.copy_bw
-                 + (net.time(fetch_bytes * (1 - local_share), len(remote)) if remote else 0.0)
-                 + S * m.shm.latency_s / job.n_fetch)
+        fetch = fetch_bytes * local_share / m.copy_bw + S * m.shm.latency_s / job.n_fetch
         push = S * (net if remote else m.shm).latency_s / job.n_push  # posting only
+        if remote:
+            # Over TCP a shard's pull of a push progresses only while the worker calls MPI
+            # (docs/multihost.md), so the transfer is not hidden behind compute; and the
+            # replicas sharing the ps host's link meet there for the part of their step
+            # they spend on it (fixed point of that share)
+            wire = (fetch_bytes + push_bytes) * (1 - local_share) / net.bandwidth
+            rest = compute + fetch + push + m.step_overhead_s + rep.overhead_s
+            share = 1.0
+            for _ in range(20):
+                share = 1.0 + (remote_replicas - 1) * wire * share / (rest + wire * share)
+            fetch += len(remote) * net.latency_s / job.n_fetch + wire * share * fetch_bytes / (
+                fetch_bytes + push_bytes)
+            push += wire * share * push_bytes / (fetch_bytes + push_bytes)
         parts = {"compute": compute, "exchange": exchange, "fetch": fetch, "push": push,
                  "overhead": m.step_overhead_s + rep.overhead_s}
         t = sum(parts.values())
         if t >= step_alone:
             step_alone, breakdown = t, parts
-        # cores of the replica's machine: every partition's layers, reads and copies
+        # cores of the replica's machine: every partition's layers, reads, copies and the
+        # TCP stack's work on both ends of its remote traffic
+        tcp = P * (fetch_bytes + push_bytes) * (1 - local_share) * net.cpu_s_per_byte
         add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"]
-            + P * fetch_bytes * local_share / m.copy_bw)
+            + P * fetch_bytes * local_share / m.copy_bw + tcp)
         for s in range(S):
             sh = shard_host[s]
             pull = P * push_bytes / S
