@@ -107,27 +107,27 @@ def overrides(data: Path, S: int, R: int, P: int, n: int, steps: int) -> list[st
 
 
 def predict(calib: dict, S: int, R: int, P: int, n: int = 1, hosts: int = 1,
-            link: Link | None = None) -> object:
+            link: Link | None = None, background: float = 0.0) -> object:
     machine = cal.machine_of(calib)
     times = calib["layers"][cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH)]
     rep = replica(partition_plan(SHAPE, LAYERS, CLASSES, P), times["seconds"], BATCH,
                   times["batch"], times["reader_s"])
     job = Job(S, R, P, n, n, hosts=hosts, cores_per_host=machine.cores, link=link,
-              shared_cores=hosts > 1)
+              shared_cores=hosts > 1, background_cores=background)
     return downpour(rep, job, machine)
 
 
 def one_node(calib: dict, cfg: str, data: Path, steps: int) -> list[dict]:
     rows = []
     for S, R, P in ONE_NODE:
-        load = os.getloadavg()[0]
+        load, bg = os.getloadavg()[0], cal.busy_cores()
         _, recs = run_job(cfg, overrides(data, S, R, P, 1, steps), threads=1, timeout=300)
-        p = predict(calib, S, R, P)
+        p = predict(calib, S, R, P, background=bg)
         got, detail = measured(recs, R)
         rows.append({"where": "1 node", "S": S, "R": R, "P": P, "n": 1,
                      "predicted": p.samples_per_s, "measured": got, "detail": detail,
                      "predicted_breakdown": p.breakdown, "bottleneck": p.bottleneck,
-                     "load_before": load})
+                     "load_before": load, "background_cores": bg})
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -162,19 +162,20 @@ def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
                     for s in [*overrides(data, S, R, P, n, steps),
                               f"run.dir={json.dumps(str(out))}"]:
                         cmd += ["--set", s]
-                    load = os.getloadavg()[0]
+                    load, bg = os.getloadavg()[0], cal.busy_cores()
                     pr = bed.run(bed.mpiexec_cmd(ranks, cmd, rank_hosts=hosts), timeout=300,
                                  env=env, capture_output=True, text=True)
                     if pr.returncode:
                         raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
                     recs = [json.loads(x)
                             for x in (out / "metrics.jsonl").read_text().splitlines()]
-                p = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu))
+                p = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu),
+                            background=bg)
                 got, detail = measured(recs, R)
                 rows.append({"where": f"3 hosts, {rate}", "S": S, "R": R, "P": P, "n": n,
                              "predicted": p.samples_per_s, "measured": got, "detail": detail,
                              "predicted_breakdown": p.breakdown, "bottleneck": p.bottleneck,
-                             "load_before": load})
+                             "load_before": load, "background_cores": bg})
                 print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -215,10 +216,10 @@ def main() -> None:
     table = [[r["where"], r["S"], r["R"], r["P"], r["n"], round(r["predicted"]),
               round(r["measured"]), round(r["ratio"], 3),
               "yes" if abs(r["ratio"] - 1) <= 0.2 else "NO", r["bottleneck"],
-              round(r["load_before"], 2)] for r in rows]
+              round(r["load_before"], 2), round(r["background_cores"], 2)] for r in rows]
     load1 = os.getloadavg()
     print_table(["where", "S", "R", "P", "n", "predicted samples/s", "measured", "ratio",
-                 "within 20%", "predicted bottleneck", "load"], table,
+                 "within 20%", "predicted bottleneck", "load", "others' cores"], table,
                 title=f"784-1024-1024-10 MLP, batch {BATCH}, {args.steps} steps per replica; "
                       f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
     choices = {}

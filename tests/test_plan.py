@@ -60,6 +60,17 @@ def test_replicas_beyond_the_cores_share_them():
     assert p.notes and "share cores" in p.notes[0]
 
 
+def test_other_tenants_take_turns_with_compute_once_no_core_is_free():
+    # 1 replica on 2 cores beside 1 busy core of another tenant: every core computes, so the
+    # tenant's share of the step (1 core x 10 ms) is spread over the 2 cores
+    job = Job(shards=1, replicas=1, cores_per_host=2, background_cores=1.0)
+    p = downpour(rep1(), job, M)
+    assert p.breakdown["compute"] == pytest.approx(0.010 + (4e6 / 5e9 + 0.010) / 2)
+    # half a core of background leaves a core free: no slowdown
+    half = downpour(rep1(), Job(**{**job.__dict__, "background_cores": 0.5}), M)
+    assert half.breakdown["compute"] == pytest.approx(0.010)
+
+
 def test_a_slow_shard_is_the_bottleneck_and_more_shards_relieve_it():
     slow = Machine(**{**M.__dict__, "apply_bw": 1e8, "cores": 64})
     big = Job(shards=1, replicas=2, cores_per_host=64)

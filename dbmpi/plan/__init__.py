@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
                    help="link between hosts: a rate (10gbit, 1gbit, 100mbit), MEASURED (the "
                         "calibration's measured link) or a measured link's name (default: "
                         "10gbit)")
+    p.add_argument("--background", type=float, default=0.0, metavar="CORES",
+                   help="cores other tenants keep busy on each host (default: 0)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine and the config's layers first (seconds; cached "
                         "in $XDG_CACHE_HOME/dbmpi/ or ~/.cache/dbmpi/)")

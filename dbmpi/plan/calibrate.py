@@ -286,6 +286,24 @@ def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: i
     return data
 
 
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores busy with anything over the next ``seconds`` (Linux /proc/stat; 0 elsewhere):
+    other tenants' load when this process's own jobs are not running."""
+    def sample():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(0.0, (1 - (i1 - i0) / max(t1 - t0, 1)) * cores)
+
+
 def _features(input_shape) -> int:
     n = 1
     for s in input_shape:

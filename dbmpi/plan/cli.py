@@ -83,6 +83,8 @@ def run(args) -> int:
         raise PlanError(f"--hosts {args.hosts}: must be >= 1 (the hosts the job may use)")
     if args.cores_per_host is not None and args.cores_per_host < 1:
         raise PlanError(f"--cores-per-host {args.cores_per_host}: must be >= 1")
+    if args.background < 0:
+        raise PlanError(f"--background {args.background}: must be >= 0 (cores)")
     if args.top < 1:
         raise PlanError(f"--top {args.top}: must be >= 1")
     cfg = config_mod.load(args.config, args.set)
@@ -101,7 +103,7 @@ def run(args) -> int:
     cores = args.cores_per_host or machine.cores
     link = parse_link(args.link or "10gbit", data)  # checked even when one host needs none
     base = Job(shards=1, replicas=1, hosts=args.hosts, cores_per_host=cores,
-               link=link if args.hosts > 1 else None)
+               link=link if args.hosts > 1 else None, background_cores=args.background)
     replica_of = _replica_of(cfg, shape, classes, times)
 
     def predict(rep, job):

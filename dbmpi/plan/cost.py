@@ -112,6 +112,7 @@ class Job:
     cores_per_host: int = 1
     link: Link | None = None  # between hosts (None: one host)
     shared_cores: bool = False  # the hosts are namespaces of one machine: one pool of cores
+    background_cores: float = 0.0  # cores each machine's other tenants keep busy
 
     @property
     def ranks(self) -> int:
@@ -204,14 +205,16 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         if P > 1:
             exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs)
                         + rep.syncs * m.sync_wait(ranks[k] / cores_of[k]))
-            if ranks[k] > cores_of[k]:
-                # no core to spare: whatever the shards and the coordinator of this machine
+            if ranks[k] + job.background_cores > cores_of[k]:
+                # no core to spare: whatever the shards, the coordinator and other tenants
                 # run per round preempts one partition, and the others wait for it
-                exchange += m.coordinator_cores * rep.compute_s * (k == 0) + others[k]
-        elif workers[k] >= cores_of[k]:
-            # every core computes: the other ranks' work of the round takes turns with the
+                exchange += ((m.coordinator_cores * (k == 0) + job.background_cores)
+                             * rep.compute_s + others[k])
+        elif workers[k] + job.background_cores >= cores_of[k]:
+            # every core computes: the other ranks' (and tenants') work takes turns with the
             # workers' compute, spread over the cores
-            compute += (others[k] + m.coordinator_cores * rep.compute_s * (k == 0)) / cores_of[k]
+            compute += (others[k] + (m.coordinator_cores * (k == 0) + job.background_cores)
+                        * rep.compute_s) / cores_of[k]
         # fetch: Gets to every shard, then one flush; local slices are copies by this core
         fetch = fetch_bytes * local_share / m.copy_bw + S * m.shm.latency_s / job.n_fetch
         push = S * (net if remote else m.shm).latency_s / job.n_push  # posting only
@@ -262,7 +265,8 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
 
     capacity = {res: 1.0 for res in demand if res.startswith(("shard", "NIC"))}
     for k in machines:  # the coordinator runs on the first ps host (host 0)
-        capacity[f"cores of host {k}"] = cores_of[k] - (m.coordinator_cores if k == 0 else 0.0)
+        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - job.background_cores
+                                             - (m.coordinator_cores if k == 0 else 0.0))
     # each replica takes one step per round: rate per replica <= capacity / demand per round
     bounds = {res: capacity[res] / d for res, d in demand.items() if d > 0}
     rate = 1.0 / step_alone
