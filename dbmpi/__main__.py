@@ -176,6 +176,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="data set directory whose manifest gives the input shape and classes "
                         "(default: the run's data.path)")
+    p = sub.add_parser("plan", help="predict a config's samples/s from a cost model and rank "
+                                    "shards, replicas and partitions (docs/planner.md)")
+    from .plan import add_arguments
+
+    add_arguments(p)
     return parser
 
 
@@ -246,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(row)
             print(out)
             return 0
+        if args.cmd == "plan":
+            from .plan.cli import run as plan_run
+
+            return plan_run(args)
         if args.cmd == "export":
             from .export import export_run
 

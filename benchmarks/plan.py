@@ -1,0 +1,259 @@
+"""The planner's cost model against measured Downpour jobs: predicted / measured samples/s.
+
+One model (784-1024-1024-10 ReLU MLP, 1.86M parameters, batch 128, Adagrad, synthetic 28x28
+images from ``data_tools synth``), short jobs of ``--steps`` steps per replica:
+
+1. **One node**: (S, R, P) over S = 1, 2, 4; R = 1, 2; P = 1, 2, 4 (at most 6 ranks, so on
+   2 cores most points oversubscribe), n_fetch = n_push = 1.
+2. **Multi-host bed** (tests/netbed.py, needs root): 3 namespace hosts, coordinator and
+   shards on host 0, one replica on each of hosts 1 and 2, links shaped with ``tc tbf``;
+   the link is measured first (``dbmpi.plan.linkprobe`` between hosts 0 and 1) and the
+   prediction uses that measurement.
+
+The machine is shared with other sessions: before the calibration and before each job the
+script waits (up to 45 s) until other tenants keep at most 0.3 cores busy, and records what
+they kept busy ("others' cores"); "predicted" assumes an otherwise idle machine, "with
+others" gives the model those cores (``--background``).
+The machine is calibrated first (``dbmpi.plan.calibrate``, into a throwaway file). Measured =
+median over the steady windows of each replica's samples/s (the first window, which holds
+start-up, is dropped), summed over replicas. Also checked: is the planner's top choice among
+the measured points within 10% of the best measured one?
+
+    python benchmarks/plan.py [--steps 300] [--links 1gbit 10gbit] [--skip bed]
+
+Prints the table and writes ``benchmarks/results/plan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import ROOT, machine_info, print_table, write_json  # noqa: E402
+from _jobs import run_job  # noqa: E402
+
+from dbmpi.plan import calibrate as cal  # noqa: E402
+from dbmpi.plan.cost import Job, Link, downpour  # noqa: E402
+from dbmpi.plan.shape import partition_plan, replica  # noqa: E402
+
+PY = sys.executable
+LAYERS = [{"type": "dense", "units": 1024, "activation": "relu"},
+          {"type": "dense", "units": 1024, "activation": "relu"}]
+SHAPE, CLASSES, BATCH = (28, 28), 10, 128
+ONE_NODE = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 1, 4),
+            (2, 1, 2), (1, 2, 2)]
+BED = [(2, 2, 1, 1), (2, 2, 1, 4)]  # S, R, P, n_fetch = n_push
+CONFIG = f"""algorithm = "downpour"
+[topology]
+shards = 1
+replicas = 1
+[model]
+layers = {json.dumps(LAYERS).replace('":', '" =')}
+loss = "softmax"
+[data]
+path = "data"
+batch_size = {BATCH}
+shuffle_buffer = 4096
+[optimizer]
+name = "adagrad"
+learning_rate = 0.01
+[downpour]
+steps = 300
+warm_start_steps = 0
+eval_every_s = 1000.0
+log_every = 50
+[checkpoint]
+every_s = 0.0
+[run]
+name = "plan-bench"
+"""
+
+
+def make_data(root: Path) -> Path:
+    idx, shards = root / "idx", root / "shards"
+    for argv in (["synth", "--out", str(idx), "--train", "12000", "--test", "1000"],
+                 ["shard", "idx", "--src", str(idx), "--out", str(shards), "--shards", "4"]):
+        subprocess.run([PY, "-m", "data_tools", *argv], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+    return shards
+
+
+FIELDS = ("fetch_fraction", "push_fraction", "ctrl_fraction", "partition_wait_s")
+
+
+def measured(records: list[dict], replicas: int) -> tuple[float, dict]:
+    """Samples/s summed over replicas, and medians of the step's fractions (replica 0)."""
+    train = [r for r in records if r["kind"] == "train"]
+    total, detail = 0.0, {}
+    for k in range(replicas):
+        mine = sorted((r for r in train if r["replica"] == k), key=lambda r: r["step"])
+        steady = mine[1:] or mine
+        total += statistics.median(r["samples_per_s"] for r in steady)
+        if k == 0:
+            detail = {f: statistics.median(r[f] for r in steady) for f in FIELDS
+                      if f in steady[0]}
+    return total, detail
+
+
+def overrides(data: Path, S: int, R: int, P: int, n: int, steps: int) -> list[str]:
+    return [f"data.path={json.dumps(str(data))}", f"topology.shards={S}",
+            f"topology.replicas={R}", f"topology.partitions={P}", f"downpour.n_fetch={n}",
+            f"downpour.n_push={n}", f"downpour.steps={steps}"]
+
+
+def wait_quiet(timeout: float = 45.0, most: float = 0.3) -> float:
+    """Wait (up to ``timeout`` s) until other tenants keep at most ``most`` cores busy (the
+    machine is shared); return the last reading, recorded with the point."""
+    t_end = time.time() + timeout
+    while True:
+        busy = cal.busy_cores(1.0)
+        if busy <= most or time.time() > t_end:
+            return busy
+
+
+def predict(calib: dict, S: int, R: int, P: int, n: int = 1, hosts: int = 1,
+            link: Link | None = None, background: float = 0.0) -> object:
+    machine = cal.machine_of(calib)
+    times = calib["layers"][cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH)]
+    rep = replica(partition_plan(SHAPE, LAYERS, CLASSES, P), times["seconds"], BATCH,
+                  times["batch"], times["reader_s"])
+    job = Job(S, R, P, n, n, hosts=hosts, cores_per_host=machine.cores, link=link,
+              shared_cores=hosts > 1, background_cores=background)
+    return downpour(rep, job, machine)
+
+
+def one_node(calib: dict, cfg: str, data: Path, steps: int) -> list[dict]:
+    rows = []
+    for S, R, P in ONE_NODE:
+        bg = wait_quiet()
+        load = os.getloadavg()[0]
+        _, recs = run_job(cfg, overrides(data, S, R, P, 1, steps), threads=1, timeout=300)
+        p = predict(calib, S, R, P)
+        got, detail = measured(recs, R)
+        rows.append({"where": "1 node", "S": S, "R": R, "P": P, "n": 1,
+                     "predicted": p.samples_per_s, "measured": got, "detail": detail,
+                     "predicted_with_others": predict(calib, S, R, P,
+                                                      background=bg).samples_per_s,
+                     "predicted_breakdown": p.breakdown, "bottleneck": p.bottleneck,
+                     "load_before": load, "background_cores": bg})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
+               path: Path) -> list[dict]:
+    from tests.netbed import YIELD_ENV, Bed, unavailable
+
+    why = unavailable()
+    if why:
+        print(f"plan.py: skipping the multi-host bed: {why}", flush=True)
+        return []
+    env = {**os.environ, **YIELD_ENV,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    rows = []
+    with Bed(2, name="plancpu") as bed:  # unshaped: the TCP stack's CPU per byte, no waiting
+        lk = cal.measure_link(lambda c: bed.mpiexec_cmd(2, c, rank_hosts=[0, 1]), env=env)
+    tcp_cpu = calib["tcp_cpu_s_per_byte"] = lk["cpu_s_per_byte_with_polling"]
+    print(f"  TCP CPU per byte (unshaped veth): {tcp_cpu:.3g} s", flush=True)
+    for rate in links:
+        with Bed(3, name="plan", rate=rate) as bed:
+            lk = cal.measure_link(lambda c: bed.mpiexec_cmd(2, c, rank_hosts=[0, 1]), env=env)
+            calib.setdefault("links", {})[f"netbed-{rate}"] = lk
+            cal.save(path, calib)
+            print(f"  link {rate}: {lk}", flush=True)
+            for S, R, P, n in BED:
+                ranks = 1 + S + R * P
+                hosts = [0] * (1 + S) + [1 + r % 2 for r in range(R) for _ in range(P)]
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "run"
+                    cmd = [PY, "-m", "mpi4py", "-m", "dbmpi", "train", cfg]
+                    for s in [*overrides(data, S, R, P, n, steps),
+                              f"run.dir={json.dumps(str(out))}"]:
+                        cmd += ["--set", s]
+                    bg = wait_quiet()
+                    load = os.getloadavg()[0]
+                    pr = bed.run(bed.mpiexec_cmd(ranks, cmd, rank_hosts=hosts), timeout=300,
+                                 env=env, capture_output=True, text=True)
+                    if pr.returncode:
+                        raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
+                    recs = [json.loads(x)
+                            for x in (out / "metrics.jsonl").read_text().splitlines()]
+                p = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu))
+                got, detail = measured(recs, R)
+                with_others = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu),
+                                      background=bg).samples_per_s
+                rows.append({"where": f"3 hosts, {rate}", "S": S, "R": R, "P": P, "n": n,
+                             "predicted": p.samples_per_s, "measured": got, "detail": detail,
+                             "predicted_with_others": with_others,
+                             "predicted_breakdown": p.breakdown, "bottleneck": p.bottleneck,
+                             "load_before": load, "background_cores": bg})
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def top_choice(rows: list[dict]) -> dict:
+    """The planner's pick among the measured points against the best measured one."""
+    pick = max(rows, key=lambda r: (r["predicted"], -(1 + r["S"] + r["R"] * r["P"])))
+    best = max(rows, key=lambda r: r["measured"])
+    return {"pick": {k: pick[k] for k in ("S", "R", "P", "n")},
+            "best": {k: best[k] for k in ("S", "R", "P", "n")},
+            "pick_measured_vs_best": pick["measured"] / best["measured"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300, help="steps per replica (default 300)")
+    ap.add_argument("--links", nargs="+", default=["1gbit", "10gbit"],
+                    help="bed link rates (tc tbf; default 1gbit 10gbit)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["one-node", "bed"],
+                    help="parts to leave out")
+    args = ap.parse_args()
+    load0 = os.getloadavg()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="dbmpi-plan-") as tmp:
+        tmp = Path(tmp)
+        data = make_data(tmp)
+        cfg = tmp / "plan.toml"
+        cfg.write_text(CONFIG)
+        path = tmp / "calibration.json"
+        wait_quiet()
+        calib = cal.calibrate(path, SHAPE, LAYERS, CLASSES, "softmax", BATCH, machine_again=True,
+                              data_path=str(data), shuffle_buffer=4096)
+        print(f"calibrated: {json.dumps(calib['machine'])}", flush=True)
+        rows = [] if "one-node" in args.skip else one_node(calib, str(cfg), data, args.steps)
+        if "bed" not in args.skip:
+            rows += bed_points(calib, str(cfg), data, args.steps, args.links, path)
+    for r in rows:
+        r["ratio"] = r["predicted"] / r["measured"]
+    table = [[r["where"], r["S"], r["R"], r["P"], r["n"], round(r["predicted"]),
+              round(r["predicted_with_others"]), round(r["measured"]), round(r["ratio"], 3),
+              "yes" if abs(r["ratio"] - 1) <= 0.2 else "NO", r["bottleneck"],
+              round(r["load_before"], 2), round(r["background_cores"], 2)] for r in rows]
+    load1 = os.getloadavg()
+    print_table(["where", "S", "R", "P", "n", "predicted samples/s", "with others", "measured",
+                 "ratio",
+                 "within 20%", "predicted bottleneck", "load", "others' cores"], table,
+                title=f"784-1024-1024-10 MLP, batch {BATCH}, {args.steps} steps per replica; "
+                      f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
+    choices = {}
+    for where in sorted({r["where"] for r in rows}):
+        choices[where] = top_choice([r for r in rows if r["where"] == where])
+        print(f"{where}: planner picks {choices[where]['pick']}, best measured "
+              f"{choices[where]['best']}, picked/best measured = "
+              f"{choices[where]['pick_measured_vs_best']:.3f}")
+    write_json("plan", {"machine": machine_info(), "calibration": calib, "load_before": load0,
+                        "load_after": load1, "steps": args.steps, "rows": rows,
+                        "top_choice": choices, "seconds": round(time.time() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()

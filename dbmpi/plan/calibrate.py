@@ -1,0 +1,330 @@
+"""Measure what the cost model needs on this machine, in seconds, and cache it.
+
+The cache is one JSON file per machine, ``calibration-HOSTNAME.json`` under
+``$XDG_CACHE_HOME/dbmpi/`` (default ``~/.cache/dbmpi/``):
+
+* ``machine``: sgemm GFLOP/s of one core, copy and Adagrad-apply bytes/s of one core, the
+  compute rate per core with every core busy against one alone (``co_run``), the worker's
+  per-step cost outside the layers, and the shared-memory link (MPI, 2 ranks);
+* ``links``: other measured links by name (e.g. between namespace hosts of tests/netbed.py,
+  written by benchmarks/plan.py), each latency, bandwidth and CPU per byte;
+* ``layers``: per model and batch (keyed by a digest of the layer tables, input shape,
+  classes and batch), forward + backward seconds of each layer on one core.
+
+Compute is timed in a subprocess with one BLAS thread, as the training ranks run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import DbmpiError
+from .cost import Link, Machine
+
+VERSION = 1
+# the coordinator's share of a core during training (records, no live evaluation), measured
+# in docs/performance.md ("Waiting ranks on an oversubscribed node": 0.03-0.04)
+COORDINATOR_CORES = 0.04
+
+
+class CalibrationError(DbmpiError):
+    """No usable calibration: the message names the file and the command that makes one."""
+
+    exit_code = 3
+
+
+def cache_path(env: dict | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dbmpi" / f"calibration-{socket.gethostname()}.json"
+
+
+def signature(input_shape, layers, classes: int, loss: str, batch: int) -> str:
+    key = json.dumps([list(input_shape), layers, classes, loss, batch], sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def load(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no calibration for this machine: run `dbmpi plan "
+                               f"CONFIG --calibrate` first (or pass --calibration FILE)") from None
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{path}: unreadable calibration ({e}): delete it and run "
+                               f"`dbmpi plan CONFIG --calibrate`") from None
+    if data.get("version") != VERSION or "machine" not in data:
+        raise CalibrationError(f"{path}: calibration of another version: run `dbmpi plan "
+                               f"CONFIG --calibrate` to measure again")
+    return data
+
+
+def save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def machine_of(data: dict) -> Machine:
+    m = dict(data["machine"])
+    m["shm"] = Link.of(m["shm"])
+    m["oversub_sync"] = tuple(tuple(p) for p in m.get("oversub_sync", ()))
+    return Machine(**m)
+
+
+def layer_times(data: dict, sig: str, path: Path) -> dict:
+    entry = data.get("layers", {}).get(sig)
+    if entry is None:
+        raise CalibrationError(f"{path}: no layer times for this config's model and batch: run "
+                               f"`dbmpi plan CONFIG --calibrate` (seconds)")
+    return entry
+
+
+# ------------------------------------------------------------------ measurements (1 thread)
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def measure_layers(input_shape, layers, classes: int, loss: str, batch: int,
+                   repeats: int = 7) -> list[float]:
+    """Forward + backward seconds of each layer of the model (output layer and loss last)."""
+    import numpy as np
+
+    import cython_kernels as ck
+
+    from ..model import Model
+    from ..model.model import flat_batch
+
+    model = Model.from_spec(input_shape, layers, classes, loss)
+    model.init_params(0)
+    rng = np.random.default_rng(0)
+    x = flat_batch(rng.standard_normal((batch, *input_shape)).astype(np.float32))
+    y = rng.integers(0, classes, batch)
+    d = np.empty((batch, classes), np.float32)
+    samples = []
+    for _ in range(repeats + 1):
+        t = []
+        h = x
+        for layer in model.layers:
+            t0 = time.perf_counter()
+            h = layer.forward(h, train=True)
+            t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ck.softmax_xent(h, y, d) if loss == "softmax" else ck.multiclass_hinge(h, y, d)
+        t[-1] += time.perf_counter() - t0
+        g = d
+        for i in range(len(model.layers) - 1, -1, -1):
+            t0 = time.perf_counter()
+            g = model.layers[i].backward(g, need_dx=i > 0)
+            t[i] += time.perf_counter() - t0
+        samples.append(t)
+    return [statistics.median(s[i] for s in samples[1:]) for i in range(len(samples[0]))]
+
+
+def measure_reader(path: str, batch: int, shuffle_buffer: int) -> float:
+    """Mean seconds of the data reader's ``next_batch`` (refills of the shuffle buffer from
+    HDF5 included: the mean, not the median, is what a step pays)."""
+    from ..data import open_dataset
+
+    reader = open_dataset(path).reader("train", batch_size=batch, shuffle_buffer=shuffle_buffer)
+    reader.next_batch()
+    n = min(400, max(64, 3 * shuffle_buffer // batch))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        reader.next_batch()
+    return (time.perf_counter() - t0) / n
+
+
+def measure_gang(cores: int, timeout: float = 120) -> list[list[float]]:
+    """[ranks per core, extra seconds per synchronisation] of lockstep gangs of ``cores`` and
+    ``2 * cores`` ranks, each with 2 more ranks that wake every 0.5 ms (a coordinator and a
+    shard): what model partitions lose when ranks outnumber cores."""
+    from ..launch import find_mpiexec, launch_env
+
+    out = []
+    for g in (cores, 2 * cores):
+        n = g + 2
+        cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-m", "dbmpi.plan.linkprobe",
+               "--gang", str(g)]
+        p = subprocess.run(cmd, env=launch_env(n, g, env=_worker_env()), capture_output=True,
+                           text=True, timeout=timeout, check=False)
+        if p.returncode:
+            raise CalibrationError(f"the gang probe failed ({p.returncode}): "
+                                   f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        out.append([n / cores, max(0.0, r["step_s"] - r["compute_s"])])
+    return out
+
+
+def _sgemm_rate(seconds: float = 0.0) -> float:
+    import numpy as np
+
+    a = np.ones((1024, 1024), np.float32)
+    t = _best(lambda: a @ a)
+    if seconds:  # keep a core busy this long (the co-run measurement)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ a
+            n += 1
+        t = (time.perf_counter() - t0) / n
+    return 2 * 1024**3 / t / 1e9
+
+
+def measure_machine(batch: int = 128, features: int = 784) -> dict:
+    import numpy as np
+
+    import cython_kernels as ck
+
+    n = 16 * 2**20  # 64 MB of float32: out of cache, like a shard's slice
+    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+    copy = _best(lambda: np.copyto(dst, src))
+    p, g, acc = np.zeros(n, np.float32), np.full(n, 1e-3, np.float32), np.ones(n, np.float32)
+    apply = _best(lambda: ck.adagrad_dense(p, g, acc, 0.01, 1e-8, True), 3)
+    buf = np.ones((16384, features), np.float32)
+    idx = np.random.default_rng(0).integers(0, 16384, batch)
+    gather = _best(lambda: buf[idx], 50)
+    return {"gflops": _sgemm_rate(), "copy_bw": 2 * 4 * n / copy, "apply_bw": 4 * n / apply,
+            "gather_s": gather}
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    return env
+
+
+def _run_worker(args: list[str], timeout: float = 300) -> dict:
+    p = subprocess.run([sys.executable, "-m", "dbmpi.plan.calibrate", *args], env=_worker_env(),
+                       capture_output=True, text=True, timeout=timeout, check=False)
+    if p.returncode:
+        raise CalibrationError(f"the calibration worker failed ({p.returncode}): "
+                               f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def co_run(cores: int, seconds: float = 1.0) -> float:
+    """sgemm rate per process with ``cores`` processes at once / one alone."""
+    if cores < 2:
+        return 1.0
+    ratios = []
+    for _ in range(3):  # the machine may be shared: the median of three pairs
+        alone = _run_worker(["--sgemm", str(seconds)])["gflops"]
+        procs = [subprocess.Popen([sys.executable, "-m", "dbmpi.plan.calibrate", "--sgemm",
+                                   str(seconds)], env=_worker_env(), stdout=subprocess.PIPE,
+                                  text=True) for _ in range(cores)]
+        rates = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])["gflops"]
+                 for p in procs]
+        ratios.append(statistics.mean(rates) / alone)
+    return min(1.0, statistics.median(ratios))
+
+
+def measure_link(wrap=None, env: dict | None = None, timeout: float = 120) -> dict:
+    """Run the link probe on 2 ranks: ``wrap(cmd)`` gives the argv that starts them (default:
+    this machine's ``mpiexec -n 2``, both ranks here)."""
+    from ..launch import find_mpiexec, launch_env
+
+    cmd = [sys.executable, "-m", "dbmpi.plan.linkprobe"]
+    if wrap is None:
+        cmd = [find_mpiexec(), "-n", "2", *cmd]
+        env = launch_env(2, 2, env=dict(os.environ))
+    else:
+        cmd = wrap(cmd)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                       check=False)
+    if p.returncode:
+        raise CalibrationError(f"the link probe failed ({p.returncode}): "
+                               f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: int,
+              machine_again: bool = False, data_path: str = "", shuffle_buffer: int = 8192) -> dict:
+    """Measure the model's layers and the reader of ``data`` (and the machine, unless cached)
+    into ``path``."""
+    try:
+        data = load(path)
+    except CalibrationError:
+        data = {"version": VERSION, "host": socket.gethostname(), "links": {}, "layers": {}}
+    if machine_again or "machine" not in data:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        rates = _run_worker(["--machine", str(batch), str(_features(input_shape))])
+        shm = measure_link()
+        data["machine"] = {
+            "cores": cores, "gflops": rates["gflops"], "copy_bw": rates["copy_bw"],
+            "apply_bw": rates["apply_bw"], "co_run": co_run(cores),
+            "step_overhead_s": rates["gather_s"], "coordinator_cores": COORDINATOR_CORES,
+            "shm": shm, "oversub_sync": measure_gang(cores)}
+        data["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        data["loadavg"] = os.getloadavg()
+    sig = signature(input_shape, layers, classes, loss, batch)
+    seconds = _run_worker(["--layers", json.dumps([list(input_shape), layers, classes, loss,
+                                                   batch])])["seconds"]
+    entry = {"batch": batch, "seconds": seconds, "reader_s": 0.0}
+    if data_path:  # without a data set the reader is left out (docs/planner.md)
+        entry["reader_s"] = _run_worker(["--reader", data_path, str(batch),
+                                         str(shuffle_buffer)])["seconds"]
+    data.setdefault("layers", {})[sig] = entry
+    save(path, data)
+    return data
+
+
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores busy with anything over the next ``seconds`` (Linux /proc/stat; 0 elsewhere):
+    other tenants' load when this process's own jobs are not running."""
+    def sample():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(0.0, (1 - (i1 - i0) / max(t1 - t0, 1)) * cores)
+
+
+def _features(input_shape) -> int:
+    n = 1
+    for s in input_shape:
+        n *= int(s)
+    return n
+
+
+def main(argv: list[str]) -> None:
+    """The one-thread worker: ``--machine BATCH FEATURES``, ``--sgemm SECONDS``,
+    ``--reader DIR BATCH BUFFER`` or ``--layers JSON``; prints one JSON line."""
+    if argv[0] == "--machine":
+        out = measure_machine(int(argv[1]), int(argv[2]))
+    elif argv[0] == "--reader":
+        out = {"seconds": measure_reader(argv[1], int(argv[2]), int(argv[3]))}
+    elif argv[0] == "--sgemm":
+        out = {"gflops": _sgemm_rate(float(argv[1]))}
+    else:
+        shape, layers, classes, loss, batch = json.loads(argv[1])
+        out = {"seconds": measure_layers(shape, layers, classes, loss, batch)}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,313 @@
+"""The cost model: predicted time of one Downpour step and one Sandblaster iteration.
+
+Pure arithmetic, no MPI and no timing: every rate comes from a :class:`Machine` and
+:class:`Link` (measured by :mod:`dbmpi.plan.calibrate`, or written by hand in tests) and every
+size from a :class:`Replica` (what one model replica computes and moves per step, counted by
+:func:`dbmpi.plan.shape.replica` from the model's own layer specs).
+
+A Downpour replica repeats: fetch (every ``n_fetch`` steps) + compute (with the activation
+exchange between its partitions) + post a push (every ``n_push`` steps; the shard pulls and
+applies it while the replica computes on). Alone, a replica's step takes
+:attr:`Prediction.step_alone_s`. Replicas then share resources, and the job cannot go faster
+than the busiest resource allows (operational analysis: for each resource k with capacity c_k
+and demand D_k seconds per round of one step of every replica, steps/s per replica <=
+c_k / D_k):
+
+* the **cores** of a machine: every worker rank's compute, copies and TCP work, every shard's
+  apply and pulls, the coordinator's share. This is what makes a 5-rank job on 2 cores slower
+  per replica than a 2-rank one: ranks beyond the cores share them (waiting ranks yield, see
+  docs/performance.md, so they take no core);
+* each **shard** (one rank: applies its slice of every push, one chunk after another);
+* each host's **NIC** (fetches leave the ps host, pushes enter it; one resource for both
+  directions, as measured on the test bed).
+
+Partitions of a replica run in lockstep: when ranks outnumber cores, each synchronisation
+costs a measured wait (:meth:`Machine.sync_wait`) and the shards' and coordinator's work on
+the machine lands on the replica's critical path.
+
+Predicted steps/s per replica = min(1 / step_alone, min_k c_k / D_k); the argmin names the
+bottleneck.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+FLOAT = 4  # bytes of a float32 parameter
+
+
+@dataclass(frozen=True)
+class Link:
+    """A path between two ranks: one-way latency, bandwidth (bytes/s) and the CPU its stack
+    spends per byte (TCP; 0 for shared memory, whose copies count as the ranks' compute)."""
+
+    latency_s: float
+    bandwidth: float
+    cpu_s_per_byte: float = 0.0
+
+    @classmethod
+    def of(cls, d: dict, cpu_s_per_byte: float = 0.0) -> Link:
+        return cls(float(d["latency_s"]), float(d["bandwidth"]), cpu_s_per_byte)
+
+    def time(self, nbytes: float, messages: int = 1) -> float:
+        return messages * self.latency_s + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One host's measured rates (one thread each)."""
+
+    cores: int
+    gflops: float  # sgemm per core
+    copy_bw: float  # bytes/s one core moves in a shared-memory fetch or exchange
+    apply_bw: float  # parameter bytes/s one shard applies Adagrad over (from memory)
+    co_run: float  # compute rate per core when every core computes (shared cache/memory) / alone
+    step_overhead_s: float  # per step and worker, outside the layers (reader, protocol)
+    coordinator_cores: float  # share of a core the coordinator takes
+    shm: Link  # between ranks of one host
+    # (ranks per core, extra seconds per synchronisation of a replica's partitions): measured
+    # lockstep gangs with ranks beyond the cores (a descheduled partition holds up the rest)
+    oversub_sync: tuple[tuple[float, float], ...] = ()
+
+    def sync_wait(self, ranks_per_core: float) -> float:
+        """Extra seconds per partition synchronisation at ``ranks_per_core``: 0 up to one
+        rank per core, then linear through the measured points (held beyond the last)."""
+        pts = [(1.0, 0.0), *sorted(self.oversub_sync)]
+        if ranks_per_core <= 1.0 or len(pts) == 1:
+            return 0.0
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if ranks_per_core <= x1:
+                return y0 + (y1 - y0) * (ranks_per_core - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return y1 + (y1 - y0) * (ranks_per_core - x1) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """What one model replica of ``partitions`` ranks does per step of ``batch`` examples."""
+
+    partitions: int
+    batch: int
+    params: int  # the whole replica's parameters
+    part_params: int  # the largest partition's parameters (what it fetches and pushes)
+    compute_s: float  # one step, alone on one core: layers' time summed, slowest partition
+    cpu_s: float  # all partitions' layer time per step (core-seconds)
+    exchange_bytes: int  # the busiest partition's sends per step (forward + backward)
+    exchange_msgs: int  # and its messages per step (sends + receives)
+    syncs: int = 0  # points per step where the partitions wait for each other
+    overhead_s: float = 0.0  # per step and partition outside the layers (the data reader)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A Downpour job: 1 coordinator + ``shards`` + ``replicas`` x ``partitions`` ranks."""
+
+    shards: int
+    replicas: int
+    partitions: int = 1
+    n_fetch: int = 1
+    n_push: int = 1
+    hosts: int = 1
+    cores_per_host: int = 1
+    link: Link | None = None  # between hosts (None: one host)
+    shared_cores: bool = False  # the hosts are namespaces of one machine: one pool of cores
+    background_cores: float = 0.0  # cores each machine's other tenants keep busy
+
+    @property
+    def ranks(self) -> int:
+        return 1 + self.shards + self.replicas * self.partitions
+
+
+@dataclass
+class Prediction:
+    job: Job
+    step_s: float  # one step of one replica, sharing included
+    step_alone_s: float
+    breakdown: dict[str, float]  # seconds per step alone: compute, exchange, fetch, push, overhead
+    utilisation: dict[str, float]  # resource -> busy fraction at the predicted rate
+    bytes_per_step: dict[str, float]  # link -> bytes per replica step
+    bottleneck: str
+    samples_per_s_replica: float = 0.0
+    samples_per_s: float = 0.0
+    ps_utilisation: float = 0.0  # the busiest shard's busy fraction
+    notes: list[str] = field(default_factory=list)
+
+
+def _placement(job: Job):
+    """Host index of every shard and of every replica, as ``dbmpi launch --hosts`` places them
+    (the real planner, with the first host as the only ps host)."""
+    from ..placement import Host, plan
+
+    hosts = [Host(f"h{i}", job.cores_per_host) for i in range(job.hosts)]
+    places = plan(job.shards, job.replicas, job.partitions, hosts, oversubscribe=True)
+    index = {h.name: i for i, h in enumerate(hosts)}
+    shard_host = [index[p.host] for p in places if p.role == "shard"]
+    replica_host = [0] * job.replicas
+    for p in places:
+        if p.role == "replica":
+            replica_host[p.index] = index[p.host]
+    return shard_host, replica_host
+
+
+def _co_run(m: Machine, busy: float) -> float:
+    """Per-core efficiency with ``busy`` computing ranks on a machine: 1 alone, m.co_run once
+    every core computes (linear in between)."""
+    if busy <= 1 or m.cores <= 1:
+        return 1.0
+    return 1.0 - (1.0 - m.co_run) * min(busy - 1, m.cores - 1) / (m.cores - 1)
+
+
+def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
+    """Predicted Downpour step of ``rep`` under ``job`` on machines like ``m``."""
+    if job.partitions != rep.partitions:
+        raise ValueError(f"the replica is cut in {rep.partitions}, the job in {job.partitions}")
+    net = job.link or m.shm
+    S, R, P = job.shards, job.replicas, job.partitions
+    shard_host, replica_host = _placement(job)
+    machine_of = (lambda h: 0) if job.shared_cores else (lambda h: h)
+    machines = sorted({machine_of(h) for h in range(job.hosts)})
+    workers = {k: 0 for k in machines}
+    ranks = {k: 0 for k in machines}
+    for h in replica_host:
+        workers[machine_of(h)] += P
+        ranks[machine_of(h)] += P
+    for h in [0, *shard_host]:  # the coordinator and the shards
+        ranks[machine_of(h)] += 1
+    cores_of = {k: m.cores if job.shared_cores else job.cores_per_host for k in machines}
+    eff = {k: _co_run(m, workers[k]) for k in machines}
+
+    fetch_bytes = FLOAT * rep.part_params / job.n_fetch  # per partition and step
+    push_bytes = FLOAT * rep.part_params / job.n_push
+    step_alone, breakdown, demand, per_link = 0.0, {}, {}, {}
+
+    def add(resource: str, seconds: float) -> None:
+        demand[resource] = demand.get(resource, 0.0) + seconds
+
+    remote_replicas = sum(1 for h in replica_host if any(sh != h for sh in shard_host))
+    # CPU that ranks other than the workers spend per round (one step of every replica) on
+    # each machine: the shards' apply and the TCP stack (half at each end of a transfer)
+    others = {k: 0.0 for k in machines}
+    for h in replica_host:
+        for sh in shard_host:
+            slice_push = P * push_bytes / S
+            others[machine_of(sh)] += slice_push / m.apply_bw
+            if sh != h:
+                tcp = P * (fetch_bytes + push_bytes) / S * net.cpu_s_per_byte
+                others[machine_of(sh)] += tcp / 2
+                others[machine_of(h)] += tcp / 2
+    for r, h in enumerate(replica_host):
+        k = machine_of(h)
+        remote = [s for s in range(S) if shard_host[s] != h]
+        local_share = (S - len(remote)) / S
+        compute = rep.compute_s / eff[k]
+        exchange = 0.0
+        if P > 1:
+            exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs)
+                        + rep.syncs * m.sync_wait(ranks[k] / cores_of[k]))
+            if ranks[k] + job.background_cores > cores_of[k]:
+                # no core to spare: whatever the shards, the coordinator and other tenants
+                # run per round preempts one partition, and the others wait for it
+                exchange += ((m.coordinator_cores * (k == 0) + job.background_cores)
+                             * rep.compute_s + others[k])
+        elif workers[k] + job.background_cores >= cores_of[k]:
+            # every core computes: the other ranks' (and tenants') work takes turns with the
+            # workers' compute, spread over the cores
+            compute += (others[k] + (m.coordinator_cores * (k == 0) + job.background_cores)
+                        * rep.compute_s) / cores_of[k]
+        # fetch: Gets to every shard, then one flush; local slices are copies by this core
+        fetch = fetch_bytes * local_share / m.copy_bw + S * m.shm.latency_s / job.n_fetch
+        push = S * (net if remote else m.shm).latency_s / job.n_push  # posting only
+        if remote:
+            # Over TCP a shard's pull of a push progresses only while the worker calls MPI
+            # (docs/multihost.md), so the transfer is not hidden behind compute; and the
+            # replicas sharing the ps host's link meet there for the part of their step
+            # they spend on it (fixed point of that share)
+            wire = (fetch_bytes + push_bytes) * (1 - local_share) / net.bandwidth
+            rest = compute + fetch + push + m.step_overhead_s + rep.overhead_s
+            share = 1.0
+            for _ in range(20):
+                share = 1.0 + (remote_replicas - 1) * wire * share / (rest + wire * share)
+            fetch += len(remote) * net.latency_s / job.n_fetch + wire * share * fetch_bytes / (
+                fetch_bytes + push_bytes)
+            push += wire * share * push_bytes / (fetch_bytes + push_bytes)
+        parts = {"compute": compute, "exchange": exchange, "fetch": fetch, "push": push,
+                 "overhead": m.step_overhead_s + rep.overhead_s}
+        t = sum(parts.values())
+        if t >= step_alone:
+            step_alone, breakdown = t, parts
+        # cores of the replica's machine: every partition's layers, reads, copies and the
+        # TCP stack's work on both ends of its remote traffic
+        tcp = P * (fetch_bytes + push_bytes) * (1 - local_share) * net.cpu_s_per_byte
+        add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"]
+            + P * fetch_bytes * local_share / m.copy_bw + tcp)
+        for s in range(S):
+            sh = shard_host[s]
+            pull = P * push_bytes / S
+            remote_s = sh != h
+            apply = pull / m.apply_bw + (pull / net.bandwidth if remote_s else 0.0)
+            add(f"shard {s}", apply)
+            add(f"cores of host {machine_of(sh)}", apply)
+            if remote_s:
+                fb = P * fetch_bytes / S
+                # one resource per host for both directions: on the test bed fetches and
+                # pushes over TCP overlapped little (docs/planner.md)
+                add(f"NIC of host {sh}", (fb + pull) / net.bandwidth)
+                add(f"NIC of host {h}", (fb + pull) / net.bandwidth)
+                key = f"host {h} <-> host {sh}"
+                per_link[key] = per_link.get(key, 0.0) + fb + pull
+            else:
+                per_link["shared memory"] = per_link.get("shared memory", 0.0) + (
+                    P * fetch_bytes / S + pull)
+        if P > 1:
+            per_link["partitions (shared memory)"] = (
+                per_link.get("partitions (shared memory)", 0.0) + P * rep.exchange_bytes)
+
+    capacity = {res: 1.0 for res in demand if res.startswith(("shard", "NIC"))}
+    for k in machines:  # the coordinator runs on the first ps host (host 0)
+        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - job.background_cores
+                                             - (m.coordinator_cores if k == 0 else 0.0))
+    # each replica takes one step per round: rate per replica <= capacity / demand per round
+    bounds = {res: capacity[res] / d for res, d in demand.items() if d > 0}
+    rate = 1.0 / step_alone
+    bottleneck = "replica step: " + max(breakdown, key=breakdown.get)
+    for res, b in bounds.items():
+        if b < rate:
+            rate, bottleneck = b, res
+    util = {res: rate * d / capacity[res] for res, d in demand.items()}
+    pred = Prediction(job, 1.0 / rate, step_alone, breakdown, util,
+                      {k: v / R for k, v in per_link.items()}, bottleneck)
+    pred.samples_per_s_replica = rate * rep.batch
+    pred.samples_per_s = pred.samples_per_s_replica * R
+    pred.ps_utilisation = max((u for r_, u in util.items() if r_.startswith("shard")), default=0)
+    if job.ranks > (m.cores if job.shared_cores else job.hosts * job.cores_per_host):
+        pred.notes.append(f"{job.ranks} ranks on "
+                          f"{m.cores if job.shared_cores else job.hosts * job.cores_per_host}"
+                          " cores: ranks share cores")
+    return pred
+
+
+def sandblaster(rep: Replica, job: Job, m: Machine, examples: int, portions: int,
+                history: int = 10) -> dict:
+    """One Sandblaster L-BFGS iteration of ``examples`` (the coordinator hands ``portions``
+    portions to ``job.replicas`` replicas; the shards run the L-BFGS vector operations).
+
+    Modelled, not validated (docs/planner.md): the gradient pass is spread over the replicas
+    at the pace of a replica computing alone, each portion costs a fetch and a push, and the
+    shards' two-loop recursion streams 4 * history + 8 vectors of their slice from memory.
+    """
+    net = job.link or m.shm
+    per_example = rep.compute_s / rep.batch
+    replicas_busy = min(job.replicas, portions)
+    cores = m.cores if job.shared_cores else job.hosts * job.cores_per_host
+    share = min(1.0, (cores - m.coordinator_cores) / max(replicas_busy * rep.partitions, 1))
+    share *= _co_run(m, min(replicas_busy * rep.partitions, cores))
+    compute = examples * per_example / replicas_busy / share
+    per_portion_bytes = FLOAT * rep.part_params
+    rounds = math.ceil(portions / replicas_busy)
+    transfer = rounds * 2 * net.time(per_portion_bytes, job.shards)
+    lbfgs = (4 * history + 8) * FLOAT * rep.params / job.shards / m.copy_bw
+    total = compute + transfer + lbfgs + rounds * m.step_overhead_s
+    parts = {"compute": compute, "fetch+push": transfer, "shard L-BFGS": lbfgs}
+    return {"iteration_s": total, "samples_per_s": examples / total, "breakdown": parts,
+            "bottleneck": max(parts, key=parts.get)}

@@ -1,0 +1,118 @@
+"""Latency, bandwidth and CPU per byte between ranks 0 and 1 (run under mpiexec -n 2).
+
+    mpiexec -n 2 python -m dbmpi.plan.linkprobe [--mib 8]
+
+Rank 0 prints one JSON line: ``latency_s`` (half the median round trip of 8 bytes),
+``bandwidth`` (bytes/s of ``--mib`` MiB Send/Recv, median of round trips, one way) and, for
+information, ``cpu_s_per_byte_with_polling`` (both ranks' CPU time over the bandwidth part
+per byte: on a slow link mostly the waiting rank's polling, so the model does not use it).
+With ``--gang G``: see :func:`gang`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def probe(comm, mib: float, pings: int = 200, rounds: int = 7) -> dict | None:
+    import numpy as np
+
+    rank = comm.Get_rank()
+    small = np.zeros(2, dtype=np.float32)
+    big = np.ones(int(mib * 2**20) // 4, dtype=np.float32)
+    comm.Barrier()
+    rtts = []
+    for i in range(pings + 10):
+        t0 = time.perf_counter()
+        if rank == 0:
+            comm.Send(small, 1)
+            comm.Recv(small, 1)
+        elif rank == 1:
+            comm.Recv(small, 0)
+            comm.Send(small, 0)
+        if i >= 10:
+            rtts.append(time.perf_counter() - t0)
+    comm.Barrier()
+    c0 = time.process_time()
+    trips = []
+    for i in range(rounds + 1):
+        t0 = time.perf_counter()
+        if rank == 0:
+            comm.Send(big, 1)
+            comm.Recv(big, 1)
+        elif rank == 1:
+            comm.Recv(big, 0)
+            comm.Send(big, 0)
+        if i:
+            trips.append(time.perf_counter() - t0)
+    cpu = comm.gather(time.process_time() - c0, root=0)
+    if rank != 0:
+        return None
+    moved = 2 * rounds * big.nbytes
+    return {"latency_s": statistics.median(rtts) / 2,
+            "bandwidth": 2 * big.nbytes / statistics.median(trips),
+            "cpu_s_per_byte_with_polling": (cpu[0] + cpu[1]) / moved}
+
+
+def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | None:
+    """Ranks 0..size-1 compute ``compute_s`` then all-gather, in lockstep, as the partitions
+    of a replica do at every layer; the other ranks wake every 0.5 ms, as shards poll.
+    Returns (rank 0) the median extra seconds per synchronisation over computing alone."""
+    import numpy as np
+    from mpi4py import MPI
+
+    rank = comm.Get_rank()
+    member = rank < size
+    sub = comm.Split(0 if member else MPI.UNDEFINED, rank)
+    if not member:
+        while not comm.Iprobe(source=0, tag=9):
+            time.sleep(0.0005)
+        comm.recv(source=0, tag=9)
+        return None
+    a = np.ones((96, 96), np.float32)
+
+    def work(seconds: float) -> float:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < seconds:  # CPU time: the same work however shared
+            a @ a
+        return time.thread_time() - t0
+
+    out = np.zeros(size, np.float64)
+    steps, cpu = [], []
+    for i in range(iters + 10):
+        t0 = time.perf_counter()
+        c = work(compute_s)
+        sub.Allgather(np.array([c]), out)
+        if i >= 10:
+            steps.append(time.perf_counter() - t0)
+            cpu.append(float(out.max()))
+    sub.Free()
+    if rank != 0:
+        return None
+    for r in range(size, comm.Get_size()):
+        comm.send(None, dest=r, tag=9)
+    return {"gang": size, "others": comm.Get_size() - size,
+            "step_s": statistics.median(steps), "compute_s": statistics.median(cpu)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=float, default=8.0, help="message size (default 8 MiB)")
+    ap.add_argument("--gang", type=int, default=0,
+                    help="instead: a lockstep gang of this many ranks, the rest wake often")
+    args = ap.parse_args()
+    from mpi4py import MPI
+
+    if args.gang:
+        out = gang(MPI.COMM_WORLD, args.gang)
+    else:
+        out = probe(MPI.COMM_WORLD, args.mib)
+    if out is not None:
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

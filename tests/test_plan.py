@@ -1,0 +1,229 @@
+"""The planner: the cost model's pure parts against hand-computed cases, the search, and the
+``dbmpi plan`` command on a synthetic calibration file (no MPI, no timing)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dbmpi import config as config_mod
+from dbmpi.__main__ import main
+from dbmpi.plan import calibrate as cal
+from dbmpi.plan.cost import Job, Link, Machine, Replica, downpour, sandblaster
+from dbmpi.plan.figure3 import SPEECH, Cluster, curves, speech_exchange
+from dbmpi.plan.search import Space, rank
+from dbmpi.plan.shape import partition_plan, replica
+
+SHM = Link(1e-6, 10e9)
+M = Machine(cores=2, gflops=100.0, copy_bw=10e9, apply_bw=5e9, co_run=1.0,
+            step_overhead_s=0.0, coordinator_cores=0.0, shm=SHM)
+
+
+def rep1(compute=0.010, params=1_000_000, batch=100) -> Replica:
+    return Replica(partitions=1, batch=batch, params=params, part_params=params,
+                   compute_s=compute, cpu_s=compute, exchange_bytes=0, exchange_msgs=0)
+
+
+def test_link_time_is_latency_per_message_plus_bytes_over_bandwidth():
+    assert Link(1e-3, 1e6).time(2e6, messages=3) == pytest.approx(3e-3 + 2.0)
+
+
+def test_sync_wait_interpolates_the_measured_points():
+    m = Machine(**{**M.__dict__, "oversub_sync": ((2.0, 0.001), (3.0, 0.003))})
+    assert m.sync_wait(1.0) == 0.0  # a core per rank: no waiting for a descheduled peer
+    assert m.sync_wait(1.5) == pytest.approx(0.0005)
+    assert m.sync_wait(2.5) == pytest.approx(0.002)
+    assert m.sync_wait(4.0) == pytest.approx(0.005)  # extrapolated along the last segment
+
+
+def test_one_replica_alone_is_compute_plus_fetch():
+    # 1 shard on the same host: fetch = 4 MB / 10 GB/s + 1 latency; push posts 1 latency
+    p = downpour(rep1(), Job(shards=1, replicas=1, cores_per_host=2), M)
+    step = 0.010 + 4e6 / 10e9 + 1e-6 + 1e-6
+    assert p.step_alone_s == pytest.approx(step)
+    assert p.samples_per_s == pytest.approx(100 / step)
+    assert p.bottleneck == "replica step: compute"
+    # the shard applies 4 MB at 5 GB/s per step: busy 0.8 ms of every step
+    assert p.ps_utilisation == pytest.approx(4e6 / 5e9 / step)
+    assert p.bytes_per_step["shared memory"] == pytest.approx(8e6)
+
+
+def test_replicas_beyond_the_cores_share_them():
+    # 4 replicas on 2 cores: per round 4 x (10 ms compute + 0.4 ms copy) + 4 x 0.8 ms apply
+    p = downpour(rep1(), Job(shards=1, replicas=4, cores_per_host=2), M)
+    per_round = 4 * (0.010 + 4e6 / 10e9) + 4 * 4e6 / 5e9
+    assert p.bottleneck == "cores of host 0"
+    assert p.samples_per_s == pytest.approx(4 * 100 * 2 / per_round)
+    assert p.utilisation["cores of host 0"] == pytest.approx(1.0)
+    assert p.notes and "share cores" in p.notes[0]
+
+
+def test_other_tenants_take_turns_with_compute_once_no_core_is_free():
+    # 1 replica on 2 cores beside 1 busy core of another tenant: every core computes, so the
+    # tenant's share of the step (1 core x 10 ms) is spread over the 2 cores
+    job = Job(shards=1, replicas=1, cores_per_host=2, background_cores=1.0)
+    p = downpour(rep1(), job, M)
+    assert p.breakdown["compute"] == pytest.approx(0.010 + (4e6 / 5e9 + 0.010) / 2)
+    # half a core of background leaves a core free: no slowdown
+    half = downpour(rep1(), Job(**{**job.__dict__, "background_cores": 0.5}), M)
+    assert half.breakdown["compute"] == pytest.approx(0.010)
+
+
+def test_a_slow_shard_is_the_bottleneck_and_more_shards_relieve_it():
+    slow = Machine(**{**M.__dict__, "apply_bw": 1e8, "cores": 64})
+    big = Job(shards=1, replicas=2, cores_per_host=64)
+    p1 = downpour(rep1(compute=0.001), big, slow)
+    assert p1.bottleneck == "shard 0"
+    assert p1.samples_per_s == pytest.approx(100 / (2 * 4e6 / 1e8) * 2)  # 1 round per 80 ms
+    p4 = downpour(rep1(compute=0.001), Job(shards=4, replicas=2, cores_per_host=64), slow)
+    assert p4.samples_per_s == pytest.approx(4 * p1.samples_per_s)
+
+
+def test_remote_replicas_wait_for_their_traffic_and_share_the_ps_link():
+    # 3 hosts: the shard on host 0, one replica on each of hosts 1 and 2, 100 MB/s links.
+    # Each step moves 4 MB fetch + 4 MB push over the link (w = 80 ms alone), not hidden
+    # behind compute (TCP progress); the other replica is on the link for the share
+    # s w / (r + s w) of its step, so s = 1 + s w / (r + s w): w s^2 + (r - 2w) s - r = 0
+    job = Job(shards=1, replicas=2, hosts=3, cores_per_host=8, link=Link(1e-4, 1e8))
+    p = downpour(rep1(), job, Machine(**{**M.__dict__, "cores": 8}))
+    w, r = 8e6 / 1e8, 0.010 + 1e-6 + 1e-4  # compute, shard latency, posting the push
+    s = (-(r - 2 * w) + math.sqrt((r - 2 * w) ** 2 + 4 * w * r)) / (2 * w)
+    assert p.step_alone_s == pytest.approx(r + 1e-4 + w * s)
+    assert p.bottleneck == "replica step: fetch"
+    # the ps host's NIC: 2 x 8 MB per round at 100 MB/s, busy most of the round
+    assert p.utilisation["NIC of host 0"] == pytest.approx(0.16 / p.step_s)
+    assert p.bytes_per_step["host 1 <-> host 0"] == pytest.approx(4e6)  # half: 2 replicas
+    # a faster link lifts the step
+    fast = downpour(rep1(), Job(**{**job.__dict__, "link": Link(1e-4, 1e9)}),
+                    Machine(**{**M.__dict__, "cores": 8}))
+    assert fast.samples_per_s > 3 * p.samples_per_s
+
+
+def test_partitioned_replica_counts_the_plans_transfers():
+    layers = [{"type": "dense", "units": 8, "activation": "relu"}]
+    plan = partition_plan((4,), layers, 2, 2)
+    r = replica(plan, [0.002, 0.001], batch=10)
+    # each partition computes 4 of 8 hidden units and 1 of 2 logits: half of every layer
+    assert r.compute_s == pytest.approx(0.0015)
+    assert r.cpu_s == pytest.approx(0.003)
+    # forward: 4 hidden units to the peer, then 1 logit; backward: 4 unit gradients back
+    assert r.exchange_bytes == (4 + 1 + 4) * 10 * 4
+    assert r.syncs == 3
+    assert r.params == (4 * 8 + 8) + (8 * 2 + 2)
+
+
+def test_speech_exchange_matches_the_partition_plan():
+    for P in (2, 4):
+        plan = partition_plan(SPEECH["input"], SPEECH["layers"], SPEECH["classes"], P)
+        assert speech_exchange(P, 16)[0] == max(plan.bytes_per_step(16))
+
+
+def test_figure3_shapes_fully_connected_peaks_and_local_keeps_scaling():
+    c = Cluster("t", 8, 8.0, Link(100e-6, 0.94e9 / 8))
+    cv = curves(c, machines=(1, 2, 4, 8, 16, 32, 64, 128))
+    speech = dict(cv["speech"])
+    best = max(speech, key=speech.get)
+    assert 4 <= best <= 32 and speech[128] < speech[best]
+    image = [s for _, s in cv["image"]]
+    assert image[-1] > 8 and image[-1] == max(image)
+
+
+def test_sandblaster_iteration_spreads_compute_over_replicas():
+    m = Machine(**{**M.__dict__, "cores": 64})
+    job = Job(shards=2, replicas=4, cores_per_host=64)
+    out = sandblaster(rep1(compute=0.010, batch=100), job, m, examples=4000, portions=16)
+    assert out["breakdown"]["compute"] == pytest.approx(4000 * 1e-4 / 4)
+    assert out["bottleneck"] == "compute"
+
+
+def test_search_respects_max_ranks_and_ranks_best_first():
+    base = Job(shards=1, replicas=1, cores_per_host=2)
+    space = Space(hosts=1, cores_per_host=2, max_ranks=6, partitions=(1, 2))
+    plan2 = partition_plan((4,), [{"type": "dense", "units": 8}], 2, 2)
+    reps = {1: rep1(), 2: replica(plan2, [0.006, 0.004], 100)}
+    best = rank(space, base, reps.get, lambda r, j: downpour(r, j, M), top=50)
+    assert all(p.job.ranks <= 6 for p in best)
+    scores = [p.samples_per_s * 0.98 ** math.log2(p.job.n_fetch) for p in best]
+    assert scores[0] >= max(scores) * 0.99
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+CONFIG = """algorithm = "downpour"
+[topology]
+shards = 1
+replicas = 1
+[model]
+layers = [{type = "dense", units = 64, activation = "relu"}]
+[data]
+path = "nowhere"
+batch_size = 32
+"""
+
+
+def synthetic_calibration(path, layers, batch=32):
+    sig = cal.signature((28, 28), layers, 10, "softmax", batch)
+    path.write_text(json.dumps({
+        "version": cal.VERSION, "host": "test",
+        "machine": {"cores": 2, "gflops": 90.0, "copy_bw": 1e10, "apply_bw": 5e9,
+                    "co_run": 0.95, "step_overhead_s": 1e-5, "coordinator_cores": 0.04,
+                    "shm": {"latency_s": 2e-6, "bandwidth": 1e10},
+                    "oversub_sync": [[2.0, 3e-4], [3.0, 2.6e-3]]},
+        "links": {"netbed-1gbit": {"latency_s": 3e-4, "bandwidth": 1.2e8}},
+        "layers": {sig: {"batch": batch, "seconds": [0.002, 0.0004], "reader_s": 1e-4}}}))
+
+
+@pytest.fixture
+def planned(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG)
+    calib = tmp_path / "calib.json"
+    synthetic_calibration(calib, [{"type": "dense", "units": 64, "activation": "relu"}])
+    return cfg, calib
+
+
+def test_plan_ranks_and_writes_a_config_the_loader_accepts(planned, tmp_path, capsys):
+    cfg, calib = planned
+    out = tmp_path / "best.toml"
+    rc = main(["plan", str(cfg), "--calibration", str(calib), "--input", "28x28",
+               "--classes", "10", "--write", str(out), "--top", "3"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "this config: S=1 R=1 P=1" in text and "1. S=" in text and "3. S=" in text
+    loaded = config_mod.load(out)
+    assert loaded.model.layers == config_mod.load(cfg).model.layers
+    assert loaded.topology.world_size <= 6
+
+
+def test_plan_with_a_measured_link_over_hosts(planned, capsys):
+    cfg, calib = planned
+    assert main(["plan", str(cfg), "--calibration", str(calib), "--input", "28x28",
+                 "--classes", "10", "--hosts", "3", "--link", "MEASURED"]) == 0
+    assert "3 host(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, code, words", [
+    (["--hosts", "0"], 2, "--hosts 0: must be >= 1"),
+    (["--link", "fast"], 2, "--link fast: not a rate"),
+    (["--calibration", "{missing}"], 3, "--calibrate"),
+])
+def test_bad_plan_inputs_give_one_line_and_a_distinct_status(planned, tmp_path, capsys,
+                                                              extra, code, words):
+    cfg, calib = planned
+    extra = [e.replace("{missing}", str(tmp_path / "none.json")) for e in extra]
+    args = ["plan", str(cfg), "--input", "28x28", "--classes", "10"]
+    if "--calibration" not in extra:
+        args += ["--calibration", str(calib)]
+    assert main(args + extra) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+
+
+def test_missing_cache_names_the_file_and_the_fix(planned, tmp_path, capsys, monkeypatch):
+    cfg, _ = planned
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["plan", str(cfg), "--input", "28x28", "--classes", "10"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "cache" / "dbmpi") in err and "dbmpi plan CONFIG --calibrate" in err
