@@ -80,7 +80,11 @@ Staleness of push q = the number of *other* workers' pushes the shard applied be
 worker's last fetch and push q: ``(BASE_q - (q - 1)) - (APPLIED_f - DONE_f)`` where
 ``APPLIED_f`` and ``DONE_f`` were read at the fetch.
 
-Each counter has one writer: SEQ is changed only by its worker's ``Fetch_and_op(SUM)``,
+Order: a shard applies the pushes pending in one poll in the order (push number, worker), the
+global order a staleness bound relies on (:mod:`dbmpi.train.downpour.bound`).
+
+Each counter has one writer: SEQ is changed only by its worker's ``Fetch_and_op(SUM)``, RETIRED
+by its worker's ``REPLACE`` (or the coordinator's once the worker is lost),
 STOP and CKPT_REQ only by the coordinator's ``REPLACE``, and the shard's own DONE, BASE,
 APPLIED and CKPT_ACK only by the shard's local stores; remote readers use ``NO_OP``, as MPI's
 default ``accumulate_ops=same_op_no_op`` requires. Every counter is an aligned int64, so a
