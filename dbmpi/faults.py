@@ -30,16 +30,16 @@ class Fault:
 
 
 class KillPoint:
-    """Test-only: ``DBMPI_FAULT_KILL=RANK:PUSH:SHARDS`` SIGKILLs world rank RANK (a worker)
-    during its push number PUSH, once the push's data is in place and its SEQ has moved on
-    SHARDS of its shards (0: on none yet). Unset: :attr:`active` is False and nothing is
-    called."""
+    """Test-only: ``DBMPI_FAULT_KILL=RANK:PUSH:SHARDS[,...]`` SIGKILLs world rank RANK (a
+    worker) during its push number PUSH, once the push's data is in place and its SEQ has
+    moved on SHARDS of its shards (0: on none yet). Unset: :attr:`active` is False and nothing
+    is called."""
 
     def __init__(self, rank: int, env: str | None = None):
         spec = os.environ.get("DBMPI_FAULT_KILL", "") if env is None else env
         self.push = self.shards = None
-        if spec:
-            target, push, shards = (int(x) for x in spec.split(":"))
+        for item in filter(None, spec.split(",")):
+            target, push, shards = (int(x) for x in item.split(":"))
             if target == rank:
                 self.push, self.shards = push, shards
         self.active = self.push is not None

@@ -74,7 +74,7 @@ def test_max_staleness_0_is_serial_adagrad_over_the_replicas_in_turn(tmp_path, s
 def test_the_bound_holds_on_every_push_with_a_straggler(tmp_path, small_data, bound):
     """Replica 0 is 4x slower; with the bound no push is staler than s (the others wait),
     without it the fast replicas' pushes pile up between the slow one's fetch and push."""
-    cfg = job_config(tmp_path, small_data, 2, 3, steps=60, read_own_pushes=False,
+    cfg = job_config(tmp_path, small_data, 2, 3, steps=40, read_own_pushes=False,
                      max_staleness=bound, straggler_replica=0, straggler_factor=4.0)
     proc = run_job(6, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,30 +24,10 @@ def probe(comm, mib: float, pings: int = 200, rounds: int = 7) -> dict | None:
     small = np.zeros(2, dtype=np.float32)
     big = np.ones(int(mib * 2**20) // 4, dtype=np.float32)
     comm.Barrier()
-    rtts = []
-    for i in range(pings + 10):
-        t0 = time.perf_counter()
-        if rank == 0:
-            comm.Send(small, 1)
-            comm.Recv(small, 1)
-        elif rank == 1:
-            comm.Recv(small, 0)
-            comm.Send(small, 0)
-        if i >= 10:
-            rtts.append(time.perf_counter() - t0)
+    rtts = _round_trips(comm, small, pings, skip=10)
     comm.Barrier()
     c0 = time.process_time()
-    trips = []
-    for i in range(rounds + 1):
-        t0 = time.perf_counter()
-        if rank == 0:
-            comm.Send(big, 1)
-            comm.Recv(big, 1)
-        elif rank == 1:
-            comm.Recv(big, 0)
-            comm.Send(big, 0)
-        if i:
-            trips.append(time.perf_counter() - t0)
+    trips = _round_trips(comm, big, rounds, skip=1)
     cpu = comm.gather(time.process_time() - c0, root=0)
     if rank != 0:
         return None
@@ -55,6 +35,23 @@ def probe(comm, mib: float, pings: int = 200, rounds: int = 7) -> dict | None:
     return {"latency_s": statistics.median(rtts) / 2,
             "bandwidth": 2 * big.nbytes / statistics.median(trips),
             "cpu_s_per_byte_with_polling": (cpu[0] + cpu[1]) / moved}
+
+
+def _round_trips(comm, buf, count: int, skip: int) -> list[float]:
+    """Seconds of ``count`` round trips of ``buf`` between ranks 0 and 1 (after ``skip``
+    warm-up trips); other ranks take no part."""
+    rank, out = comm.Get_rank(), []
+    for i in range(count + skip):
+        t0 = time.perf_counter()
+        if rank == 0:
+            comm.Send(buf, 1)
+            comm.Recv(buf, 1)
+        elif rank == 1:
+            comm.Recv(buf, 0)
+            comm.Send(buf, 0)
+        if i >= skip:
+            out.append(time.perf_counter() - t0)
+    return out
 
 
 def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | None:
