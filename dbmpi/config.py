@@ -122,6 +122,9 @@ class DownpourConfig:
     # max_staleness other replicas' pushes since its fetch (-1: off; 0: serial SGD over the
     # replicas' minibatches in turn)
     max_staleness: int = -1
+    # Staleness-aware steps (Zhang et al. 2016): the shards divide a push's learning rate by
+    # its staleness (the other replicas' pushes applied since its fetch, when > 1)
+    staleness_aware: bool = False
     # after a process of the job died: how long a rank's heartbeat may stand still before
     # it is counted lost (longer than the longest step of a replica)
     lost_after_s: float = 5.0
@@ -389,6 +392,9 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"must be \"continue\" or \"stop\", got {p.replica_loss!r}")
     _require(p.lost_after_s > 0, f"{s} downpour.lost_after_s",
              f"must be > 0 seconds, got {p.lost_after_s}")
+    _require(not (p.staleness_aware and p.sparse), f"{s} downpour.staleness_aware",
+             "needs dense traffic (downpour.sparse = false): sparse pushes carry no fetch "
+             "point yet")
     _require(p.max_staleness >= -1, f"{s} downpour.max_staleness",
              f"must be >= 0 pushes, or -1 for no bound, got {p.max_staleness}")
     _require(p.max_staleness < 0 or (cfg.topology.partitions == 1 and p.n_fetch == 1

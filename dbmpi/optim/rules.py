@@ -19,6 +19,7 @@ the row is pushed, so Adam counts its steps per parameter (state ``t``).
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from typing import ClassVar
 
@@ -46,6 +47,17 @@ class Optimizer(abc.ABC):
 
     def __init__(self, learning_rate: float):
         self.lr = float(learning_rate)
+
+    @contextlib.contextmanager
+    def lr_scaled(self, scale: float):
+        """Steps inside use ``scale`` x the learning rate (a staleness-aware shard divides it
+        by a push's staleness)."""
+        base = self.lr
+        self.lr = base * scale
+        try:
+            yield self
+        finally:
+            self.lr = base
 
     @classmethod
     @abc.abstractmethod

@@ -13,6 +13,7 @@ import numpy as np
 
 from .server import (
     APPLIED,
+    FETCHED,
     NSLOTS,
     PER_WORKER,
     RETIRED,
@@ -50,6 +51,8 @@ class PSClient:
         # test-only (dbmpi.faults.KillPoint): called with the number of shards whose SEQ has
         # moved for the push being posted (0: its data is in place, no SEQ moved yet)
         self.on_post = None
+        # a staleness-aware PS (dbmpi.ps.ShardService) reads each push's fetch point
+        self.report_fetch = False
 
     # -- fetch -------------------------------------------------------------------------------
     def fetch(self, params: np.ndarray, read_own_pushes: bool = False) -> None:
@@ -119,6 +122,12 @@ class PSClient:
         for target in sent:  # the inboxes hold the push before SEQ moves
             for win in ps.post_windows:
                 win.flush(target)
+        if self.report_fetch:  # before SEQ moves: the shard reads it when it applies the push
+            k = self.pushes % NSLOTS
+            for seg in self.segments:
+                self.ps.ctrl.store(self.counters[seg.shard].others_at_fetch,
+                                   ps.topo.shard_rank(seg.shard),
+                                   seq_index(self.worker) + FETCHED + k)
         if self.on_post is not None:
             self.on_post(0)
         for i, seg in enumerate(self.segments):

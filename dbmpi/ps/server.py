@@ -29,10 +29,12 @@ APPLY_CHUNK = 1 << 18
 # Seconds a shard with workers on other nodes keeps calling MPI after applying a push.
 HOT_S = 0.005
 # ctrl window layout on each shard: ShardCtrl, then per worker SEQ, DONE, BASE of each slot,
-# RETIRED (the worker pushes no more: finished, or lost)
+# RETIRED (the worker pushes no more: finished, or lost), FETCHED of each slot (others' pushes
+# applied at the fetch the slot's gradient was computed on; staleness-aware shards only)
 STOP, APPLIED, CKPT_REQ, CKPT_ACK = ShardCtrl
-CTRL_HEAD, PER_WORKER = len(ShardCtrl), 2 + NSLOTS + 1
-RETIRED = 2 + NSLOTS  # offset in a worker's row
+CTRL_HEAD, PER_WORKER = len(ShardCtrl), 2 + NSLOTS + 1 + NSLOTS
+RETIRED = 2 + NSLOTS  # offsets in a worker's row
+FETCHED = RETIRED + 1
 
 
 def seq_index(worker: int) -> int:
@@ -138,7 +140,8 @@ class ShardService:
     """
 
     def __init__(self, ps: ParameterServer, optimizer, init_block: np.ndarray,
-                 state: np.ndarray | None = None, applied: int = 0, on_checkpoint=None):
+                 state: np.ndarray | None = None, applied: int = 0, on_checkpoint=None,
+                 staleness_aware: bool = False):
         topo = ps.topo
         assert topo.role is Role.SHARD
         self.ps = ps
@@ -162,6 +165,9 @@ class ShardService:
             self.state[:] = state
         self.on_checkpoint = on_checkpoint
         self.checkpointed = 0
+        # Zhang et al. 2016: a push's step is divided by its staleness (the others' pushes
+        # applied since its fetch, FETCHED in its row), so a stale gradient moves less
+        self.staleness_aware = staleness_aware
         self._ctrl = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
         # Per worker: (its rank, its slot size, offset of my part in its slot, my local lo,
         # my local hi), or None when its range misses my block.
@@ -212,7 +218,12 @@ class ShardService:
         for push, w in order:
             slot = (push - 1) % NSLOTS
             if self.worker_slices[w] is not None:
-                self._apply_push(w, slot)
+                if self.staleness_aware:
+                    stale = self.applied - (push - 1) - int(ctrl[seq_index(w) + FETCHED + slot])
+                    with self.optimizer.lr_scaled(1.0 / max(1, stale)):
+                        self._apply_push(w, slot)
+                else:
+                    self._apply_push(w, slot)
             self._publish(seq_index(w) + 2 + slot, self.applied)  # BASE of this push
             self.applied += 1
         applied = len(order)

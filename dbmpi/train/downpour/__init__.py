@@ -102,7 +102,8 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
 
         service = (ShardService if sparse is None else sparse["service"])(
                                ps, make_optimizer(cfg.optimizer), init, state, applied,
-                               on_checkpoint=write_checkpoint)
+                               on_checkpoint=write_checkpoint,
+                               staleness_aware=cfg.downpour.staleness_aware)
     topo.comm.Barrier()  # the shards hold the initial parameters before anyone fetches
     if topo.role is not Role.COORDINATOR and cfg.downpour.replica_loss == "continue":
         coord.watchdog = Watchdog(topo.label, lambda: coord.flags.local[Flag.CENSUS],

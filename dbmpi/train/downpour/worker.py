@@ -51,6 +51,7 @@ class Worker:
         self.fault = Fault(topo.rank)
         self.term = TermReporter(coord)
         self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
+        self.client.report_fetch = self.dp.staleness_aware
         kill = KillPoint(topo.rank)
         if kill.active:
             self.client.on_post = lambda shards: kill.at(self.client.pushes + 1, shards)
