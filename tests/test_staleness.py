@@ -82,7 +82,7 @@ def test_the_bound_holds_on_every_push_with_a_straggler(tmp_path, small_data, bo
     if bound >= 0:
         assert worst <= bound
     else:
-        assert worst > 3  # what the bound prevents
+        assert worst > 1  # what the bound s = 1 prevents (3-8 seen: timing decides)
     waits = {r["replica"]: r["bound_wait_s"] for r in
              map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
              if r["kind"] == "worker_done"}
