@@ -8,6 +8,12 @@ aborts the whole job (status 1) naming the rank that raised it.
 
 from __future__ import annotations
 
+# A rank is gone or does not answer (frozen, killed, its node lost): EX_TEMPFAIL, "try again
+# later": the same command resumes from the last checkpoint. Shared by the coordinator
+# (dbmpi.ps.server.RankUnreachable) and the ranks that find the coordinator gone
+# (dbmpi.liveness.Watchdog).
+EX_TEMPFAIL = 75
+
 
 class DbmpiError(Exception):
     """An error caused by input the user controls (config, data, command line)."""

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+from .errors import EX_TEMPFAIL
 from .log import get_logger
 
 log = get_logger("liveness")
@@ -90,10 +91,6 @@ class Teardown:
 
 TEARDOWN = Teardown()
 
-# exit status of a rank that finds the coordinator gone: as for a rank that cannot be reached
-# (dbmpi.ps.server.RankUnreachable), the same command resumes from the last checkpoint
-COORDINATOR_GONE = 75
-
 
 class Watchdog(threading.Thread):
     """After a death notice: a worker stuck ``2 * lost_after_s`` seconds without a heartbeat of
@@ -154,4 +151,4 @@ class Watchdog(threading.Thread):
               f"(rank 0) did not take a census within {self.answer_s:g} s: it is gone; "
               f"re-run the same command to resume from the last checkpoint",
               file=sys.stderr, flush=True)
-        MPI.COMM_WORLD.Abort(COORDINATOR_GONE)
+        MPI.COMM_WORLD.Abort(EX_TEMPFAIL)

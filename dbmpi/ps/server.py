@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ..errors import DbmpiError, TrainingError
+from ..errors import EX_TEMPFAIL, DbmpiError, TrainingError
 from ..log import get_logger
 from ..protocol import ShardCtrl
 from ..topology import Role, Topology
@@ -328,7 +328,7 @@ class RankUnreachable(DbmpiError):
     newest. Its own exit status, so a job script can tell it from bad input (2) and SIGTERM
     (143): 75, EX_TEMPFAIL, "try again later": the same command resumes once the node is back."""
 
-    exit_code = 75
+    exit_code = EX_TEMPFAIL
 
 
 def stuck_shards(ps: ParameterServer, pause: float = 0.25) -> list[int]:

@@ -29,7 +29,6 @@ import numpy as np
 from ...liveness import NOTICE, TEARDOWN
 from ...log import get_logger
 from ...protocol import Flag, Row
-from ...ps.rma import progress
 from ...ps.server import RETIRED, RankUnreachable, seq_index
 
 log = get_logger("downpour")
@@ -159,5 +158,4 @@ class Census:
                 log.warning("worker %d died while posting push %d: rolled forward on rank %d",
                             w, top, r)
             ps.ctrl.store(1, r, seq_index(w) + RETIRED)  # nobody waits for its pushes
-        progress()
         return [top] * len(ranks)
