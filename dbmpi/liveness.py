@@ -151,4 +151,6 @@ class Watchdog(threading.Thread):
               f"(rank 0) did not take a census within {self.answer_s:g} s: it is gone; "
               f"re-run the same command to resume from the last checkpoint",
               file=sys.stderr, flush=True)
+        # as the runner does: hydra's proxy may act on the abort before it forwards the line
+        time.sleep(0.5)
         MPI.COMM_WORLD.Abort(EX_TEMPFAIL)

@@ -42,7 +42,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    # A zombie answers kill(0) too. A rank whose keep-going shell (dbmpi.launch) was killed
+    # first is reparented to init, and some inits (seen: a VM's) reap it seconds later.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def holder_text(info: dict) -> str:

@@ -57,6 +57,22 @@ def test_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the stale file is not left aside either
 
 
+def test_lock_of_a_zombie_holder_is_taken_over(tmp_path):
+    """A rank that died but whose parent has not reaped it (seen: orphaned ranks under a
+    VM's init) still answers kill(0); its lock is stale all the same."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)  # ended, not yet reaped: a zombie
+        os.kill(child.pid, 0)  # which kill(0) takes for alive
+        assert runlock.stale_reason({"host": socket.gethostname(), "pid": child.pid}, 0.0) \
+            == f"its pid {child.pid} is gone"
+        assert runlock.stale_reason({"host": socket.gethostname(), "pid": os.getpid()},
+                                    0.0) is None
+    finally:
+        child.wait()
+
+
 def test_lock_of_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path):
     _write_lock(tmp_path, "elsewhere-node", 1, age_s=runlock.STALE_S / 2)
     with pytest.raises(RunLocked):
