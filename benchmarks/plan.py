@@ -14,12 +14,15 @@ The machine is shared with other sessions: before the calibration and before eac
 script waits (up to 45 s) until other tenants keep at most 0.3 cores busy, and records what
 they kept busy ("others' cores"); "predicted" assumes an otherwise idle machine, "with
 others" gives the model those cores (``--background``).
-The machine is calibrated first (``dbmpi.plan.calibrate``, into a throwaway file). Measured =
-median over the steady windows of each replica's samples/s (the first window, which holds
-start-up, is dropped), summed over replicas. Also checked: is the planner's top choice among
+The machine is calibrated first (``dbmpi.plan.calibrate``, into a throwaway file). Each
+point runs ``--repeats`` times, the rounds interleaved (this VM's pace drifts by 10-20% over
+minutes), and the layers are timed again before each round: the prediction uses each layer's
+median time, the measurement the median run. A run's samples/s = median over the steady
+windows of each replica (the first window, which holds start-up, is dropped), summed over
+replicas. Also checked: is the planner's top choice among
 the measured points within 10% of the best measured one?
 
-    python benchmarks/plan.py [--steps 300] [--links 1gbit 10gbit] [--skip bed]
+    python benchmarks/plan.py [--steps 300] [--repeats 3] [--links 1gbit 10gbit] [--skip bed]
 
 Prints the table and writes ``benchmarks/results/plan.json``.
 """
@@ -131,26 +134,40 @@ def predict(calib: dict, S: int, R: int, P: int, n: int = 1, hosts: int = 1,
     return downpour(rep, job, machine)
 
 
-def one_node(calib: dict, cfg: str, data: Path, steps: int) -> list[dict]:
-    rows = []
-    for S, R, P in ONE_NODE:
-        bg = wait_quiet()
-        load = os.getloadavg()[0]
-        _, recs = run_job(cfg, overrides(data, S, R, P, 1, steps), threads=1, timeout=300)
-        p = predict(calib, S, R, P)
-        got, detail = measured(recs, R)
-        rows.append({"where": "1 node", "S": S, "R": R, "P": P, "n": 1,
-                     "predicted": p.samples_per_s, "measured": got, "detail": detail,
-                     "predicted_with_others": predict(calib, S, R, P,
-                                                      background=bg).samples_per_s,
-                     "predicted_breakdown": p.breakdown, "bottleneck": p.bottleneck,
-                     "load_before": load, "background_cores": bg})
-        print(f"  {rows[-1]}", flush=True)
+def _point(where: str, S: int, R: int, P: int, n: int) -> dict:
+    return {"where": where, "S": S, "R": R, "P": P, "n": n, "runs": [], "details": [],
+            "loads": [], "others": []}
+
+
+def _measure(row: dict, recs: list[dict], load: float, bg: float) -> None:
+    got, detail = measured(recs, row["R"])
+    row["runs"].append(got)
+    row["details"].append(detail)
+    row["loads"].append(load)
+    row["others"].append(bg)
+    print(f"  {row['where']} S={row['S']} R={row['R']} P={row['P']} n={row['n']}: "
+          f"{got:.0f} samples/s (load {load:.2f}, others' cores {bg:.2f}) {detail}",
+          flush=True)
+
+
+def one_node(cfg: str, data: Path, steps: int, repeats: int, remeasure) -> list[dict]:
+    """Every point ``repeats`` times, interleaved (the machine's pace drifts over minutes);
+    ``remeasure()`` times the layers again before each later round."""
+    rows = [_point("1 node", S, R, P, 1) for S, R, P in ONE_NODE]
+    for round_ in range(repeats):
+        if round_:
+            remeasure()
+        for row in rows:
+            bg = wait_quiet()
+            load = os.getloadavg()[0]
+            _, recs = run_job(cfg, overrides(data, row["S"], row["R"], row["P"], 1, steps),
+                              threads=1, timeout=300)
+            _measure(row, recs, load, bg)
     return rows
 
 
 def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
-               path: Path) -> list[dict]:
+               path: Path, repeats: int) -> list[dict]:
     from tests.netbed import YIELD_ENV, Bed, unavailable
 
     why = unavailable()
@@ -170,34 +187,47 @@ def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
             calib.setdefault("links", {})[f"netbed-{rate}"] = lk
             cal.save(path, calib)
             print(f"  link {rate}: {lk}", flush=True)
-            for S, R, P, n in BED:
-                ranks = 1 + S + R * P
-                hosts = [0] * (1 + S) + [1 + r % 2 for r in range(R) for _ in range(P)]
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = Path(tmp) / "run"
-                    cmd = [PY, "-m", "mpi4py", "-m", "dbmpi", "train", cfg]
-                    for s in [*overrides(data, S, R, P, n, steps),
-                              f"run.dir={json.dumps(str(out))}"]:
-                        cmd += ["--set", s]
-                    bg = wait_quiet()
-                    load = os.getloadavg()[0]
-                    pr = bed.run(bed.mpiexec_cmd(ranks, cmd, rank_hosts=hosts), timeout=300,
-                                 env=env, capture_output=True, text=True)
-                    if pr.returncode:
-                        raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
-                    recs = [json.loads(x)
-                            for x in (out / "metrics.jsonl").read_text().splitlines()]
-                p = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu))
-                got, detail = measured(recs, R)
-                with_others = predict(calib, S, R, P, n, hosts=3, link=Link.of(lk, tcp_cpu),
-                                      background=bg).samples_per_s
-                rows.append({"where": f"3 hosts, {rate}", "S": S, "R": R, "P": P, "n": n,
-                             "predicted": p.samples_per_s, "measured": got, "detail": detail,
-                             "predicted_with_others": with_others,
-                             "predicted_breakdown": p.breakdown, "bottleneck": p.bottleneck,
-                             "load_before": load, "background_cores": bg})
-                print(f"  {rows[-1]}", flush=True)
+            points = [{**_point(f"3 hosts, {rate}", S, R, P, n), "link": rate}
+                      for S, R, P, n in BED]
+            for _ in range(repeats):
+                for row in points:
+                    S, R, P, n = row["S"], row["R"], row["P"], row["n"]
+                    ranks = 1 + S + R * P
+                    hosts = [0] * (1 + S) + [1 + r % 2 for r in range(R) for _ in range(P)]
+                    with tempfile.TemporaryDirectory() as tmp:
+                        out = Path(tmp) / "run"
+                        cmd = [PY, "-m", "mpi4py", "-m", "dbmpi", "train", cfg]
+                        for o in [*overrides(data, S, R, P, n, steps),
+                                  f"run.dir={json.dumps(str(out))}"]:
+                            cmd += ["--set", o]
+                        bg = wait_quiet()
+                        load = os.getloadavg()[0]
+                        pr = bed.run(bed.mpiexec_cmd(ranks, cmd, rank_hosts=hosts),
+                                     timeout=300, env=env, capture_output=True, text=True)
+                        if pr.returncode:
+                            raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
+                        recs = [json.loads(x)
+                                for x in (out / "metrics.jsonl").read_text().splitlines()]
+                    _measure(row, recs, load, bg)
+            rows += points
     return rows
+
+
+def predicted(calib: dict, row: dict) -> None:
+    """Fill in the model's figures for a measured row (medians over its runs)."""
+    link = None
+    if "link" in row:
+        link = Link.of(calib["links"][f"netbed-{row['link']}"], calib["tcp_cpu_s_per_byte"])
+    args = (calib, row["S"], row["R"], row["P"], row["n"])
+    kw = {"hosts": 3, "link": link} if link else {}
+    p = predict(*args, **kw)
+    bg = statistics.median(row["others"])
+    row.update(predicted=p.samples_per_s, measured=statistics.median(row["runs"]),
+               spread=(max(row["runs"]) - min(row["runs"])) / statistics.median(row["runs"]),
+               predicted_with_others=predict(*args, **kw, background=bg).samples_per_s,
+               predicted_breakdown=p.breakdown, bottleneck=p.bottleneck,
+               load_before=statistics.median(row["loads"]), background_cores=bg)
+    row["ratio"] = row["predicted"] / row["measured"]
 
 
 def top_choice(rows: list[dict]) -> dict:
@@ -216,6 +246,8 @@ def main() -> None:
                     help="bed link rates (tc tbf; default 1gbit 10gbit)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["one-node", "bed"],
                     help="parts to leave out")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each point, interleaved; the median counts (default 3)")
     args = ap.parse_args()
     load0 = os.getloadavg()
     t0 = time.time()
@@ -229,20 +261,40 @@ def main() -> None:
         calib = cal.calibrate(path, SHAPE, LAYERS, CLASSES, "softmax", BATCH, machine_again=True,
                               data_path=str(data), shuffle_buffer=4096)
         print(f"calibrated: {json.dumps(calib['machine'])}", flush=True)
-        rows = [] if "one-node" in args.skip else one_node(calib, str(cfg), data, args.steps)
+        sig = cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH)
+        layer_runs = [calib["layers"][sig]]
+
+        def remeasure():
+            wait_quiet()
+            again = cal.calibrate(path, SHAPE, LAYERS, CLASSES, "softmax", BATCH,
+                                  data_path=str(data), shuffle_buffer=4096)
+            layer_runs.append(again["layers"][sig])
+
+        rows = [] if "one-node" in args.skip else one_node(str(cfg), data, args.steps,
+                                                           args.repeats, remeasure)
+        # the layers' times: per layer, the median of the calibrations between the rounds
+        calib["layers"][sig] = {
+            "batch": BATCH,
+            "seconds": [statistics.median(r["seconds"][i] for r in layer_runs)
+                        for i in range(len(layer_runs[0]["seconds"]))],
+            "reader_s": statistics.median(r["reader_s"] for r in layer_runs),
+            "calibrations": len(layer_runs)}
         if "bed" not in args.skip:
-            rows += bed_points(calib, str(cfg), data, args.steps, args.links, path)
+            rows += bed_points(calib, str(cfg), data, args.steps, args.links, path,
+                               args.repeats)
     for r in rows:
-        r["ratio"] = r["predicted"] / r["measured"]
+        predicted(calib, r)
     table = [[r["where"], r["S"], r["R"], r["P"], r["n"], round(r["predicted"]),
-              round(r["predicted_with_others"]), round(r["measured"]), round(r["ratio"], 3),
+              round(r["predicted_with_others"]), round(r["measured"]), round(r["spread"], 2),
+              round(r["ratio"], 3),
               "yes" if abs(r["ratio"] - 1) <= 0.2 else "NO", r["bottleneck"],
               round(r["load_before"], 2), round(r["background_cores"], 2)] for r in rows]
     load1 = os.getloadavg()
-    print_table(["where", "S", "R", "P", "n", "predicted samples/s", "with others", "measured",
-                 "ratio",
+    print_table(["where", "S", "R", "P", "n", "predicted samples/s", "with others",
+                 "measured (median)", "spread", "ratio",
                  "within 20%", "predicted bottleneck", "load", "others' cores"], table,
-                title=f"784-1024-1024-10 MLP, batch {BATCH}, {args.steps} steps per replica; "
+                title=f"784-1024-1024-10 MLP, batch {BATCH}, {args.steps} steps per replica, "
+                      f"{args.repeats} runs per point; "
                       f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
     choices = {}
     for where in sorted({r["where"] for r in rows}):

@@ -11,7 +11,7 @@ import pytest
 from dbmpi import config as config_mod
 from dbmpi.__main__ import main
 from dbmpi.plan import calibrate as cal
-from dbmpi.plan.cost import Job, Link, Machine, Replica, downpour, sandblaster
+from dbmpi.plan.cost import SHARD_HOT_S, Job, Link, Machine, Replica, downpour, sandblaster
 from dbmpi.plan.figure3 import SPEECH, Cluster, curves, speech_exchange
 from dbmpi.plan.search import Space, rank
 from dbmpi.plan.shape import partition_plan, replica
@@ -31,16 +31,28 @@ def test_link_time_is_latency_per_message_plus_bytes_over_bandwidth():
 
 
 def test_sync_wait_interpolates_the_measured_points():
-    m = Machine(**{**M.__dict__, "oversub_sync": ((2.0, 0.001), (3.0, 0.003))})
-    assert m.sync_wait(1.0) == 0.0  # a core per rank: no waiting for a descheduled peer
-    assert m.sync_wait(1.5) == pytest.approx(0.0005)
-    assert m.sync_wait(2.5) == pytest.approx(0.002)
-    assert m.sync_wait(4.0) == pytest.approx(0.005)  # extrapolated along the last segment
+    m = Machine(**{**M.__dict__, "oversub_sync": ((1.0, 0.001), (2.0, 0.003))})
+    assert m.sync_wait(1.0, crowded=False) == 0.0  # a core per rank: no descheduled peer
+    assert m.sync_wait(0.5) == pytest.approx(0.001)  # pollers beside: the first point
+    assert m.sync_wait(1.5) == pytest.approx(0.002)
+    assert m.sync_wait(3.0) == pytest.approx(0.005)  # extrapolated along the last segment
+
+
+def test_idle_shards_polling_take_cores_from_the_replicas():
+    # 2 replicas fill 2 cores; each of 4 shards polls 0.05 of a core: the cores left are
+    # 2 - 4 x 0.05, shared per round by 2 x 10 ms of compute, 2 x 4 MB / 5 GB/s of apply
+    # and 2 fetches of 4 MB copied at 10 GB/s
+    m = Machine(**{**M.__dict__, "shard_poll_cores": 0.05})
+    p = downpour(rep1(), Job(shards=4, replicas=2, cores_per_host=2), m)
+    assert p.bottleneck == "cores of host 0"
+    assert p.step_s == pytest.approx((2 * 0.010 + 2 * 4e6 / 5e9 + 2 * 4e6 / 1e10)
+                                     / (2 - 4 * 0.05))
 
 
 def test_one_replica_alone_is_compute_plus_fetch():
-    # 1 shard on the same host: fetch = 4 MB / 10 GB/s + 1 latency; push posts 1 latency
-    p = downpour(rep1(), Job(shards=1, replicas=1, cores_per_host=2), M)
+    # 1 shard on the same host, a core for each of the 3 ranks: fetch = 4 MB / 10 GB/s +
+    # 1 latency; push posts 1 latency
+    p = downpour(rep1(), Job(shards=1, replicas=1, cores_per_host=3), M)
     step = 0.010 + 4e6 / 10e9 + 1e-6 + 1e-6
     assert p.step_alone_s == pytest.approx(step)
     assert p.samples_per_s == pytest.approx(100 / step)
@@ -66,9 +78,14 @@ def test_other_tenants_take_turns_with_compute_once_no_core_is_free():
     job = Job(shards=1, replicas=1, cores_per_host=2, background_cores=1.0)
     p = downpour(rep1(), job, M)
     assert p.breakdown["compute"] == pytest.approx(0.010 + (4e6 / 5e9 + 0.010) / 2)
-    # half a core of background leaves a core free: no slowdown
+    # half a core of background: 3 ranks + 0.5 still outnumber 2 cores, so the scheduler
+    # spreads the shard's apply and the tenant's half core over both (one is the replica's)
     half = downpour(rep1(), Job(**{**job.__dict__, "background_cores": 0.5}), M)
-    assert half.breakdown["compute"] == pytest.approx(0.010)
+    assert half.breakdown["compute"] == pytest.approx(0.010 + (4e6 / 5e9 + 0.5 * 0.010) / 2)
+    # 4 cores for 3 ranks and half a core: every rank has a core, no slowdown
+    roomy = downpour(rep1(), Job(**{**job.__dict__, "background_cores": 0.5,
+                                    "cores_per_host": 4}), M)
+    assert roomy.breakdown["compute"] == pytest.approx(0.010)
 
 
 def test_a_slow_shard_is_the_bottleneck_and_more_shards_relieve_it():
@@ -82,18 +99,24 @@ def test_a_slow_shard_is_the_bottleneck_and_more_shards_relieve_it():
 
 
 def test_remote_replicas_wait_for_their_traffic_and_share_the_ps_link():
-    # 3 hosts: the shard on host 0, one replica on each of hosts 1 and 2, 100 MB/s links.
-    # Each step moves 4 MB fetch + 4 MB push over the link (w = 80 ms alone), not hidden
-    # behind compute (TCP progress); the other replica is on the link for the share
-    # s w / (r + s w) of its step, so s = 1 + s w / (r + s w): w s^2 + (r - 2w) s - r = 0
+    # 3 hosts: the shard on host 0, one replica on each of hosts 1 and 2, 100 MB/s links,
+    # full duplex. Each step moves a 4 MB fetch (out of host 0) and a 4 MB push (into it),
+    # v = 40 ms each alone, not hidden behind compute (TCP progress); a fetch meets the other
+    # replica's fetch for the share v s / (r + 2 v s) of its step (a push likewise), so
+    # s = 1 + v s / (r + 2 v s): 2 v s^2 + (r - 3 v) s - r = 0
     job = Job(shards=1, replicas=2, hosts=3, cores_per_host=8, link=Link(1e-4, 1e8))
     p = downpour(rep1(), job, Machine(**{**M.__dict__, "cores": 8}))
-    w, r = 8e6 / 1e8, 0.010 + 1e-6 + 1e-4  # compute, shard latency, posting the push
-    s = (-(r - 2 * w) + math.sqrt((r - 2 * w) ** 2 + 4 * w * r)) / (2 * w)
-    assert p.step_alone_s == pytest.approx(r + 1e-4 + w * s)
-    assert p.bottleneck == "replica step: fetch"
-    # the ps host's NIC: 2 x 8 MB per round at 100 MB/s, busy most of the round
-    assert p.utilisation["NIC of host 0"] == pytest.approx(0.16 / p.step_s)
+    v, r = 4e6 / 1e8, 0.010 + 1e-6 + 1e-4  # compute, shard latency, posting the push
+    s = (-(r - 3 * v) + math.sqrt((r - 3 * v) ** 2 + 8 * v * r)) / (4 * v)
+    assert p.step_alone_s == pytest.approx(r + 1e-4 + 2 * v * s)
+    assert p.bottleneck in ("replica step: fetch", "replica step: push")
+    # each direction of the ps host's NIC: 2 x 4 MB per round at 100 MB/s
+    assert p.utilisation["NIC of host 0 out"] == pytest.approx(0.08 / p.step_s)
+    assert p.utilisation["NIC of host 0 in"] == pytest.approx(0.08 / p.step_s)
+    # host 0's cores: the shard pulls (in MPI while the wire moves it) and applies each of
+    # the 2 pushes per round, then spins SHARD_HOT_S
+    assert p.utilisation["cores of host 0"] == pytest.approx(
+        2 * (4e6 / M.apply_bw + 4e6 / 1e8 + SHARD_HOT_S) / p.step_s / (8 - M.coordinator_cores))
     assert p.bytes_per_step["host 1 <-> host 0"] == pytest.approx(4e6)  # half: 2 replicas
     # a faster link lifts the step
     fast = downpour(rep1(), Job(**{**job.__dict__, "link": Link(1e-4, 1e9)}),
@@ -170,7 +193,7 @@ def synthetic_calibration(path, layers, batch=32):
         "machine": {"cores": 2, "gflops": 90.0, "copy_bw": 1e10, "apply_bw": 5e9,
                     "co_run": 0.95, "step_overhead_s": 1e-5, "coordinator_cores": 0.04,
                     "shm": {"latency_s": 2e-6, "bandwidth": 1e10},
-                    "oversub_sync": [[2.0, 3e-4], [3.0, 2.6e-3]]},
+                    "oversub_sync": [[1.0, 3e-4], [2.0, 2.6e-3]], "shard_poll_cores": 0.05},
         "links": {"netbed-1gbit": {"latency_s": 3e-4, "bandwidth": 1.2e8}},
         "layers": {sig: {"batch": batch, "seconds": [0.002, 0.0004], "reader_s": 1e-4}}}))
 

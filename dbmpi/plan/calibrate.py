@@ -5,7 +5,9 @@ The cache is one JSON file per machine, ``calibration-HOSTNAME.json`` under
 
 * ``machine``: sgemm GFLOP/s of one core, copy and Adagrad-apply bytes/s of one core, the
   compute rate per core with every core busy against one alone (``co_run``), the worker's
-  per-step cost outside the layers, and the shared-memory link (MPI, 2 ranks);
+  per-step cost outside the layers, the shared-memory link (MPI, 2 ranks), the wait per
+  synchronisation of lockstep partitions beside polling ranks (``oversub_sync``) and the
+  share of a core an idle shard's polling takes (``shard_poll_cores``);
 * ``links``: other measured links by name (e.g. between namespace hosts of tests/netbed.py,
   written by benchmarks/plan.py), each latency, bandwidth and CPU per byte;
 * ``layers``: per model and batch (keyed by a digest of the layer tables, input shape,
@@ -29,7 +31,7 @@ from pathlib import Path
 from ..errors import DbmpiError
 from .cost import Link, Machine
 
-VERSION = 1
+VERSION = 2  # 2: oversub_sync by busy ranks per core; shard_poll_cores
 # the coordinator's share of a core during training (records, no live evaluation), measured
 # in docs/performance.md ("Waiting ranks on an oversubscribed node": 0.03-0.04)
 COORDINATOR_CORES = 0.04
@@ -151,13 +153,13 @@ def measure_reader(path: str, batch: int, shuffle_buffer: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def measure_gang(cores: int, timeout: float = 120) -> list[list[float]]:
-    """[ranks per core, extra seconds per synchronisation] of lockstep gangs of ``cores`` and
-    ``2 * cores`` ranks, each with 2 more ranks that wake every 0.5 ms (a coordinator and a
-    shard): what model partitions lose when ranks outnumber cores."""
+def measure_gang(cores: int, timeout: float = 120) -> tuple[list[list[float]], float]:
+    """[busy ranks per core, extra seconds per synchronisation] of lockstep gangs of ``cores``
+    and ``2 * cores`` ranks, each with 2 more ranks polling as idle shards do: what model
+    partitions lose when ranks outnumber cores; and the share of a core such a poller takes."""
     from ..launch import find_mpiexec, launch_env
 
-    out = []
+    out, polls = [], []
     for g in (cores, 2 * cores):
         n = g + 2
         cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-m", "dbmpi.plan.linkprobe",
@@ -168,8 +170,9 @@ def measure_gang(cores: int, timeout: float = 120) -> list[list[float]]:
             raise CalibrationError(f"the gang probe failed ({p.returncode}): "
                                    f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        out.append([n / cores, max(0.0, r["step_s"] - r["compute_s"])])
-    return out
+        out.append([g / cores, max(0.0, r["step_s"] - r["compute_s"])])
+        polls.append(r["poll_cores"])
+    return out, statistics.median(polls)
 
 
 def _sgemm_rate(seconds: float = 0.0) -> float:
@@ -267,11 +270,12 @@ def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: i
             os.cpu_count() or 1)
         rates = _run_worker(["--machine", str(batch), str(_features(input_shape))])
         shm = measure_link()
+        sync, poll = measure_gang(cores)
         data["machine"] = {
             "cores": cores, "gflops": rates["gflops"], "copy_bw": rates["copy_bw"],
             "apply_bw": rates["apply_bw"], "co_run": co_run(cores),
             "step_overhead_s": rates["gather_s"], "coordinator_cores": COORDINATOR_CORES,
-            "shm": shm, "oversub_sync": measure_gang(cores)}
+            "shm": shm, "oversub_sync": sync, "shard_poll_cores": poll}
         data["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
         data["loadavg"] = os.getloadavg()
     sig = signature(input_shape, layers, classes, loss, batch)

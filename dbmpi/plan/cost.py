@@ -35,6 +35,9 @@ import math
 from dataclasses import dataclass, field
 
 FLOAT = 4  # bytes of a float32 parameter
+# Seconds a shard with workers on other hosts keeps calling MPI after each push it applies
+# (dbmpi.ps.server.HOT_S: a Put aimed at it advances only while it is in MPI): CPU it burns.
+SHARD_HOT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -66,21 +69,26 @@ class Machine:
     step_overhead_s: float  # per step and worker, outside the layers (reader, protocol)
     coordinator_cores: float  # share of a core the coordinator takes
     shm: Link  # between ranks of one host
-    # (ranks per core, extra seconds per synchronisation of a replica's partitions): measured
-    # lockstep gangs with ranks beyond the cores (a descheduled partition holds up the rest)
+    # (busy ranks per core, extra seconds per synchronisation of a replica's partitions):
+    # measured lockstep gangs with polling ranks beside them (a descheduled partition holds
+    # up the rest)
     oversub_sync: tuple[tuple[float, float], ...] = ()
+    shard_poll_cores: float = 0.0  # share of a core an idle shard's polling takes
 
-    def sync_wait(self, ranks_per_core: float) -> float:
-        """Extra seconds per partition synchronisation at ``ranks_per_core``: 0 up to one
-        rank per core, then linear through the measured points (held beyond the last)."""
-        pts = [(1.0, 0.0), *sorted(self.oversub_sync)]
-        if ranks_per_core <= 1.0 or len(pts) == 1:
+    def sync_wait(self, busy_per_core: float, crowded: bool = True) -> float:
+        """Extra seconds per partition synchronisation with ``busy_per_core`` computing ranks
+        per core: 0 while every rank has a core of its own (``crowded`` False); else linear
+        through the measured points, the first held below it, the last segment extended."""
+        pts = sorted(self.oversub_sync)
+        if not crowded or not pts:
             return 0.0
+        if busy_per_core <= pts[0][0] or len(pts) == 1:
+            return pts[0][1]
         for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if ranks_per_core <= x1:
-                return y0 + (y1 - y0) * (ranks_per_core - x0) / (x1 - x0)
+            if busy_per_core <= x1:
+                return y0 + (y1 - y0) * (busy_per_core - x0) / (x1 - x0)
         (x0, y0), (x1, y1) = pts[-2], pts[-1]
-        return y1 + (y1 - y0) * (ranks_per_core - x1) / (x1 - x0)
+        return y1 + (y1 - y0) * (busy_per_core - x1) / (x1 - x0)
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,11 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         ranks[machine_of(h)] += P
     for h in [0, *shard_host]:  # the coordinator and the shards
         ranks[machine_of(h)] += 1
+    # cores that ranks other than the workers keep busy however little they apply: the
+    # coordinator (on host 0) and every shard's polling
+    idle = {k: m.coordinator_cores * (k == 0) + job.background_cores for k in machines}
+    for h in shard_host:
+        idle[machine_of(h)] += m.shard_poll_cores
     cores_of = {k: m.cores if job.shared_cores else job.cores_per_host for k in machines}
     eff = {k: _co_run(m, workers[k]) for k in machines}
 
@@ -194,7 +207,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             others[machine_of(sh)] += slice_push / m.apply_bw
             if sh != h:
                 tcp = P * (fetch_bytes + push_bytes) / S * net.cpu_s_per_byte
-                others[machine_of(sh)] += tcp / 2
+                others[machine_of(sh)] += tcp / 2 + P * SHARD_HOT_S / job.n_push
                 others[machine_of(h)] += tcp / 2
     for r, h in enumerate(replica_host):
         k = machine_of(h)
@@ -203,34 +216,38 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         compute = rep.compute_s / eff[k]
         exchange = 0.0
         if P > 1:
+            crowded = ranks[k] + job.background_cores > cores_of[k]
             exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs)
-                        + rep.syncs * m.sync_wait(ranks[k] / cores_of[k]))
-            if ranks[k] + job.background_cores > cores_of[k]:
+                        + rep.syncs * m.sync_wait(workers[k] / cores_of[k], crowded))
+            if crowded:
                 # no core to spare: whatever the shards, the coordinator and other tenants
                 # run per round preempts one partition, and the others wait for it
-                exchange += ((m.coordinator_cores * (k == 0) + job.background_cores)
-                             * rep.compute_s + others[k])
-        elif workers[k] + job.background_cores >= cores_of[k]:
-            # every core computes: the other ranks' (and tenants') work takes turns with the
-            # workers' compute, spread over the cores
-            compute += (others[k] + (m.coordinator_cores * (k == 0) + job.background_cores)
-                        * rep.compute_s) / cores_of[k]
+                exchange += idle[k] * rep.compute_s + others[k]
+        elif ranks[k] + job.background_cores > cores_of[k]:
+            # more ranks than cores: the scheduler spreads the other ranks' (and tenants')
+            # work over every core, so it takes turns with the workers' compute even while
+            # a core is idle between their wake-ups (measured: S = 4 shards slow one replica
+            # on 2 cores by 12%)
+            compute += (others[k] + idle[k] * rep.compute_s) / cores_of[k]
         # fetch: Gets to every shard, then one flush; local slices are copies by this core
         fetch = fetch_bytes * local_share / m.copy_bw + S * m.shm.latency_s / job.n_fetch
         push = S * (net if remote else m.shm).latency_s / job.n_push  # posting only
         if remote:
             # Over TCP a shard's pull of a push progresses only while the worker calls MPI
-            # (docs/multihost.md), so the transfer is not hidden behind compute; and the
-            # replicas sharing the ps host's link meet there for the part of their step
-            # they spend on it (fixed point of that share)
-            wire = (fetch_bytes + push_bytes) * (1 - local_share) / net.bandwidth
+            # (docs/multihost.md), so the transfer is not hidden behind compute. Fetches
+            # leave the ps host and pushes enter it: on a full-duplex link a replica's fetch
+            # meets only the others' fetches (its push their pushes), for the share of
+            # their step they spend on them (a fixed point of those shares)
+            wire_f = fetch_bytes * (1 - local_share) / net.bandwidth
+            wire_p = push_bytes * (1 - local_share) / net.bandwidth
             rest = compute + fetch + push + m.step_overhead_s + rep.overhead_s
-            share = 1.0
-            for _ in range(20):
-                share = 1.0 + (remote_replicas - 1) * wire * share / (rest + wire * share)
-            fetch += len(remote) * net.latency_s / job.n_fetch + wire * share * fetch_bytes / (
-                fetch_bytes + push_bytes)
-            push += wire * share * push_bytes / (fetch_bytes + push_bytes)
+            share_f = share_p = 1.0
+            for _ in range(50):
+                step = rest + wire_f * share_f + wire_p * share_p
+                share_f = 1.0 + (remote_replicas - 1) * wire_f * share_f / step
+                share_p = 1.0 + (remote_replicas - 1) * wire_p * share_p / step
+            fetch += len(remote) * net.latency_s / job.n_fetch + wire_f * share_f
+            push += wire_p * share_p
         parts = {"compute": compute, "exchange": exchange, "fetch": fetch, "push": push,
                  "overhead": m.step_overhead_s + rep.overhead_s}
         t = sum(parts.values())
@@ -247,13 +264,15 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             remote_s = sh != h
             apply = pull / m.apply_bw + (pull / net.bandwidth if remote_s else 0.0)
             add(f"shard {s}", apply)
-            add(f"cores of host {machine_of(sh)}", apply)
+            add(f"cores of host {machine_of(sh)}",
+                apply + (P * SHARD_HOT_S / job.n_push if remote_s else 0.0))
             if remote_s:
                 fb = P * fetch_bytes / S
-                # one resource per host for both directions: on the test bed fetches and
-                # pushes over TCP overlapped little (docs/planner.md)
-                add(f"NIC of host {sh}", (fb + pull) / net.bandwidth)
-                add(f"NIC of host {h}", (fb + pull) / net.bandwidth)
+                # each direction of a NIC is its own resource (full duplex)
+                add(f"NIC of host {sh} out", fb / net.bandwidth)
+                add(f"NIC of host {h} in", fb / net.bandwidth)
+                add(f"NIC of host {h} out", pull / net.bandwidth)
+                add(f"NIC of host {sh} in", pull / net.bandwidth)
                 key = f"host {h} <-> host {sh}"
                 per_link[key] = per_link.get(key, 0.0) + fb + pull
             else:
@@ -265,8 +284,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
 
     capacity = {res: 1.0 for res in demand if res.startswith(("shard", "NIC"))}
     for k in machines:  # the coordinator runs on the first ps host (host 0)
-        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - job.background_cores
-                                             - (m.coordinator_cores if k == 0 else 0.0))
+        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k])
     # each replica takes one step per round: rate per replica <= capacity / demand per round
     bounds = {res: capacity[res] / d for res, d in demand.items() if d > 0}
     rate = 1.0 / step_alone

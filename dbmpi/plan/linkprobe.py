@@ -56,18 +56,21 @@ def _round_trips(comm, buf, count: int, skip: int) -> list[float]:
 
 def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | None:
     """Ranks 0..size-1 compute ``compute_s`` then all-gather, in lockstep, as the partitions
-    of a replica do at every layer; the other ranks wake every 0.5 ms, as shards poll.
-    Returns (rank 0) the median extra seconds per synchronisation over computing alone."""
+    of a replica do at every layer; the other ranks poll a window as an idle shard does.
+    Returns (rank 0) the median extra seconds per synchronisation over computing alone, and
+    the share of a core the polling ranks took (``poll_cores``)."""
     import numpy as np
     from mpi4py import MPI
 
+    from ..ps.rma import Window
+
     rank = comm.Get_rank()
     member = rank < size
+    ctrl = Window(comm, 0 if member else 16, np.int64, "probe-ctrl")
     sub = comm.Split(0 if member else MPI.UNDEFINED, rank)
     if not member:
-        while not comm.Iprobe(source=0, tag=9):
-            time.sleep(0.0005)
-        comm.recv(source=0, tag=9)
+        comm.send(_poll_like_a_shard(comm, ctrl), dest=0, tag=10)
+        ctrl.free()
         return None
     a = np.ones((96, 96), np.float32)
 
@@ -87,12 +90,43 @@ def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | 
             steps.append(time.perf_counter() - t0)
             cpu.append(float(out.max()))
     sub.Free()
+    polls = []
+    if rank == 0:
+        for r in range(size, comm.Get_size()):
+            comm.send(None, dest=r, tag=9)
+        polls = [comm.recv(source=r, tag=10) for r in range(size, comm.Get_size())]
+    ctrl.free()
     if rank != 0:
         return None
-    for r in range(size, comm.Get_size()):
-        comm.send(None, dest=r, tag=9)
     return {"gang": size, "others": comm.Get_size() - size,
-            "step_s": statistics.median(steps), "compute_s": statistics.median(cpu)}
+            "step_s": statistics.median(steps), "compute_s": statistics.median(cpu),
+            "poll_cores": statistics.median(polls) if polls else 0.0}
+
+
+def _poll_like_a_shard(comm, ctrl, push_every_s: float = 0.01) -> float:
+    """The idle loop of :meth:`dbmpi.ps.ShardService.serve` (two reads of its counters per
+    poll, the same backoff, woken by a push every ``push_every_s``) until rank 0 says stop;
+    returns its CPU time over its wall time."""
+    import numpy as np
+
+    from ..ps.rma import progress
+    from ..ps.server import Backoff
+
+    mine = np.zeros(16, np.int64)
+    backoff = Backoff(first=5e-4)
+    c0, t0 = time.process_time(), time.perf_counter()
+    next_push = t0 + push_every_s
+    while not comm.Iprobe(source=0, tag=9):
+        for _ in range(2):  # poll(), then stop_requested()
+            progress()
+            ctrl.sync()
+            np.copyto(mine, ctrl.local)
+        if time.perf_counter() >= next_push:
+            backoff.reset()
+            next_push += push_every_s
+        backoff.wait()
+    comm.recv(source=0, tag=9)
+    return (time.process_time() - c0) / (time.perf_counter() - t0)
 
 
 def main() -> None:
