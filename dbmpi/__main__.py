@@ -176,6 +176,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="data set directory whose manifest gives the input shape and classes "
                         "(default: the run's data.path)")
+    p = sub.add_parser("replay", help="re-run a recorded Downpour run (run.record_order = true) "
+                                      "in one process, to the same parameters bit for bit")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR)
+    p.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop each shard after its last push of a step <= STEP and write "
+                        "those parameters (default: replay the whole run and compare)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="parameters file to write (default: RUN_DIR/replay_params.h5, or "
+                        "replay_params_until_STEP.h5)")
     p = sub.add_parser("plan", help="predict a config's samples/s from a cost model and rank "
                                     "shards, replicas and partitions (docs/planner.md)")
     from .plan import add_arguments
@@ -250,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             for row in table:
                 print(row)
             print(out)
+            return 0
+        if args.cmd == "replay":
+            from .replay import replay
+
+            if args.until is not None and args.until < 0:
+                raise DbmpiError(f"--until must be a step >= 0, got {args.until}")
+            print(replay(args.run_dir, args.until, args.out))
             return 0
         if args.cmd == "plan":
             from .plan.cli import run as plan_run

@@ -184,6 +184,10 @@ class RunConfig:
     name: str = "run"
     dir: str = ""  # empty: runs/<name>-<YYYYmmdd-HHMMSS>
     seed: int = 0
+    # Downpour: record which pushes each shard applied in which order and what each fetch
+    # saw (RUN_DIR/order/, dbmpi.order), so that `python -m dbmpi replay RUN_DIR` re-runs the
+    # job to the same parameters bit for bit
+    record_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -416,6 +420,12 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"default), got {c.deadline_s}")
     _validate_sandblaster(cfg, s)
     _require(cfg.run.seed >= 0, f"{s} run.seed", f"must be >= 0, got {cfg.run.seed}")
+    _require(not cfg.run.record_order or (cfg.algorithm == "downpour"
+                                          and cfg.topology.partitions == 1
+                                          and not cfg.downpour.sparse),
+             f"{s} run.record_order",
+             "needs algorithm = \"downpour\", topology.partitions = 1 and dense traffic "
+             "(downpour.sparse = false); set record_order = false or change those")
 
 
 def _a(word: str) -> str:

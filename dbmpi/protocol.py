@@ -21,6 +21,11 @@ class Tag(enum.IntEnum):
     PROGRESS = 32_000  # never sent: probing it only drives MPI's progress engine
 
 
+# Gradient slots per worker in the parameter server's windows (dbmpi.ps): a worker fills push
+# q+1 into one while the shards still apply push q from the other.
+NSLOTS = 2
+
+
 class ShardCtrl(enum.IntEnum):
     """Head of a shard's ``ctrl`` window; per-worker rows follow (:mod:`dbmpi.ps.server`)."""
 
@@ -28,6 +33,7 @@ class ShardCtrl(enum.IntEnum):
     APPLIED = 1  # shard: pushes applied so far
     CKPT_REQ = 2  # coordinator REPLACE: write checkpoint k
     CKPT_ACK = 3  # shard: checkpoint k written
+    WRITING = 4  # shard: 1 while it changes its block (recorded runs: a fetch copies around it)
 
 
 class Flag(enum.IntEnum):

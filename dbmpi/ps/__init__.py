@@ -35,10 +35,12 @@ Windows (a rank exposes 0 bytes in a window that is not its own):
     Memory: a shard holds 2 x its block per worker on another node (4 bytes a parameter
     each): 16 remote replicas of a 50M-parameter block take 6.4 GB; add shards (smaller
     blocks) as replicas grow. A pool of receive slots shared by the workers would bound it.
-``ctrl`` (int64, 4 + 5W for W workers; on each shard)
-    ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, then per worker w: SEQ_w, DONE_w, BASE_w[2],
-    RETIRED_w]``. RETIRED_w = 1: w pushes no more (finished, or lost); workers bounding their
-    staleness (``downpour.max_staleness``) wait only for the others.
+``ctrl`` (int64, 5 + 7W for W workers; on each shard)
+    ``[STOP, APPLIED, CKPT_REQ, CKPT_ACK, WRITING, then per worker w: SEQ_w, DONE_w,
+    BASE_w[2], RETIRED_w, FETCHED_w[2]]``. RETIRED_w = 1: w pushes no more (finished, or
+    lost); workers bounding their staleness (``downpour.max_staleness``) wait only for the
+    others. FETCHED_w[slot]: the others' pushes applied at the fetch that slot's gradient was
+    computed on (staleness-aware shards). WRITING: see *Recorded runs* below.
 
 A *push* (number q) by worker w, step by step:
 
@@ -75,6 +77,14 @@ the old or the new value (float32 stores are single instructions), so a fetched 
 versions of a block but never holds a value that no update produced. A worker that sets
 ``read_own_pushes`` waits for ``DONE_w == SEQ_w`` before fetching, so its fetch reflects all of
 its own pushes (with one replica this makes Downpour equal to serial SGD/Adagrad).
+
+Recorded runs (``run.record_order``, :mod:`dbmpi.order`): the shard stores WRITING = 1 (and
+``Win.Sync``) before the first store of a poll to its block and WRITING = 0 after APPLIED, in
+the same Sync; a fetch copies a shard's part only between two readings of (WRITING, APPLIED)
+that are both (0, n) and equal, retrying otherwise (a sequence lock), so it sees the block
+after exactly n pushes, and notes n. The shard notes each push it applies (worker, push,
+learning-rate divisor). That makes the run replayable bit for bit (:mod:`dbmpi.replay`); a
+fetch may wait while a busy shard applies.
 
 Staleness of push q = the number of *other* workers' pushes the shard applied between this
 worker's last fetch and push q: ``(BASE_q - (q - 1)) - (APPLIED_f - DONE_f)`` where

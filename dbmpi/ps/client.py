@@ -17,6 +17,7 @@ from .server import (
     NSLOTS,
     PER_WORKER,
     RETIRED,
+    WRITING,
     Backoff,
     ParameterServer,
     ctrl_size,
@@ -53,6 +54,10 @@ class PSClient:
         self.on_post = None
         # a staleness-aware PS (dbmpi.ps.ShardService) reads each push's fetch point
         self.report_fetch = False
+        # a recorded run (dbmpi.order): each fetch copies whole blocks and notes, per shard,
+        # how many pushes that block held
+        self.record_order = False
+        self.fetch_log: list[list[int]] = []
 
     # -- fetch -------------------------------------------------------------------------------
     def fetch(self, params: np.ndarray, read_own_pushes: bool = False) -> None:
@@ -60,17 +65,48 @@ class PSClient:
         if read_own_pushes:
             self.wait_acknowledged()
         ps = self.ps
+        seen = []
         for seg in self.segments:
             target = ps.topo.shard_rank(seg.shard)
             self._note_fetch(seg.shard, target)
             lo = seg.start - self.start
             view = ps.params.shared(target)
-            if view is not None:  # same node: copy with loads, no RMA
+            if self.record_order:
+                seen.append(self._fetch_whole(seg, params[lo:lo + seg.count], target, view))
+            elif view is not None:  # same node: copy with loads, no RMA
                 ps.params.sync()
                 np.copyto(params[lo:lo + seg.count], view[seg.offset:seg.offset + seg.count])
             else:
                 ps.params.get(params[lo:lo + seg.count], target, seg.offset)
         self._complete_fetch()
+        if self.record_order:
+            self.fetch_log.append(seen)
+
+    def _fetch_whole(self, seg, dst: np.ndarray, target: int, view) -> int:
+        """Copy my part of ``seg.shard``'s block while no push changes it, and return how many
+        pushes it held: the shard's WRITING was 0 and its APPLIED the same before and after
+        the copy (a sequence lock; the shard raises WRITING before its first store to the
+        block and lowers it after publishing APPLIED)."""
+        ps, backoff = self.ps, Backoff(cap=0.0005)
+        while True:
+            before = self._applied_if_still(target)
+            if before >= 0:
+                if view is not None:
+                    ps.params.sync()
+                    np.copyto(dst, view[seg.offset:seg.offset + seg.count])
+                    ps.params.sync()  # the copy's loads before the second reading
+                else:
+                    ps.params.get(dst, target, seg.offset)
+                    ps.params.flush(target)
+                if self._applied_if_still(target) == before:
+                    return before
+            backoff.wait()
+
+    def _applied_if_still(self, target: int) -> int:
+        """The shard's APPLIED, or -1 while it is changing its block."""
+        if self.ps.ctrl.load(target, WRITING):
+            return -1
+        return int(self.ps.ctrl.load(target, APPLIED))
 
     def _note_fetch(self, shard: int, target: int) -> None:
         """One read of a shard's counters at a fetch, for staleness (workers only)."""

@@ -12,26 +12,22 @@ import numpy as np
 
 from ..errors import EX_TEMPFAIL, DbmpiError, TrainingError
 from ..log import get_logger
-from ..protocol import ShardCtrl
+from ..protocol import NSLOTS, ShardCtrl
 from ..topology import Role, Topology
+from .apply import APPLY_CHUNK, apply_chunks
 from .layout import ParamLayout
 from .rma import Window, progress
 
 log = get_logger("ps")
 
-# Gradient slots per worker: a worker fills push q+1 into one slot while the shards still
-# apply push q from the other, so pushing overlaps with the shards' optimizer step.
-NSLOTS = 2
-# Elements a shard applies between two progress calls (1 MiB of float32, ~0.1 ms of Adagrad):
-# off-node operations aimed at the shard wait for its next MPI call, so it never computes for
-# long without one; the chunk is also cache-sized, so a gradient crosses memory once.
-APPLY_CHUNK = 1 << 18
+# Gradient slots per worker (NSLOTS, dbmpi.protocol): a worker fills push q+1 into one slot
+# while the shards still apply push q from the other, so pushing overlaps with their apply.
 # Seconds a shard with workers on other nodes keeps calling MPI after applying a push.
 HOT_S = 0.005
 # ctrl window layout on each shard: ShardCtrl, then per worker SEQ, DONE, BASE of each slot,
 # RETIRED (the worker pushes no more: finished, or lost), FETCHED of each slot (others' pushes
 # applied at the fetch the slot's gradient was computed on; staleness-aware shards only)
-STOP, APPLIED, CKPT_REQ, CKPT_ACK = ShardCtrl
+STOP, APPLIED, CKPT_REQ, CKPT_ACK, WRITING = ShardCtrl
 CTRL_HEAD, PER_WORKER = len(ShardCtrl), 2 + NSLOTS + 1 + NSLOTS
 RETIRED = 2 + NSLOTS  # offsets in a worker's row
 FETCHED = RETIRED + 1
@@ -137,11 +133,13 @@ class ShardService:
     ``state`` (the optimizer's accumulator) and ``applied`` may come from a checkpoint.
     ``on_checkpoint(sequence, service)``, if given, is called when the coordinator asks for
     checkpoint ``sequence`` (by then every worker has paused with its pushes applied).
+    ``record_order``: keep ``order``, (worker, push, learning-rate divisor) of every push
+    applied, and raise WRITING while the block changes (:mod:`dbmpi.order`).
     """
 
     def __init__(self, ps: ParameterServer, optimizer, init_block: np.ndarray,
                  state: np.ndarray | None = None, applied: int = 0, on_checkpoint=None,
-                 staleness_aware: bool = False):
+                 staleness_aware: bool = False, record_order: bool = False):
         topo = ps.topo
         assert topo.role is Role.SHARD
         self.ps = ps
@@ -168,6 +166,8 @@ class ShardService:
         # Zhang et al. 2016: a push's step is divided by its staleness (the others' pushes
         # applied since its fetch, FETCHED in its row), so a stale gradient moves less
         self.staleness_aware = staleness_aware
+        self.record_order = record_order
+        self.order: list[tuple[int, int, int]] = []
         self._ctrl = np.zeros(ctrl_size(ps.num_workers), dtype=np.int64)
         # Per worker: (its rank, its slot size, offset of my part in its slot, my local lo,
         # my local hi), or None when its range misses my block.
@@ -208,6 +208,9 @@ class ShardService:
         if not pending:
             return 0
         t0, c0 = time.perf_counter(), time.process_time()
+        if self.record_order:  # a recorded fetch copies my block only while this is 0
+            self._publish(WRITING, 1)
+            ps.ctrl.sync()
         for win in ps.push_windows:
             win.sync()  # the pushes' data is visible from here (mapped slots and inboxes)
         # in the global order (push number, worker): each worker's in its own order, and the
@@ -217,13 +220,17 @@ class ShardService:
                                          int(ctrl[seq_index(w)]) + 1))
         for push, w in order:
             slot = (push - 1) % NSLOTS
+            divisor = 1
             if self.worker_slices[w] is not None:
                 if self.staleness_aware:
-                    stale = self.applied - (push - 1) - int(ctrl[seq_index(w) + FETCHED + slot])
-                    with self.optimizer.lr_scaled(1.0 / max(1, stale)):
+                    divisor = max(1, self.applied - (push - 1)
+                                  - int(ctrl[seq_index(w) + FETCHED + slot]))
+                    with self.optimizer.lr_scaled(1.0 / divisor):
                         self._apply_push(w, slot)
                 else:
                     self._apply_push(w, slot)
+            if self.record_order:
+                self.order.append((w, push, divisor))
             self._publish(seq_index(w) + 2 + slot, self.applied)  # BASE of this push
             self.applied += 1
         applied = len(order)
@@ -232,6 +239,8 @@ class ShardService:
         for w in pending:
             i = seq_index(w)
             self._publish(i + 1, int(ctrl[i]))  # DONE_w = SEQ_w: acknowledged
+        if self.record_order:
+            self._publish(WRITING, 0)  # after APPLIED: a fetch that saw both saw the block whole
         ps.ctrl.sync()
         self.busy_s += time.perf_counter() - t0
         self.busy_cpu_s += time.process_time() - c0
@@ -261,18 +270,13 @@ class ShardService:
         Refuses a non-finite push so that parameters and checkpoints stay clean: the job ends
         here, before any NaN reaches the block (the check rides on the update's own pass).
         """
-        state = self.state
-        for lo in range(0, g.shape[0], APPLY_CHUNK):
-            part = g[lo:lo + APPLY_CHUNK]
-            s = slice(a + lo, a + lo + part.shape[0])
-            bad = self.optimizer.step(self.params[s], part, state[:, s], check_finite=True)
-            if bad >= 0:
-                lo_global = self.ps.layout.block(self.shard)[0]
-                raise TrainingError(
-                    f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
-                    f"(near parameter {lo_global + a + lo + bad}); training diverged: lower "
-                    f"optimizer.learning_rate")
-            progress()
+        bad = apply_chunks(self.optimizer, self.params, self.state, g, a, APPLY_CHUNK, progress)
+        if bad >= 0:
+            lo_global = self.ps.layout.block(self.shard)[0]
+            raise TrainingError(
+                f"shard {self.shard}: worker {w} pushed a gradient holding NaN or Inf "
+                f"(near parameter {lo_global + a + bad}); training diverged: lower "
+                f"optimizer.learning_rate")
 
     def _checkpoint(self, sequence: int) -> None:
         if self.on_checkpoint is not None:

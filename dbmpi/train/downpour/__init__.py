@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from ... import checkpoint as ckpt_mod
+from ... import order as order_mod
 from ...config import Config
 from ...data import open_dataset
 from ...faults import Fault, checkpoint_delay
@@ -103,7 +104,8 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
         service = (ShardService if sparse is None else sparse["service"])(
                                ps, make_optimizer(cfg.optimizer), init, state, applied,
                                on_checkpoint=write_checkpoint,
-                               staleness_aware=cfg.downpour.staleness_aware)
+                               staleness_aware=cfg.downpour.staleness_aware,
+                               record_order=cfg.run.record_order)
     topo.comm.Barrier()  # the shards hold the initial parameters before anyone fetches
     if topo.role is not Role.COORDINATOR and cfg.downpour.replica_loss == "continue":
         coord.watchdog = Watchdog(topo.label, lambda: coord.flags.local[Flag.CENSUS],
@@ -123,14 +125,20 @@ def run(cfg: Config, topo: Topology, run_dir: Path, t0: float,
                 coord.beat()
 
             applied = service.serve(heartbeat=heartbeat)
+            if cfg.run.record_order:
+                order_mod.write_shard(run_dir, topo.index, service.order)
             metrics.write("shard", shard=topo.index, pushes_applied=applied,
                           inbox_workers=sum(s == topo.index for s, _ in ps.inbox_at),
                           busy_s=round(service.busy_s, 3),
                           busy_cpu_s=round(service.busy_cpu_s, 3))
         elif topo.role is Role.REPLICA:
-            (Worker if sparse is None else sparse["worker"])(
-                   cfg, topo, partitioned.replica_model(cfg, topo, model, dataset), dataset, ps,
-                   coord, metrics, resume).run()
+            worker = (Worker if sparse is None else sparse["worker"])(
+                cfg, topo, partitioned.replica_model(cfg, topo, model, dataset), dataset, ps,
+                coord, metrics, resume)
+            worker.run()
+            if cfg.run.record_order:
+                order_mod.write_worker(run_dir, worker.worker, worker.client.fetch_log,
+                                       cfg.topology.shards, worker.step, worker.client.pushes)
         else:
             result = Coordinator(cfg, topo, model, dataset, ps, coord, metrics, run_dir, t0,
                                  resume).run()

@@ -52,6 +52,7 @@ class Worker:
         self.term = TermReporter(coord)
         self.client = PSClient(ps, *model.param_range, worker=self.worker, replica=topo.index)
         self.client.report_fetch = self.dp.staleness_aware
+        self.client.record_order = cfg.run.record_order
         kill = KillPoint(topo.rank)
         if kill.active:
             self.client.on_post = lambda shards: kill.at(self.client.pushes + 1, shards)
