@@ -111,9 +111,10 @@ class SparseShardService(ShardService):
     """A shard that applies the table part of a push to the pushed rows only."""
 
     def __init__(self, ps: SparseParameterServer, optimizer, init_block, state=None, applied=0,
-                 on_checkpoint=None, staleness_aware: bool = False):
+                 on_checkpoint=None, staleness_aware: bool = False, record_order: bool = False):
+        # (the config refuses staleness_aware and record_order with sparse traffic)
         super().__init__(ps, optimizer, init_block, state, applied, on_checkpoint,
-                         staleness_aware)
+                         staleness_aware, record_order)
         lo, hi = ps.layout.block(self.shard)
         d = ps.dim
         self.n_table = max(0, min(hi, ps.table) - lo)  # my elements of the table
