@@ -125,7 +125,7 @@ def wait_quiet(timeout: float = 45.0, most: float = 0.3) -> float:
 
 def predict(calib: dict, S: int, R: int, P: int, n: int = 1, hosts: int = 1,
             link: Link | None = None, background: float = 0.0) -> object:
-    machine = cal.machine_of(calib)
+    machine = cal.machine_for(calib, cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH))
     times = calib["layers"][cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH)]
     rep = replica(partition_plan(SHAPE, LAYERS, CLASSES, P), times["seconds"], BATCH,
                   times["batch"], times["reader_s"])
@@ -278,6 +278,7 @@ def main() -> None:
             "seconds": [statistics.median(r["seconds"][i] for r in layer_runs)
                         for i in range(len(layer_runs[0]["seconds"]))],
             "reader_s": statistics.median(r["reader_s"] for r in layer_runs),
+            "co_run": statistics.median(r["co_run"] for r in layer_runs),
             "calibrations": len(layer_runs)}
         if "bed" not in args.skip:
             rows += bed_points(calib, str(cfg), data, args.steps, args.links, path,

@@ -156,18 +156,25 @@ def append_iterate(path: str | Path, x: np.ndarray, **scalars: float) -> None:
             d[-1] = value
 
 
+def require_schema(f: h5py.File, path, schema: str, version: int, what: str,
+                   fix: str = "") -> None:
+    """One DbmpiError line naming ``path`` unless file ``f`` has ``schema`` at ``version``."""
+    tail = f": {fix}" if fix else ""
+    if f.attrs.get("schema") != schema:
+        raise DbmpiError(f"{path}: not a {what} (attribute 'schema' is "
+                         f"{f.attrs.get('schema')!r}, expected {schema!r}){tail}")
+    got = int(f.attrs.get("schema_version", -1))
+    if got != version:
+        raise DbmpiError(f"{path}: schema_version {got} is not supported (this dbmpi reads "
+                         f"{version}){tail}")
+
+
 def load_params(path: str | Path) -> tuple[np.ndarray, dict]:
     """Return (params, model config dict); errors name the file and the fix."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("schema") != PARAMS_SCHEMA:
-                raise DbmpiError(f"{path}: not a dbmpi parameter file (attribute 'schema' is "
-                                 f"{f.attrs.get('schema')!r}, expected {PARAMS_SCHEMA!r})")
-            version = int(f.attrs.get("schema_version", -1))
-            if version != PARAMS_VERSION:
-                raise DbmpiError(f"{path}: schema_version {version} is not supported "
-                                 f"(this dbmpi reads {PARAMS_VERSION})")
+            require_schema(f, path, PARAMS_SCHEMA, PARAMS_VERSION, "dbmpi parameter file")
             params = f["params"][...]
             model = json.loads(f.attrs["model"])
     except OSError as exc:

@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .checkpoint import writing
+from .checkpoint import require_schema, writing
 from .errors import DbmpiError
 
 SCHEMA, VERSION = "dbmpi.order", 1
@@ -89,13 +89,7 @@ def _read(path: Path, index: int, name: str, cols: int) -> tuple[np.ndarray, dic
                          f"finish): {FIX}")
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("schema") != SCHEMA:
-                raise DbmpiError(f"{path}: not a dbmpi order file (attribute 'schema' is "
-                                 f"{f.attrs.get('schema')!r}, expected {SCHEMA!r}): {FIX}")
-            version = int(f.attrs.get("schema_version", -1))
-            if version != VERSION:
-                raise DbmpiError(f"{path}: schema_version {version} is not supported (this "
-                                 f"dbmpi reads {VERSION}): {FIX}")
+            require_schema(f, path, SCHEMA, VERSION, "dbmpi order file", FIX)
             if name not in f or f[name].ndim != 2 or f[name].shape[1] != cols:
                 raise DbmpiError(f"{path}: dataset '{name}' is missing or not n x {cols}: {FIX}")
             if int(f.attrs.get("index", -1)) != index:

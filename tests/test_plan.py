@@ -244,6 +244,24 @@ def test_bad_plan_inputs_give_one_line_and_a_distinct_status(planned, tmp_path, 
     assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
 
 
+def test_a_models_own_co_run_replaces_the_machines(tmp_path):
+    """The replicas' co-run slowdown measured with the model's own step (fetch copy + layers)
+    is the one the model uses for that model; other models keep sgemm's."""
+    layers = [{"type": "dense", "units": 64, "activation": "relu"}]
+    path = tmp_path / "calib.json"
+    synthetic_calibration(path, layers)
+    data = json.loads(path.read_text())
+    sig = cal.signature((28, 28), layers, 10, "softmax", 32)
+    assert cal.machine_for(data, sig).co_run == 0.95
+    data["layers"][sig]["co_run"] = 0.8
+    assert cal.machine_for(data, sig).co_run == 0.8
+    assert cal.machine_for(data, "another model").co_run == 0.95
+    # and it slows two replicas that share the cores: compute / 0.8 once both cores compute
+    m = cal.machine_for(data, sig)
+    p = downpour(rep1(), Job(shards=1, replicas=2, cores_per_host=2), m)
+    assert p.breakdown["compute"] >= 0.010 / 0.8
+
+
 def test_missing_cache_names_the_file_and_the_fix(planned, tmp_path, capsys, monkeypatch):
     cfg, _ = planned
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

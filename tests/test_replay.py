@@ -63,14 +63,17 @@ def test_an_asynchronous_run_replays_to_its_parameters_bit_for_bit(recorded):
 @pytest.mark.parametrize("variant", ["rma-only-n3", "staleness-aware"])
 def test_other_transports_and_rules_replay_bit_for_bit(tmp_path, small_data, variant):
     """Fetches through MPI_Get (as between nodes) with n_fetch = n_push = 3 (gradients summed
-    in the slot); staleness-aware steps (the shard's divisor is recorded)."""
+    in the slot); staleness-aware steps (the shard's divisor is recorded) with dropout."""
     if variant == "rma-only-n3":
         cfg = job_config(tmp_path, small_data, 2, 2, steps=45, read_own_pushes=False,
                          n_fetch=3, n_push=3)
         env = {"DBMPI_RMA_SHARED": "0"}
-    else:
+    else:  # with dropout: each replica's masks come from the run's seed
         cfg = job_config(tmp_path, small_data, 1, 3, steps=60, read_own_pushes=False,
                          staleness_aware=True)
+        text = cfg.read_text()
+        assert 'activation = "relu"}' in text
+        cfg.write_text(text.replace('activation = "relu"}', 'activation = "relu", dropout = 0.3}'))
         env = {}
     proc = run_job(1 + 2 + 2 if variant == "rma-only-n3" else 1 + 1 + 3,
                    ["train", str(cfg), *RECORD], env=env)

@@ -18,6 +18,7 @@ Compute is timed in a subprocess with one BLAS thread, as the training ranks run
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -83,6 +84,14 @@ def machine_of(data: dict) -> Machine:
     return Machine(**m)
 
 
+def machine_for(data: dict, sig: str) -> Machine:
+    """The machine as a model's replicas see it: its ``co_run`` measured with that model's own
+    step where the calibration has it (sgemm's otherwise)."""
+    m = machine_of(data)
+    co = data.get("layers", {}).get(sig, {}).get("co_run")
+    return m if co is None else dataclasses.replace(m, co_run=float(co))
+
+
 def layer_times(data: dict, sig: str, path: Path) -> dict:
     entry = data.get("layers", {}).get(sig)
     if entry is None:
@@ -137,6 +146,28 @@ def measure_layers(input_shape, layers, classes: int, loss: str, batch: int,
             t[i] += time.perf_counter() - t0
         samples.append(t)
     return [statistics.median(s[i] for s in samples[1:]) for i in range(len(samples[0]))]
+
+
+def step_rate(input_shape, layers, classes: int, loss: str, batch: int,
+              seconds: float) -> float:
+    """Steps/s of a replica's own work on one core over ``seconds``: the fetch (a copy of the
+    whole parameter vector) and the model's forward + backward."""
+    import numpy as np
+
+    from ..model import Model
+    from ..model.model import flat_batch
+
+    model = Model.from_spec(input_shape, layers, classes, loss)
+    fetched = model.init_params(0).copy()
+    rng = np.random.default_rng(0)
+    x = flat_batch(rng.standard_normal((batch, *input_shape)).astype(np.float32))
+    y = rng.integers(0, classes, batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.copyto(model.params, fetched)
+        model.forward_backward(x, y)
+        n += 1
+    return n / (time.perf_counter() - t0)
 
 
 def measure_reader(path: str, batch: int, shuffle_buffer: int) -> float:
@@ -222,17 +253,19 @@ def _run_worker(args: list[str], timeout: float = 300) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def co_run(cores: int, seconds: float = 1.0) -> float:
-    """sgemm rate per process with ``cores`` processes at once / one alone."""
+def co_run(cores: int, args: list[str] | None = None, key: str = "gflops") -> float:
+    """Rate per process with ``cores`` worker processes at once / one alone: of sgemm, or of
+    what the worker arguments ``args`` measure (their JSON field ``key``)."""
     if cores < 2:
         return 1.0
+    args = args or ["--sgemm", "1.0"]
     ratios = []
     for _ in range(3):  # the machine may be shared: the median of three pairs
-        alone = _run_worker(["--sgemm", str(seconds)])["gflops"]
-        procs = [subprocess.Popen([sys.executable, "-m", "dbmpi.plan.calibrate", "--sgemm",
-                                   str(seconds)], env=_worker_env(), stdout=subprocess.PIPE,
-                                  text=True) for _ in range(cores)]
-        rates = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])["gflops"]
+        alone = _run_worker(args)[key]
+        procs = [subprocess.Popen([sys.executable, "-m", "dbmpi.plan.calibrate", *args],
+                                  env=_worker_env(), stdout=subprocess.PIPE, text=True)
+                 for _ in range(cores)]
+        rates = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])[key]
                  for p in procs]
         ratios.append(statistics.mean(rates) / alone)
     return min(1.0, statistics.median(ratios))
@@ -279,9 +312,12 @@ def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: i
         data["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
         data["loadavg"] = os.getloadavg()
     sig = signature(input_shape, layers, classes, loss, batch)
-    seconds = _run_worker(["--layers", json.dumps([list(input_shape), layers, classes, loss,
-                                                   batch])])["seconds"]
-    entry = {"batch": batch, "seconds": seconds, "reader_s": 0.0}
+    spec = json.dumps([list(input_shape), layers, classes, loss, batch])
+    seconds = _run_worker(["--layers", spec])["seconds"]
+    # this model's step on every core at once against one alone: the replicas' fetches and
+    # layers share caches and memory as sgemm alone does not
+    entry = {"batch": batch, "seconds": seconds, "reader_s": 0.0,
+             "co_run": co_run(data["machine"]["cores"], ["--step", spec, "1.5"], "steps_per_s")}
     if data_path:  # without a data set the reader is left out (docs/planner.md)
         entry["reader_s"] = _run_worker(["--reader", data_path, str(batch),
                                          str(shuffle_buffer)])["seconds"]
@@ -317,13 +353,17 @@ def _features(input_shape) -> int:
 
 def main(argv: list[str]) -> None:
     """The one-thread worker: ``--machine BATCH FEATURES``, ``--sgemm SECONDS``,
-    ``--reader DIR BATCH BUFFER`` or ``--layers JSON``; prints one JSON line."""
+    ``--reader DIR BATCH BUFFER``, ``--layers JSON`` or ``--step JSON SECONDS``; prints one
+    JSON line."""
     if argv[0] == "--machine":
         out = measure_machine(int(argv[1]), int(argv[2]))
     elif argv[0] == "--reader":
         out = {"seconds": measure_reader(argv[1], int(argv[2]), int(argv[3]))}
     elif argv[0] == "--sgemm":
         out = {"gflops": _sgemm_rate(float(argv[1]))}
+    elif argv[0] == "--step":
+        shape, layers, classes, loss, batch = json.loads(argv[1])
+        out = {"steps_per_s": step_rate(shape, layers, classes, loss, batch, float(argv[2]))}
     else:
         shape, layers, classes, loss, batch = json.loads(argv[1])
         out = {"seconds": measure_layers(shape, layers, classes, loss, batch)}

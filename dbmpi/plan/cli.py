@@ -99,7 +99,7 @@ def run(args) -> int:
         print(f"wrote {path}")
     data = cal.load(path)
     times = cal.layer_times(data, sig, path)
-    machine = cal.machine_of(data)
+    machine = cal.machine_for(data, sig)
     cores = args.cores_per_host or machine.cores
     link = parse_link(args.link or "10gbit", data)  # checked even when one host needs none
     base = Job(shards=1, replicas=1, hosts=args.hosts, cores_per_host=cores,
