@@ -33,3 +33,11 @@ def test_segments_match_owner_map(total, shards):
 def test_out_of_range():
     with pytest.raises(ValueError):
         ParamLayout.even(10, 2).segments(5, 11)
+
+
+def test_the_planner_charges_the_shards_own_hot_spin():
+    """The cost model's copy of the shard's post-push spin (it imports no MPI) is the shard's."""
+    from dbmpi.plan.cost import SHARD_HOT_S
+    from dbmpi.ps.server import HOT_S
+
+    assert SHARD_HOT_S == HOT_S
