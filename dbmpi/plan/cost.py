@@ -226,8 +226,8 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         elif ranks[k] + job.background_cores > cores_of[k]:
             # more ranks than cores: the scheduler spreads the other ranks' (and tenants')
             # work over every core, so it takes turns with the workers' compute even while
-            # a core is idle between their wake-ups (measured: S = 4 shards slow one replica
-            # on 2 cores by 12%)
+            # a core is idle between their wake-ups (measured: 4 shards beside one replica on
+            # 2 cores cost it 5-9% against 1 shard, in runs of 3 and 2 repeats)
             compute += (others[k] + idle[k] * rep.compute_s) / cores_of[k]
         # fetch: Gets to every shard, then one flush; local slices are copies by this core
         fetch = fetch_bytes * local_share / m.copy_bw + S * m.shm.latency_s / job.n_fetch
