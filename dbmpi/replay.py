@@ -65,6 +65,7 @@ class _Worker:
     ops: object  # the generator of its operations (_worker_ops)
     request: tuple | None = None  # ("fetch", i) or ("push", q, gradient); None when done
     fetches: int = 0
+    pushes: int = 0
     copied: set = field(default_factory=set)  # shards of the pending fetch copied so far
     # per shard: the next fetch whose part of that shard is not copied yet
     next_copy: list = field(default_factory=list)
@@ -141,12 +142,11 @@ class Replay:
         model = Model.from_config(cfg.model, self.dataset.feature_shape,
                                   self.dataset.num_classes)
         init = initial_params(cfg, model, self.dataset).copy()
-        self.num_params = init.size
-        self.layout = ParamLayout.even(init.size, S)
+        layout = ParamLayout.even(init.size, S)
         self.optimizers = [make_optimizer(cfg.optimizer) for _ in range(S)]
         self.shards = []
         for s in range(S):
-            lo, hi = self.layout.block(s)
+            lo, hi = layout.block(s)
             applies = rec.applies[s]
             limit = len(applies) if until is None else self._limit(applies, until)
             self.shards.append(_Shard(lo, hi, init[lo:hi].copy(),
@@ -185,6 +185,7 @@ class Replay:
             if wk.request[0] == "push":
                 _, q, grad = wk.request
                 self.grads[wk.index, q] = [grad.copy(), len(self.shards)]
+                wk.pushes += 1
                 self._advance(wk)
                 moved = True
                 continue
@@ -263,9 +264,10 @@ class Replay:
                 raise self._broken(f"the replay stalled (workers {short} unfinished, shards "
                                    f"{left} with pushes left)")
             for wk in self.workers:
-                if wk.fetches != len(wk.rec.fetches):
-                    raise self._broken(f"worker {wk.index} fetched {wk.fetches} times, the run "
-                                       f"{len(wk.rec.fetches)}")
+                if (wk.fetches, wk.pushes) != (len(wk.rec.fetches), wk.rec.pushes):
+                    raise self._broken(f"worker {wk.index} fetched {wk.fetches} times and "
+                                       f"pushed {wk.pushes}, the run {len(wk.rec.fetches)} and "
+                                       f"{wk.rec.pushes}")
         return np.concatenate([sh.params for sh in self.shards])
 
     def pushes_applied(self) -> int:
@@ -276,10 +278,10 @@ def replay(run_dir: str | Path, until: int | None = None, out: str | Path | None
     """Replay ``run_dir`` (to ``until``), write the parameters, compare; returns one line."""
     rp = Replay(run_dir, until)
     params = rp.run()
-    spec = _model_spec(rp)
     path = Path(out) if out else rp.rd.path / (
         "replay_params.h5" if until is None else f"replay_params_until_{until}.h5")
-    save_params(path, params, spec, step=until if until is not None else 0)
+    # the model spec as the coordinator writes it into params.h5
+    save_params(path, params, rp.cfg.to_dict()["model"], step=until if until is not None else 0)
     done = f"replayed {rp.pushes_applied()} pushes on {len(rp.shards)} shards"
     if until is not None:
         return f"{done} up to step {until}; wrote {path}"
@@ -297,9 +299,3 @@ def replay(run_dir: str | Path, until: int | None = None, out: str | Path | None
             f"wrote {path}")
     return f"{done}: equal to {rp.rd.file('params.h5')} bit for bit; wrote {path}"
 
-
-def _model_spec(rp: Replay) -> dict:
-    try:
-        return load_params(rp.rd.file("params.h5"))[1]
-    except DbmpiError:
-        return {"layers": list(rp.cfg.model.layers), "loss": rp.cfg.model.loss}
