@@ -79,6 +79,42 @@ class Layer(ABC):
             raise ValueError(f"{type(self).__name__} cannot accumulate gradients in place")
 
 
+def bind_all(layers: list[Layer], params: np.ndarray, grads: np.ndarray) -> list[int]:
+    """Give each layer its consecutive slice of the flat ``params`` and ``grads``; return
+    where each slice starts (one layout for every model, whole or partitioned)."""
+    offsets, off = [], 0
+    for layer in layers:
+        layer.bind(params[off:off + layer.num_params], grads[off:off + layer.num_params])
+        offsets.append(off)
+        off += layer.num_params
+    return offsets
+
+
+class FlatVectors:
+    """A model whose layers hold views of two flat float32 vectors, ``params`` and ``grads``
+    (the whole :class:`~dbmpi.model.Model` and one partition of a replica): Downpour's worker
+    points the backward pass straight at a push slot through :meth:`set_grads`."""
+
+    layers: list[Layer]
+    params: np.ndarray
+    grads: np.ndarray
+    num_params: int
+
+    def set_grads(self, grads: np.ndarray) -> None:
+        """Have the next backward passes write the gradient into ``grads`` (flat float32 of
+        ``num_params``), e.g. straight into a parameter-server push slot: no copy."""
+        if grads.shape != (self.num_params,) or grads.dtype != np.float32:
+            raise ValueError(f"grads must be float32 of shape ({self.num_params},)")
+        self.grads = grads
+        bind_all(self.layers, self.params, grads)
+
+    @property
+    def can_accumulate(self) -> bool:
+        """Whether forward_backward(accumulate=True) is supported: every layer with
+        parameters can add its gradient in place."""
+        return all(layer.can_accumulate or layer.num_params == 0 for layer in self.layers)
+
+
 class NoParams(Layer):
     """A layer without parameters."""
 

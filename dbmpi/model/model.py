@@ -14,14 +14,14 @@ import numpy as np
 
 import cython_kernels as ck
 
-from .base import Layer
+from .base import FlatVectors, Layer, bind_all
 from .spec import make_layer, resolve
 
 if TYPE_CHECKING:  # config imports the layer registry, which is in this package
     from ..config import ModelConfig
 
 
-class Model:
+class Model(FlatVectors):
     """Layers in sequence, then a linear output layer of ``num_classes`` units and a loss.
 
     ``params`` and ``grads`` are flat float32 vectors; every layer holds views into them.
@@ -49,22 +49,7 @@ class Model:
         self.param_range = (0, self.num_params)  # its range of the replica's global vector
         self.params = np.zeros(self.num_params, dtype=np.float32)
         self.grads = np.zeros(self.num_params, dtype=np.float32)
-        self.offsets = []
-        off = 0
-        for layer in layers:
-            layer.bind(self.params[off:off + layer.num_params],
-                       self.grads[off:off + layer.num_params])
-            self.offsets.append(off)
-            off += layer.num_params
-
-    def set_grads(self, grads: np.ndarray) -> None:
-        """Have the next backward passes write the gradient into ``grads`` (flat float32 of
-        ``num_params``), e.g. straight into a parameter-server push slot: no copy."""
-        if grads.shape != (self.num_params,) or grads.dtype != np.float32:
-            raise ValueError(f"grads must be float32 of shape ({self.num_params},)")
-        self.grads = grads
-        for layer, off in zip(self.layers, self.offsets):
-            layer.bind(self.params[off:off + layer.num_params], grads[off:off + layer.num_params])
+        self.offsets = bind_all(layers, self.params, self.grads)
 
     @classmethod
     def from_spec(cls, input_shape, layers, num_classes: int, loss: str = "softmax",
@@ -113,12 +98,6 @@ class Model:
         for i, layer in enumerate(self.layers):
             if layer.dropout is not None:
                 layer.dropout.seed([*np.atleast_1d(seed).tolist(), i])
-
-    @property
-    def can_accumulate(self) -> bool:
-        """Whether forward_backward(accumulate=True) is supported: every layer with
-        parameters can add its gradient in place."""
-        return all(layer.can_accumulate or layer.num_params == 0 for layer in self.layers)
 
     def forward_backward(self, x: np.ndarray, labels: np.ndarray,
                          accumulate: bool = False) -> tuple[float, int]:

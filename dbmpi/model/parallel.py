@@ -25,13 +25,13 @@ from mpi4py import MPI
 
 import cython_kernels as ck
 
-from .base import Layer
+from .base import FlatVectors, Layer, bind_all
 from .exchange import Block, Exchange, PartitionError
 from .model import Model, evaluate_in_batches, flat_batch
 from .partition import PartitionPlan, Range, Transfer, meet
 
 
-class PartitionedModel:
+class PartitionedModel(FlatVectors):
     """Partition ``comm.Get_rank()`` of a model cut as ``plan`` says. Collective over ``comm``
     (the replica communicator, P ranks) at construction.
 
@@ -62,12 +62,9 @@ class PartitionedModel:
         self.param_range = plan.param_range(p)
         self.params = np.zeros(self.num_params, dtype=np.float32)
         self.grads = np.zeros(self.num_params, dtype=np.float32)
-        off = 0
         for layer, part in zip(self.layers, self.parts):
             assert layer.num_params == part.num_params, (layer, part)
-            layer.bind(self.params[off:off + layer.num_params],
-                       self.grads[off:off + layer.num_params])
-            off += layer.num_params
+        bind_all(self.layers, self.params, self.grads)
         names = [part.spec.name for part in self.parts]
         # poll a few milliseconds before sleeping when every rank of the job has a core (a
         # halo is then seen within microseconds); oversubscribed, give the core up sooner
@@ -217,9 +214,12 @@ class PartitionedModel:
         ex.end_pass(range(n + 1), backward=False)
         return logits
 
-    def forward_backward(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    def forward_backward(self, x: np.ndarray, labels: np.ndarray,
+                         accumulate: bool = False) -> tuple[float, int]:
         """Mean loss and number of correct predictions (the same on every partition); writes
-        d(mean loss)/d(my params) to ``self.grads``."""
+        d(mean loss)/d(my params) to ``self.grads`` (adds it there with ``accumulate``)."""
+        if accumulate and not self.can_accumulate:
+            raise ValueError("this model's layers cannot accumulate gradients in place")
         logits = self.forward(x)
         B = logits.shape[0]
         n_correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
@@ -236,7 +236,7 @@ class PartitionedModel:
             part, layer = self.parts[i], self.layers[i]
             if i > 0 and self._slab_bwd[i]:
                 sl = self._slab(i, B)
-                layer.backward(dy, need_dx=True, dx_out=sl.dx)
+                layer.backward(dy, need_dx=True, accumulate=accumulate, dx_out=sl.dx)
                 for lo, hi in sl.unread:  # rows I own that my own layer did not read
                     sl.g[:, lo:hi] = 0
                 ex.wait(ex.start(i, True, sl.back_sends, sl.back_recvs))
@@ -244,7 +244,7 @@ class PartitionedModel:
                     dst += buf
                 dy = sl.dy
             else:
-                dX = layer.backward(dy, need_dx=i > 0)
+                dX = layer.backward(dy, need_dx=i > 0, accumulate=accumulate)
                 if i > 0:
                     dy = self._scatter_add(i, dX, part.own_in, part.need)
         ex.end_pass(range(1, len(self.layers)), backward=True)

@@ -136,6 +136,46 @@ def test_location_split_cuts_inside_rows():
         PartitionPlan(shape, layers, classes, 2, split="columns")
 
 
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_set_grads_and_accumulate_write_into_a_push_slot(stack):
+    """Downpour points a partition's backward pass at its push slot, which still holds an old
+    push (NaN here): every element must be overwritten, and with accumulate (n_push > 1) the
+    second batch's gradient is added. Reference: the same partition's own gradients, batch by
+    batch, summed in numpy."""
+    shape, layers, classes = STACKS[stack]
+    P = min(size, 2)
+    sub = _group(P)
+    errs = None
+    if sub != MPI.COMM_NULL:
+        rng = np.random.default_rng(5)
+        pm = PartitionedModel(PartitionPlan(shape, layers, classes, P), sub)
+        pm.init_params(3)
+        batches = [(rng.normal(size=(5, *shape)).astype(np.float32),
+                    rng.integers(0, classes, 5)) for _ in range(2)]
+        want = []
+        for x, y in batches:
+            pm.forward_backward(x, y)
+            want.append(pm.grads.copy())
+        slot = np.full(pm.num_params, np.nan, np.float32)
+        pm.set_grads(slot)
+        pm.forward_backward(*batches[0])
+        errs = [pm.grads is slot, _rel(slot, want[0])]
+        if pm.can_accumulate:
+            pm.forward_backward(*batches[1], accumulate=True)
+            errs.append(_rel(slot, want[0].astype(np.float64) + want[1]))
+        else:
+            with pytest.raises(ValueError, match="cannot accumulate"):
+                pm.forward_backward(*batches[1], accumulate=True)
+        pm.free()
+        sub.Free()
+    for r, e in enumerate(comm.allgather(errs)):
+        if e is not None:
+            assert e[0], f"rank {r}: grads is not the slot"
+            assert max(e[1:]) <= TOL, f"rank {r}: relative error {max(e[1:]):.2e}"
+    if stack == "dense":
+        assert errs is None or len(errs) == 3  # dense layers accumulate in place
+
+
 def _pair_model(timeout_s: float) -> tuple[MPI.Comm, PartitionedModel | None]:
     sub = _group(2)
     if sub == MPI.COMM_NULL:
