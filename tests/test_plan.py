@@ -38,6 +38,42 @@ def test_sync_wait_interpolates_the_measured_points():
     assert m.sync_wait(3.0) == pytest.approx(0.005)  # extrapolated along the last segment
 
 
+def test_control_operations_cost_as_measured_once_ranks_outnumber_cores():
+    # 2 shards, 1 replica, 2 cores: 4 ranks share them, so each of the 3 control operations
+    # per shard and step costs what the gang probe measured at 0.5 busy ranks per core (the
+    # first point, held below it), not the link's round trip
+    m = Machine(**{**M.__dict__, "ctrl_ops": ((1.0, 1e-4), (2.0, 3e-4))})
+    assert m.ctrl_op(1.5) == pytest.approx(2e-4)
+    assert m.ctrl_op(1.5, crowded=False) == pytest.approx(2e-6)
+    p = downpour(rep1(), Job(shards=2, replicas=1, cores_per_host=2), m)
+    assert p.breakdown["fetch"] == pytest.approx(4e6 / 10e9 + 2 * 1e-4)
+    assert p.breakdown["push"] == pytest.approx(2 * 2 * 1e-4)
+
+
+def test_steal_slows_every_ranks_cpu_work_and_the_cores_capacity():
+    # a hypervisor that takes 25% of a running rank's time: alone (a core per rank), the
+    # step's CPU parts run at 0.75 of their pace, the control operations do not change
+    job = Job(shards=1, replicas=1, cores_per_host=3)
+    base = downpour(rep1(), job, M)
+    p = downpour(rep1(), Job(**{**job.__dict__, "steal": 0.25}), M)
+    assert p.breakdown["compute"] == pytest.approx(0.010 / 0.75)
+    assert p.breakdown["fetch"] == pytest.approx(4e6 / 10e9 / 0.75 + 2e-6)
+    assert p.breakdown["push"] == pytest.approx(base.breakdown["push"])
+    # 4 replicas on 2 cores: the round's CPU demand (as in the test above) on 0.75 x 2 cores
+    crowd = downpour(rep1(), Job(shards=1, replicas=4, cores_per_host=2, steal=0.25), M)
+    per_round = 4 * (0.010 + 4e6 / 10e9) + 4 * 4e6 / 5e9
+    assert crowd.samples_per_s == pytest.approx(0.75 * 4 * 100 * 2 / per_round)
+
+
+def test_steal_share_is_stolen_over_non_idle_time():
+    from dbmpi.plan.procstat import steal_share
+
+    # (all, idle + iowait, steal) jiffies: 100 more, 50 of them idle, 10 stolen
+    assert steal_share((1000, 400, 5), (1100, 450, 15)) == pytest.approx(10 / 50)
+    assert steal_share((1000, 400, 5), (1100, 500, 5)) == 0.0  # all idle: nothing known
+    assert steal_share((0, 0, 0), (0, 0, 0)) == 0.0  # no /proc/stat
+
+
 def test_idle_shards_polling_take_cores_from_the_replicas():
     # 2 replicas fill 2 cores; each of 4 shards polls 0.05 of a core: the cores left are
     # 2 - 4 x 0.05, shared per round by 2 x 10 ms of compute, 2 x 4 MB / 5 GB/s of apply
@@ -50,10 +86,11 @@ def test_idle_shards_polling_take_cores_from_the_replicas():
 
 
 def test_one_replica_alone_is_compute_plus_fetch():
-    # 1 shard on the same host, a core for each of the 3 ranks: fetch = 4 MB / 10 GB/s +
-    # 1 latency; push posts 1 latency
+    # 1 shard on the same host, a core for each of the 3 ranks: a control operation is a
+    # round trip (2 us); fetch = 4 MB / 10 GB/s + a read of the shard's counters; posting the
+    # push = a read of the slot's state + a Fetch_and_op on SEQ
     p = downpour(rep1(), Job(shards=1, replicas=1, cores_per_host=3), M)
-    step = 0.010 + 4e6 / 10e9 + 1e-6 + 1e-6
+    step = 0.010 + 4e6 / 10e9 + 2e-6 + 2 * 2e-6
     assert p.step_alone_s == pytest.approx(step)
     assert p.samples_per_s == pytest.approx(100 / step)
     assert p.bottleneck == "replica step: compute"
@@ -106,9 +143,11 @@ def test_remote_replicas_wait_for_their_traffic_and_share_the_ps_link():
     # s = 1 + v s / (r + 2 v s): 2 v s^2 + (r - 3 v) s - r = 0
     job = Job(shards=1, replicas=2, hosts=3, cores_per_host=8, link=Link(1e-4, 1e8))
     p = downpour(rep1(), job, Machine(**{**M.__dict__, "cores": 8}))
-    v, r = 4e6 / 1e8, 0.010 + 1e-6 + 1e-4  # compute, shard latency, posting the push
+    # compute; the fetch's counter read and the push's two control operations, each a round
+    # trip of the link (2 x 100 us)
+    v, r = 4e6 / 1e8, 0.010 + 3 * 2e-4
     s = (-(r - 3 * v) + math.sqrt((r - 3 * v) ** 2 + 8 * v * r)) / (4 * v)
-    assert p.step_alone_s == pytest.approx(r + 1e-4 + 2 * v * s)
+    assert p.step_alone_s == pytest.approx(r + 1e-4 + 2 * v * s)  # + the Get's latency
     assert p.bottleneck in ("replica step: fetch", "replica step: push")
     # each direction of the ps host's NIC: 2 x 4 MB per round at 100 MB/s
     assert p.utilisation["NIC of host 0 out"] == pytest.approx(0.08 / p.step_s)

@@ -6,14 +6,18 @@ The cache is one JSON file per machine, ``calibration-HOSTNAME.json`` under
 * ``machine``: sgemm GFLOP/s of one core, copy and Adagrad-apply bytes/s of one core, the
   compute rate per core with every core busy against one alone (``co_run``), the worker's
   per-step cost outside the layers, the shared-memory link (MPI, 2 ranks), the wait per
-  synchronisation of lockstep partitions beside polling ranks (``oversub_sync``) and the
-  share of a core an idle shard's polling takes (``shard_poll_cores``);
+  synchronisation of lockstep partitions beside polling ranks (``oversub_sync``), the time of
+  one control operation on such a rank (``ctrl_ops``) and the share of a core an idle
+  shard's polling takes (``shard_poll_cores``);
 * ``links``: other measured links by name (e.g. between namespace hosts of tests/netbed.py,
   written by benchmarks/plan.py), each latency, bandwidth and CPU per byte;
 * ``layers``: per model and batch (keyed by a digest of the layer tables, input shape,
   classes and batch), forward + backward seconds of each layer on one core.
 
-Compute is timed in a subprocess with one BLAS thread, as the training ranks run.
+Compute is timed in a subprocess with one BLAS thread, as the training ranks run, and stored
+steal-free: a virtual machine's steal time while it ran (:mod:`dbmpi.plan.procstat`) is taken
+out, so that a calibration made while the hypervisor was busy describes the machine, not
+that minute.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from pathlib import Path
 
 from ..errors import DbmpiError
 from .cost import Link, Machine
+from .procstat import sample, steal_share
 
-VERSION = 2  # 2: oversub_sync by busy ranks per core; shard_poll_cores
+VERSION = 3  # 2: oversub_sync by busy ranks per core; shard_poll_cores; 3: ctrl_ops, steal-free
 # the coordinator's share of a core during training (records, no live evaluation), measured
 # in docs/performance.md ("Waiting ranks on an oversubscribed node": 0.03-0.04)
 COORDINATOR_CORES = 0.04
@@ -80,7 +85,8 @@ def save(path: Path, data: dict) -> None:
 def machine_of(data: dict) -> Machine:
     m = dict(data["machine"])
     m["shm"] = Link.of(m["shm"])
-    m["oversub_sync"] = tuple(tuple(p) for p in m.get("oversub_sync", ()))
+    for key in ("oversub_sync", "ctrl_ops"):
+        m[key] = tuple(tuple(p) for p in m.get(key, ()))
     return Machine(**m)
 
 
@@ -184,13 +190,16 @@ def measure_reader(path: str, batch: int, shuffle_buffer: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def measure_gang(cores: int, timeout: float = 120) -> tuple[list[list[float]], float]:
+def measure_gang(cores: int, timeout: float = 120
+                 ) -> tuple[list[list[float]], list[list[float]], float]:
     """[busy ranks per core, extra seconds per synchronisation] of lockstep gangs of ``cores``
     and ``2 * cores`` ranks, each with 2 more ranks polling as idle shards do: what model
-    partitions lose when ranks outnumber cores; and the share of a core such a poller takes."""
+    partitions lose when ranks outnumber cores; [busy ranks per core, seconds of one control
+    operation on a polling rank] (what a worker pays per shard for the protocol's counters);
+    and the share of a core such a poller takes."""
     from ..launch import find_mpiexec, launch_env
 
-    out, polls = [], []
+    out, ops, polls = [], [], []
     for g in (cores, 2 * cores):
         n = g + 2
         cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-m", "dbmpi.plan.linkprobe",
@@ -202,8 +211,9 @@ def measure_gang(cores: int, timeout: float = 120) -> tuple[list[list[float]], f
                                    f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
         out.append([g / cores, max(0.0, r["step_s"] - r["compute_s"])])
+        ops.append([g / cores, r["ctrl_op_s"]])
         polls.append(r["poll_cores"])
-    return out, statistics.median(polls)
+    return out, ops, statistics.median(polls)
 
 
 def _sgemm_rate(seconds: float = 0.0) -> float:
@@ -251,6 +261,14 @@ def _run_worker(args: list[str], timeout: float = 300) -> dict:
         raise CalibrationError(f"the calibration worker failed ({p.returncode}): "
                                f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _steal_free(args: list[str]) -> tuple[dict, float]:
+    """The worker's result and the hypervisor's steal share while it ran
+    (:mod:`dbmpi.plan.procstat`): times are stored steal-free, time x (1 - steal)."""
+    before = sample()
+    out = _run_worker(args)
+    return out, steal_share(before, sample())
 
 
 def co_run(cores: int, args: list[str] | None = None, key: str = "gflops") -> float:
@@ -301,47 +319,32 @@ def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: i
     if machine_again or "machine" not in data:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
-        rates = _run_worker(["--machine", str(batch), str(_features(input_shape))])
+        rates, steal = _steal_free(["--machine", str(batch), str(_features(input_shape))])
         shm = measure_link()
-        sync, poll = measure_gang(cores)
+        sync, ops, poll = measure_gang(cores)
         data["machine"] = {
-            "cores": cores, "gflops": rates["gflops"], "copy_bw": rates["copy_bw"],
-            "apply_bw": rates["apply_bw"], "co_run": co_run(cores),
-            "step_overhead_s": rates["gather_s"], "coordinator_cores": COORDINATOR_CORES,
-            "shm": shm, "oversub_sync": sync, "shard_poll_cores": poll}
+            "cores": cores, "gflops": rates["gflops"] / (1 - steal),
+            "copy_bw": rates["copy_bw"] / (1 - steal), "apply_bw": rates["apply_bw"] / (1 - steal),
+            "co_run": co_run(cores), "step_overhead_s": rates["gather_s"] * (1 - steal),
+            "coordinator_cores": COORDINATOR_CORES, "shm": shm, "oversub_sync": sync,
+            "ctrl_ops": ops, "shard_poll_cores": poll}
         data["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
         data["loadavg"] = os.getloadavg()
+        data["steal"] = steal
     sig = signature(input_shape, layers, classes, loss, batch)
     spec = json.dumps([list(input_shape), layers, classes, loss, batch])
-    seconds = _run_worker(["--layers", spec])["seconds"]
+    times, steal = _steal_free(["--layers", spec])
     # this model's step on every core at once against one alone: the replicas' fetches and
     # layers share caches and memory as sgemm alone does not
-    entry = {"batch": batch, "seconds": seconds, "reader_s": 0.0,
+    entry = {"batch": batch, "seconds": [t * (1 - steal) for t in times["seconds"]],
+             "reader_s": 0.0, "steal": steal,
              "co_run": co_run(data["machine"]["cores"], ["--step", spec, "1.5"], "steps_per_s")}
     if data_path:  # without a data set the reader is left out (docs/planner.md)
-        entry["reader_s"] = _run_worker(["--reader", data_path, str(batch),
-                                         str(shuffle_buffer)])["seconds"]
+        reader, steal = _steal_free(["--reader", data_path, str(batch), str(shuffle_buffer)])
+        entry["reader_s"] = reader["seconds"] * (1 - steal)
     data.setdefault("layers", {})[sig] = entry
     save(path, data)
     return data
-
-
-def busy_cores(seconds: float = 0.5) -> float:
-    """Cores busy with anything over the next ``seconds`` (Linux /proc/stat; 0 elsewhere):
-    other tenants' load when this process's own jobs are not running."""
-    def sample():
-        with open("/proc/stat") as fh:
-            v = [int(x) for x in fh.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    return max(0.0, (1 - (i1 - i0) / max(t1 - t0, 1)) * cores)
 
 
 def _features(input_shape) -> int:

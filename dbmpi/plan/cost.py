@@ -74,21 +74,37 @@ class Machine:
     # up the rest)
     oversub_sync: tuple[tuple[float, float], ...] = ()
     shard_poll_cores: float = 0.0  # share of a core an idle shard's polling takes
+    # (busy ranks per core, seconds of one control operation (an atomic read or
+    # Fetch_and_op of a shard's counters) with polling ranks beside): measured as sync waits
+    ctrl_ops: tuple[tuple[float, float], ...] = ()
 
     def sync_wait(self, busy_per_core: float, crowded: bool = True) -> float:
         """Extra seconds per partition synchronisation with ``busy_per_core`` computing ranks
         per core: 0 while every rank has a core of its own (``crowded`` False); else linear
         through the measured points, the first held below it, the last segment extended."""
-        pts = sorted(self.oversub_sync)
-        if not crowded or not pts:
-            return 0.0
-        if busy_per_core <= pts[0][0] or len(pts) == 1:
-            return pts[0][1]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if busy_per_core <= x1:
-                return y0 + (y1 - y0) * (busy_per_core - x0) / (x1 - x0)
-        (x0, y0), (x1, y1) = pts[-2], pts[-1]
-        return y1 + (y1 - y0) * (busy_per_core - x1) / (x1 - x0)
+        return _through(self.oversub_sync, busy_per_core) if crowded else 0.0
+
+    def ctrl_op(self, busy_per_core: float, crowded: bool = True) -> float:
+        """Seconds of one control operation on a shard of this host: a round trip of the
+        shared-memory link while every rank has a core, else as measured (:meth:`sync_wait`)."""
+        if not crowded or not self.ctrl_ops:
+            return 2 * self.shm.latency_s
+        return _through(self.ctrl_ops, busy_per_core)
+
+
+def _through(points, x: float) -> float:
+    """Linear through measured (x, y) points, the first held below them, the last segment
+    extended above; 0 without points."""
+    pts = sorted(points)
+    if not pts:
+        return 0.0
+    if x <= pts[0][0] or len(pts) == 1:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    return max(0.0, y1 + (y1 - y0) * (x - x1) / (x1 - x0))
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,9 @@ class Job:
     link: Link | None = None  # between hosts (None: one host)
     shared_cores: bool = False  # the hosts are namespaces of one machine: one pool of cores
     background_cores: float = 0.0  # cores each machine's other tenants keep busy
+    # share of a running rank's time a hypervisor gives other virtual machines (steal time,
+    # dbmpi.plan.procstat; 0 on bare metal): every rank's CPU work runs 1 / (1 - steal) slower
+    steal: float = 0.0
 
     @property
     def ranks(self) -> int:
@@ -209,29 +228,37 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
                 tcp = P * (fetch_bytes + push_bytes) / S * net.cpu_s_per_byte
                 others[machine_of(sh)] += tcp / 2 + P * SHARD_HOT_S / job.n_push
                 others[machine_of(h)] += tcp / 2
+    speed = 1.0 - job.steal  # CPU work runs this much of its steal-free pace
     for r, h in enumerate(replica_host):
         k = machine_of(h)
         remote = [s for s in range(S) if shard_host[s] != h]
         local_share = (S - len(remote)) / S
-        compute = rep.compute_s / eff[k]
+        compute = rep.compute_s / eff[k] / speed
         exchange = 0.0
+        crowded = ranks[k] + job.background_cores > cores_of[k]
         if P > 1:
-            crowded = ranks[k] + job.background_cores > cores_of[k]
             exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs)
                         + rep.syncs * m.sync_wait(workers[k] / cores_of[k], crowded))
             if crowded:
                 # no core to spare: whatever the shards, the coordinator and other tenants
                 # run per round preempts one partition, and the others wait for it
-                exchange += idle[k] * rep.compute_s + others[k]
-        elif ranks[k] + job.background_cores > cores_of[k]:
+                exchange += (idle[k] * rep.compute_s + others[k]) / speed
+        elif crowded:
             # more ranks than cores: the scheduler spreads the other ranks' (and tenants')
             # work over every core, so it takes turns with the workers' compute even while
             # a core is idle between their wake-ups (measured: 4 shards beside one replica on
             # 2 cores cost it 5-9% against 1 shard, in runs of 3 and 2 repeats)
-            compute += (others[k] + idle[k] * rep.compute_s) / cores_of[k]
+            compute += (others[k] + idle[k] * rep.compute_s) / cores_of[k] / speed
+        # the protocol's control operations on each shard's counters: one atomic read per
+        # fetch; a read of my slot's state and a Fetch_and_op on SEQ per push (posting only:
+        # the shard pulls the push). A round trip of the link to a shard on another host; on
+        # this one as measured beside polling ranks (0.1-0.3 ms on 2 busy cores, not the
+        # link's microseconds)
+        op = m.ctrl_op(workers[k] / cores_of[k], crowded)
+        ops = sum(2 * net.latency_s if shard_host[s] != h else op for s in range(S))
         # fetch: Gets to every shard, then one flush; local slices are copies by this core
-        fetch = fetch_bytes * local_share / m.copy_bw + S * m.shm.latency_s / job.n_fetch
-        push = S * (net if remote else m.shm).latency_s / job.n_push  # posting only
+        fetch = fetch_bytes * local_share / m.copy_bw / speed + ops / job.n_fetch
+        push = 2 * ops / job.n_push
         if remote:
             # Over TCP a shard's pull of a push progresses only while the worker calls MPI
             # (docs/multihost.md), so the transfer is not hidden behind compute. Fetches
@@ -240,7 +267,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             # their step they spend on them (a fixed point of those shares)
             wire_f = fetch_bytes * (1 - local_share) / net.bandwidth
             wire_p = push_bytes * (1 - local_share) / net.bandwidth
-            rest = compute + fetch + push + m.step_overhead_s + rep.overhead_s
+            rest = compute + fetch + push + (m.step_overhead_s + rep.overhead_s) / speed
             share_f = share_p = 1.0
             for _ in range(50):
                 step = rest + wire_f * share_f + wire_p * share_p
@@ -249,14 +276,14 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             fetch += len(remote) * net.latency_s / job.n_fetch + wire_f * share_f
             push += wire_p * share_p
         parts = {"compute": compute, "exchange": exchange, "fetch": fetch, "push": push,
-                 "overhead": m.step_overhead_s + rep.overhead_s}
+                 "overhead": (m.step_overhead_s + rep.overhead_s) / speed}
         t = sum(parts.values())
         if t >= step_alone:
             step_alone, breakdown = t, parts
         # cores of the replica's machine: every partition's layers, reads, copies and the
         # TCP stack's work on both ends of its remote traffic
         tcp = P * (fetch_bytes + push_bytes) * (1 - local_share) * net.cpu_s_per_byte
-        add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"]
+        add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"] * speed
             + P * fetch_bytes * local_share / m.copy_bw + tcp)
         for s in range(S):
             sh = shard_host[s]
@@ -282,9 +309,11 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             per_link["partitions (shared memory)"] = (
                 per_link.get("partitions (shared memory)", 0.0) + P * rep.exchange_bytes)
 
-    capacity = {res: 1.0 for res in demand if res.startswith(("shard", "NIC"))}
+    # a shard is one rank and a host's cores run at the pace steal leaves them
+    capacity = {res: 1.0 if res.startswith("NIC") else speed
+                for res in demand if res.startswith(("shard", "NIC"))}
     for k in machines:  # the coordinator runs on the first ps host (host 0)
-        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k])
+        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k]) * speed
     # each replica takes one step per round: rate per replica <= capacity / demand per round
     bounds = {res: capacity[res] / d for res, d in demand.items() if d > 0}
     rate = 1.0 / step_alone

@@ -57,8 +57,12 @@ def _round_trips(comm, buf, count: int, skip: int) -> list[float]:
 def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | None:
     """Ranks 0..size-1 compute ``compute_s`` then all-gather, in lockstep, as the partitions
     of a replica do at every layer; the other ranks poll a window as an idle shard does.
-    Returns (rank 0) the median extra seconds per synchronisation over computing alone, and
-    the share of a core the polling ranks took (``poll_cores``)."""
+    Between steps each member makes the control operations a worker makes on a shard per
+    step (an atomic read of the counters, then a ``Fetch_and_op``; :mod:`dbmpi.ps.client`)
+    on one of the polling ranks, timed apart from the step.
+    Returns (rank 0) the median extra seconds per synchronisation over computing alone, the
+    median seconds of one control operation over the members (``ctrl_op_s``), and the share
+    of a core the polling ranks took (``poll_cores``)."""
     import numpy as np
     from mpi4py import MPI
 
@@ -81,14 +85,22 @@ def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | 
         return time.thread_time() - t0
 
     out = np.zeros(size, np.float64)
-    steps, cpu = [], []
+    steps, cpu, ops = [], [], []
+    counters = np.zeros(16, np.int64)
+    poller = size + rank % max(comm.Get_size() - size, 1)
     for i in range(iters + 10):
         t0 = time.perf_counter()
         c = work(compute_s)
         sub.Allgather(np.array([c]), out)
+        t1 = time.perf_counter()
+        if poller < comm.Get_size():
+            ctrl.read(counters, poller)
+            ctrl.fetch_and_op(0, poller, 15)
         if i >= 10:
-            steps.append(time.perf_counter() - t0)
+            steps.append(t1 - t0)
             cpu.append(float(out.max()))
+            ops.append((time.perf_counter() - t1) / 2)
+    op_s = sub.gather(statistics.fmean(ops), root=0)  # the mean: rare long waits count
     sub.Free()
     polls = []
     if rank == 0:
@@ -100,6 +112,7 @@ def gang(comm, size: int, compute_s: float = 0.002, iters: int = 150) -> dict | 
         return None
     return {"gang": size, "others": comm.Get_size() - size,
             "step_s": statistics.median(steps), "compute_s": statistics.median(cpu),
+            "ctrl_op_s": statistics.median(op_s) if polls else 0.0,
             "poll_cores": statistics.median(polls) if polls else 0.0}
 
 
