@@ -26,6 +26,7 @@ replicas. Also checked: is the planner's top choice among
 the measured points within 10% of the best measured one?
 
     python benchmarks/plan.py [--steps 300] [--repeats 3] [--links 1gbit 10gbit] [--skip bed]
+    python benchmarks/plan.py --table RESULT.json   # an earlier run's table, this model
 
 Prints the table and writes ``benchmarks/results/plan.json``.
 """
@@ -230,6 +231,10 @@ def predicted(calib: dict, row: dict) -> None:
     kw = {"hosts": 3, "link": link} if link else {}
     p = predict(*args, **kw)
     bg, steal = statistics.median(row["others"]), statistics.median(row["steals"])
+    # each run against the model given what the machine gave that run (steal varied from
+    # 0.01 to 0.54 between the runs of one point)
+    by_run = [predict(*args, **kw, background=o, steal=st).samples_per_s / got
+              for got, o, st in zip(row["runs"], row["others"], row["steals"])]
     row.update(predicted=p.samples_per_s, measured=statistics.median(row["runs"]),
                spread=(max(row["runs"]) - min(row["runs"])) / statistics.median(row["runs"]),
                predicted_with_others=predict(*args, **kw, background=bg,
@@ -237,7 +242,8 @@ def predicted(calib: dict, row: dict) -> None:
                predicted_breakdown=p.breakdown, bottleneck=p.bottleneck,
                load_before=statistics.median(row["loads"]), background_cores=bg, steal=steal)
     row["ratio"] = row["predicted"] / row["measured"]
-    row["ratio_with_others"] = row["predicted_with_others"] / row["measured"]
+    row["ratios_by_run"] = by_run
+    row["ratio_with_others"] = statistics.median(by_run)
 
 
 def top_choice(rows: list[dict]) -> dict:
@@ -258,7 +264,15 @@ def main() -> None:
                     help="parts to leave out")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each point, interleaved; the median counts (default 3)")
+    ap.add_argument("--table", metavar="JSON",
+                    help="only print the table of an earlier run's JSON, with this model")
     args = ap.parse_args()
+    if args.table:
+        old = json.loads(Path(args.table).read_text())
+        report(old["rows"], old["calibration"], f"{old['steps']} steps per replica, "
+               f"from {args.table}; load average {old['load_before'][0]:.2f} -> "
+               f"{old['load_after'][0]:.2f}")
+        return
     load0 = os.getloadavg()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="dbmpi-plan-") as tmp:
@@ -293,6 +307,17 @@ def main() -> None:
         if "bed" not in args.skip:
             rows += bed_points(calib, str(cfg), data, args.steps, args.links, path,
                                args.repeats)
+    report(rows, calib, f"{args.steps} steps per replica, {args.repeats} runs per point; "
+                        f"load average {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    write_json("plan", {"machine": machine_info(), "calibration": calib, "load_before": load0,
+                        "load_after": os.getloadavg(), "steps": args.steps, "rows": rows,
+                        "top_choice": {w: top_choice([r for r in rows if r["where"] == w])
+                                       for w in sorted({r["where"] for r in rows})},
+                        "seconds": round(time.time() - t0, 1)})
+
+
+def report(rows: list[dict], calib: dict, title: str) -> None:
+    """Predict every measured row and print the table and the planner's top choices."""
     for r in rows:
         predicted(calib, r)
     table = [[r["where"], r["S"], r["R"], r["P"], r["n"], round(r["predicted"]),
@@ -301,23 +326,15 @@ def main() -> None:
               "yes" if abs(r["ratio_with_others"] - 1) <= 0.2 else "NO", r["bottleneck"],
               round(r["load_before"], 2), round(r["background_cores"], 2),
               round(r["steal"], 2)] for r in rows]
-    load1 = os.getloadavg()
     print_table(["where", "S", "R", "P", "n", "predicted samples/s (idle machine)",
                  "given others' cores and steal", "measured (median)", "spread", "ratio (idle)",
-                 "ratio (given)", "within 20% (given)", "predicted bottleneck", "load",
-                 "others' cores", "steal"], table,
-                title=f"784-1024-1024-10 MLP, batch {BATCH}, {args.steps} steps per replica, "
-                      f"{args.repeats} runs per point; "
-                      f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
-    choices = {}
+                 "ratio (given, median by run)", "within 20% (given)", "predicted bottleneck",
+                 "load", "others' cores", "steal (median)"], table,
+                title=f"784-1024-1024-10 MLP, batch {BATCH}, {title}")
     for where in sorted({r["where"] for r in rows}):
-        choices[where] = top_choice([r for r in rows if r["where"] == where])
-        print(f"{where}: planner picks {choices[where]['pick']}, best measured "
-              f"{choices[where]['best']}, picked/best measured = "
-              f"{choices[where]['pick_measured_vs_best']:.3f}")
-    write_json("plan", {"machine": machine_info(), "calibration": calib, "load_before": load0,
-                        "load_after": load1, "steps": args.steps, "rows": rows,
-                        "top_choice": choices, "seconds": round(time.time() - t0, 1)})
+        c = top_choice([r for r in rows if r["where"] == where])
+        print(f"{where}: planner picks {c['pick']}, best measured {c['best']}, picked/best "
+              f"measured = {c['pick_measured_vs_best']:.3f}")
 
 
 if __name__ == "__main__":
