@@ -90,12 +90,14 @@ def median(xs: list[float]) -> float:
 
 
 def interleaved(fns: dict, repeats: int, number: int = 1, warmup: int = 1,
-                cpu_out: dict | None = None, pause: float = 0.0) -> dict[str, list]:
+                cpu_out: dict | None = None, pause: float = 0.0,
+                threads: int = 1) -> dict[str, list]:
     """Time several callables side by side (A B A B ...), so drift hits all of them alike.
 
-    Returns wall-clock seconds per call. If ``cpu_out`` is a dict it receives the calling
-    thread's CPU seconds per call too: with one thread per side that figure ignores time lost
-    to other processes on a shared machine (not cache or memory-bandwidth contention).
+    Returns wall-clock seconds per call. If ``cpu_out`` is a dict it receives CPU seconds per
+    call too: the calling thread's with ``threads`` = 1, the whole process's (every BLAS,
+    OpenMP or helper thread, spinning included) with more. That figure ignores time lost to
+    other processes on a shared machine (not cache or memory-bandwidth contention).
     ``pause`` seconds of sleep (untimed) before each sample let the thread pool of the previous
     side (OpenBLAS, OpenMP) stop spinning, so that neither side pays for the other's.
     """
@@ -104,16 +106,17 @@ def interleaved(fns: dict, repeats: int, number: int = 1, warmup: int = 1,
             fn()
     samples = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
+    clock = time.thread_time if threads == 1 else time.process_time
     for _ in range(repeats):
         for name, fn in fns.items():
             if pause:
                 time.sleep(pause)
-            c0 = time.thread_time()
+            c0 = clock()
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
             samples[name].append((time.perf_counter() - t0) / number)
-            cpu[name].append((time.thread_time() - c0) / number)
+            cpu[name].append((clock() - c0) / number)
     if cpu_out is not None:
         cpu_out.update(cpu)
     return samples

@@ -1,11 +1,15 @@
 """Dense-layer kernels against raw sgemm, and the elementwise kernels against numpy.
 
-For the paper's acoustic-model shapes (batch 256; 440->2560, 2560->2560, 2560->8192) it times
-``dense_forward + dense_backward`` (three GEMMs plus the fused bias/activation passes) and the
-same three GEMMs done bare, through numpy's and through scipy's BLAS (the one the kernels call),
-side by side in one process. The ratio is our GFLOP/s over the faster raw sgemm. Goal >= 0.90.
+For the paper's acoustic-model shapes (batch 128 and 256; 440->2560, 2560->2560, 2560->8192)
+it times ``dense_forward + dense_backward`` (three GEMMs plus the fused bias/activation passes)
+and the same three GEMMs done bare, through numpy's and through scipy's BLAS (the one the
+kernels call), side by side in one process. The ratio is our GFLOP/s over the faster raw
+sgemm (goal >= 0.90); the CPU-time ratio the same from CPU seconds (the calling thread's at
+1 thread, the whole process's at 2: pool threads, spinning included). ``--rounds`` whole runs
+(fresh processes, the thread counts interleaved) give the medians in the table, with the
+lowest and highest ratio and the load average before each run.
 
-    python benchmarks/kernels.py            # 1 and 2 threads, writes results/kernels.json
+    python benchmarks/kernels.py            # 1 and 2 threads, 5 rounds: results/kernels.json
     python benchmarks/kernels.py --quick    # smoke run
     python benchmarks/kernels.py --sweep    # also time every GEMM route of cython_kernels._dense
 """
@@ -20,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-SHAPES = [(256, 440, 2560), (256, 2560, 2560), (256, 2560, 8192)]
+SHAPES = [(B, n_in, n_out) for B in (128, 256)
+          for n_in, n_out in ((440, 2560), (2560, 2560), (2560, 8192))]
 ACTS = ["sigmoid", "relu"]
 
 
@@ -80,7 +85,7 @@ def worker(threads: int, quick: bool) -> dict:
     import cython_kernels as ck
     from cython_kernels import reference as ref
 
-    repeats, number = (2, 1) if quick else (7, 2)
+    repeats, number = (2, 1) if quick else (5, 1)
     rng = np.random.default_rng(0)
     dense = []
     for shape in SHAPES:
@@ -95,9 +100,12 @@ def worker(threads: int, quick: bool) -> dict:
                                    "scipy": case.raw_scipy}, repeats, number, cpu_out=cpu)
             else:
                 s = C.interleaved({"dbmpi": case.ours(act), "scipy": case.raw_scipy},
-                                  repeats, number, cpu_out=cpu)
+                                  repeats, number, cpu_out=cpu, threads=threads)
                 time.sleep(0.5)  # let the scipy pool's workers go to sleep
-                s.update(C.interleaved({"numpy": case.raw_numpy}, repeats, number))
+                cpu_np = {}
+                s.update(C.interleaved({"numpy": case.raw_numpy}, repeats, number,
+                                       cpu_out=cpu_np, threads=threads))
+                cpu.update(cpu_np)
                 time.sleep(0.5)
             t = {k: C.median(v) for k, v in s.items()}
             tc = {k: C.median(v) for k, v in cpu.items()}
@@ -109,8 +117,9 @@ def worker(threads: int, quick: bool) -> dict:
                 "dbmpi_gflops": case.flops / t["dbmpi"] / 1e9,
                 "sgemm_gflops": case.flops / raw / 1e9,
                 "ratio": raw / t["dbmpi"],
-                # one thread: from the caller's CPU time (robust to a busy machine)
-                "cpu_ratio": min(tc["numpy"], tc["scipy"]) / tc["dbmpi"] if threads == 1 else None,
+                # from CPU time (robust to a busy machine): at 2 threads the process's, so
+                # that a pool spinning on a core counts
+                "cpu_ratio": min(tc["numpy"], tc["scipy"]) / tc["dbmpi"],
                 "samples_s": s, "cpu_samples_s": cpu,
             })
 
@@ -152,7 +161,7 @@ def sweep(threads: int, quick: bool) -> list[dict]:
     routes = [(f, "scipy") for f in ("scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")]
     routes += [("numpy-nn", "numpy"), ("auto", "scipy")]
     out = []
-    for shape in SHAPES + [(128, 2560, 2560), (128, 2560, 8192)]:
+    for shape in SHAPES:
         case = _Dense(*shape, rng)
         s = C.interleaved({f"{r[0]}/{r[1]}": case.ours("sigmoid", r) for r in routes},
                           repeats, number, pause=0.3 if threads > 1 else 0)
@@ -169,10 +178,26 @@ def _elem_row(name, nbytes, s):
             "samples_s": s}
 
 
+def _median_of_rounds(runs: list[dict], key: str) -> list[dict]:
+    """One row per case: the median over rounds of each number, with the ratio's range."""
+    out = []
+    for rows in zip(*(r[key] for r in runs)):
+        row = {k: C.median([x[k] for x in rows]) for k, v in rows[0].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row.update({k: v for k, v in rows[0].items() if isinstance(v, str)})
+        if "ratio" in row:
+            row["ratio_min"] = min(x["ratio"] for x in rows)
+            row["ratio_max"] = max(x["ratio"] for x in rows)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="whole runs per thread count, interleaved (default 5)")
     ap.add_argument("--sweep", action="store_true", help="also time every dense GEMM route")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,20 +210,33 @@ def main() -> None:
         print(json.dumps(res))
         return
     flags = (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else [])
-    results = [C.run_worker(__file__, t, flags) for t in args.threads]
+    runs = {t: [] for t in args.threads}
+    loads = []
+    for i in range(1 if args.quick else args.rounds):
+        for t in args.threads:
+            loads.append({"round": i, "threads": t, "loadavg_1min": os.getloadavg()[0]})
+            runs[t].append(C.run_worker(__file__, t, flags))
+            print(f"round {i + 1}, {t} thread(s) done (load {loads[-1]['loadavg_1min']:.2f})",
+                  flush=True)
+    results = [{"threads": t, "dense": _median_of_rounds(rs, "dense"),
+                "elementwise": _median_of_rounds(rs, "elementwise"),
+                **({"sweep": rs[0]["sweep"]} if args.sweep else {})} for t, rs in runs.items()]
     rows, erows = [], []
     for r in results:
         for d in r["dense"]:
             rows.append([r["threads"], d["shape"], d["activation"], d["dbmpi_ms"],
                          d["sgemm_numpy_ms"], d["sgemm_scipy_ms"], d["dbmpi_gflops"],
-                         d["sgemm_gflops"], d["ratio"],
-                         "-" if d["cpu_ratio"] is None else d["cpu_ratio"]])
+                         d["sgemm_gflops"], d["ratio"], f"{d['ratio_min']:.3f}-"
+                         f"{d['ratio_max']:.3f}", d["cpu_ratio"]])
         for e in r["elementwise"]:
             erows.append([r["threads"], e["kernel"], e["dbmpi_ms"], e["numpy_ms"],
                           e["dbmpi_GBs"], e["speedup_vs_numpy"]])
+    load = [x["loadavg_1min"] for x in loads]
     t1 = C.print_table(["threads", "shape", "act", "dbmpi ms", "sgemm np ms", "sgemm sp ms",
-                        "dbmpi GFLOP/s", "sgemm GFLOP/s", "ratio", "cpu-time ratio"], rows,
-                       "dense forward+backward (3 GEMMs + fused passes) vs the same 3 raw sgemm")
+                        "dbmpi GFLOP/s", "sgemm GFLOP/s", "ratio", "range", "cpu-time ratio"],
+                       rows, "dense forward+backward (3 GEMMs + fused passes) vs the same 3 raw "
+                       f"sgemm; medians of {len(runs[args.threads[0]])} rounds, load "
+                       f"{min(load):.2f}-{max(load):.2f}")
     t2 = C.print_table(["threads", "kernel", "dbmpi ms", "numpy ms", "dbmpi GB/s", "x numpy"],
                        erows, "memory-bound kernels")
     tables = [t1, t2]
@@ -208,11 +246,11 @@ def main() -> None:
             ["threads", "shape", *names],
             [[r["threads"], sw["shape"], *(sw["gflops"][n] for n in names)]
              for r in results for sw in r["sweep"]],
-            "GEMM routes (forward/backward), dense fwd+bwd GFLOP/s"))
+            "GEMM routes (forward/backward), dense fwd+bwd GFLOP/s (first round)"))
     machine = C.machine_info()
     machine["loadavg_at_end"] = os.getloadavg()
-    C.write_json("kernels", {"quick": args.quick, "machine": machine,
-                             "results": results, "tables": tables})
+    C.write_json("kernels", {"quick": args.quick, "machine": machine, "loads": loads,
+                             "results": results, "runs": runs, "tables": tables})
 
 
 if __name__ == "__main__":

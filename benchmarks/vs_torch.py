@@ -15,8 +15,12 @@ Each (threads, case) cell runs in a fresh worker process with OPENBLAS/OMP/MKL_N
 and ``torch.set_num_threads(n)``; dbmpi and PyTorch alternate within the cell (with 2 threads,
 after a 0.2 s untimed pause so that neither pays for the other's spinning pool) and the
 medians of several repeats are compared. Ratio = dbmpi samples/s over PyTorch samples/s (wall
-clock). At one thread the table also gives the ratio of the caller's CPU time per step, which a busy
-shared machine disturbs much less than wall-clock time (both are in the JSON).
+clock). The table also gives the ratio of CPU time per step (the caller's at one thread, the
+whole process's with more: pool threads, spinning included), which a busy shared machine
+disturbs much less than wall-clock time (both are in the JSON). The acoustic cells run
+``--rounds`` times (fresh processes, the cells interleaved: drift over minutes hits every cell
+alike); the table gives the median over rounds, the lowest and highest ratio and the load
+average before each round.
 
     python benchmarks/vs_torch.py           # writes benchmarks/results/vs_torch.json
     python benchmarks/vs_torch.py --quick   # smoke run
@@ -108,10 +112,11 @@ def acoustic(threads: int, batch: int, quick: bool) -> dict:
             or abs(l2_ours - l2_theirs) > 1e-3 * abs(l2_theirs)):
         raise RuntimeError(f"dbmpi and PyTorch disagree: losses {l_ours, l2_ours} vs "
                            f"{l_theirs, l2_theirs}")
-    repeats, number = (2, 1) if quick else (7, 2)
+    repeats, number = (2, 1) if quick else (5, 2)
     cpu = {}
     s = C.interleaved({"dbmpi": lambda: ours(x, y), "torch": lambda: theirs(xt, yt)},
-                      repeats, number, warmup=1, cpu_out=cpu, pause=0.2 if threads > 1 else 0)
+                      repeats, number, warmup=1, cpu_out=cpu, pause=0.2 if threads > 1 else 0,
+                      threads=threads)
     t = {k: C.median(v) for k, v in s.items()}
     tc = {k: C.median(v) for k, v in cpu.items()}
     flops = 6 * sum(layer.n_in * layer.n_out for layer in model.layers) - 2 * N_IN * HIDDEN
@@ -120,8 +125,8 @@ def acoustic(threads: int, batch: int, quick: bool) -> dict:
             "ratio": t["torch"] / t["dbmpi"],
             "dbmpi_gflops": flops * batch / t["dbmpi"] / 1e9,
             "torch_gflops": flops * batch / t["torch"] / 1e9,
-            # one thread: the same from the caller's CPU time (robust to a busy machine)
-            "cpu_ratio": tc["torch"] / tc["dbmpi"] if threads == 1 else None,
+            # the same from CPU time (robust to a busy machine; see interleaved)
+            "cpu_ratio": tc["torch"] / tc["dbmpi"],
             "first_losses": {"dbmpi": [l_ours, l2_ours], "torch": [l_theirs, l2_theirs]},
             "samples_s": s, "cpu_samples_s": cpu}
 
@@ -227,14 +232,14 @@ def image(threads: int, case: tuple, quick: bool) -> dict:
     repeats, number = (3, 1) if quick else (9, 3)
     cpu = {}
     samp = C.interleaved({"dbmpi": ours, "torch": theirs}, repeats, number, cpu_out=cpu,
-                         pause=0.2 if threads > 1 else 0)
+                         pause=0.2 if threads > 1 else 0, threads=threads)
     t = {kk: C.median(vv) for kk, vv in samp.items()}
     tc = {kk: C.median(vv) for kk, vv in cpu.items()}
     out = {"threads": threads, "case": name, "shape": [B, H, Wd, Cin], "k": k, "F": Fo,
            "stride": s, "dbmpi_ms": 1e3 * t["dbmpi"], "torch_ms": 1e3 * t["torch"],
            "dbmpi_samples_s": B / t["dbmpi"], "torch_samples_s": B / t["torch"],
            "ratio": t["torch"] / t["dbmpi"],
-           "cpu_ratio": tc["torch"] / tc["dbmpi"] if threads == 1 else None,
+           "cpu_ratio": tc["torch"] / tc["dbmpi"],
            "samples_s": samp, "cpu_samples_s": cpu}
     if flops:
         out["dbmpi_gflops"] = flops / t["dbmpi"] / 1e9
@@ -242,8 +247,16 @@ def image(threads: int, case: tuple, quick: bool) -> dict:
     return out
 
 
-def _opt(v):
-    return "-" if v is None else v
+def _median_cell(rounds: list[dict]) -> dict:
+    """One acoustic cell over its rounds: medians, the ratio's range, every round kept."""
+    keys = ("dbmpi_samples_s", "torch_samples_s", "ratio", "cpu_ratio", "dbmpi_gflops",
+            "torch_gflops")
+    out = {k: rounds[0][k] for k in ("threads", "batch", "params")}
+    out.update({k: C.median([r[k] for r in rounds]) for k in keys})
+    out["ratio_min"] = min(r["ratio"] for r in rounds)
+    out["ratio_max"] = max(r["ratio"] for r in rounds)
+    out["rounds"] = rounds
+    return out
 
 
 def _agree(name, pairs):
@@ -273,6 +286,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="*", default=[128, 256])
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="runs of every acoustic cell, interleaved (default 5)")
     ap.add_argument("--no-images", action="store_true", help="only the acoustic model")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--what", default="", help=argparse.SUPPRESS)
@@ -283,36 +298,47 @@ def main() -> None:
         print(json.dumps(worker(args.threads[0], args.what, args.quick)))
         return
     q = ["--quick"] if args.quick else []
-    acoustic_res, image_res = [], []
-    for batch in args.batches:
-        for t in args.threads:
-            acoustic_res.append(C.run_worker(__file__, t, ["--what", f"acoustic:{batch}", *q]))
+    cells = [(batch, t) for batch in args.batches for t in args.threads]
+    runs, loads = {c: [] for c in cells}, []
+    for i in range(1 if args.quick else args.rounds):
+        for batch, t in cells:
+            loads.append({"round": i, "batch": batch, "threads": t,
+                          "loadavg_1min": os.getloadavg()[0]})
+            runs[batch, t].append(C.run_worker(__file__, t, ["--what", f"acoustic:{batch}", *q]))
+            print(f"round {i + 1}: batch {batch}, {t} thread(s): ratio "
+                  f"{runs[batch, t][-1]['ratio']:.3f} (load {loads[-1]['loadavg_1min']:.2f})",
+                  flush=True)
+    acoustic_res = [_median_cell(rs) for rs in runs.values()]
+    image_res = []
     if not args.no_images:
         for case in IMAGE_CASES:
             for t in args.threads:
                 image_res.append(C.run_worker(__file__, t, ["--what", case[0], *q]))
     import torch
 
+    load = [x["loadavg_1min"] for x in loads]
     t1 = C.print_table(
-        ["batch", "threads", "dbmpi samples/s", "torch samples/s", "ratio", "dbmpi GFLOP/s",
-         "torch GFLOP/s", "cpu-time ratio"],
+        ["batch", "threads", "dbmpi samples/s", "torch samples/s", "ratio", "range",
+         "cpu-time ratio", "dbmpi GFLOP/s", "torch GFLOP/s"],
         [[r["batch"], r["threads"], r["dbmpi_samples_s"], r["torch_samples_s"], r["ratio"],
-          r["dbmpi_gflops"], r["torch_gflops"], _opt(r["cpu_ratio"])] for r in acoustic_res],
+          f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}", r["cpu_ratio"], r["dbmpi_gflops"],
+          r["torch_gflops"]] for r in acoustic_res],
         f"acoustic model training step (440-4x2560 sigmoid-8192 softmax, "
-        f"{acoustic_res[0]['params'] / 1e6:.1f}M params, float32, SGD)")
+        f"{acoustic_res[0]['params'] / 1e6:.1f}M params, float32, SGD); medians of "
+        f"{len(runs[cells[0]])} rounds, load {min(load):.2f}-{max(load):.2f}")
     tables = [t1]
     if image_res:
         tables.append(C.print_table(
             ["case", "threads", "dbmpi ms", "torch ms", "dbmpi samples/s", "torch samples/s",
              "ratio", "cpu-time ratio"],
             [[r["case"], r["threads"], r["dbmpi_ms"], r["torch_ms"], r["dbmpi_samples_s"],
-              r["torch_samples_s"], r["ratio"], _opt(r["cpu_ratio"])] for r in image_res],
+              r["torch_samples_s"], r["ratio"], r["cpu_ratio"]] for r in image_res],
             "image kernels, forward + backward (PyTorch: unfold+einsum / avg_pool2d forms)"))
     machine = C.machine_info()
     machine["torch"] = torch.__version__
     machine["torch_config"] = torch.__config__.show()
     machine["loadavg_at_end"] = os.getloadavg()
-    C.write_json("vs_torch", {"quick": args.quick, "machine": machine, "lr": LR,
+    C.write_json("vs_torch", {"quick": args.quick, "machine": machine, "lr": LR, "loads": loads,
                               "update_rule": "SGD (no momentum) on both sides",
                               "acoustic": acoustic_res, "images": image_res, "tables": tables})
 
