@@ -15,8 +15,11 @@ script waits (up to 45 s) until other tenants keep at most 0.3 cores busy, and r
 they kept busy ("others' cores") and, over the job, the hypervisor's steal share of our
 running time (:mod:`dbmpi.plan.procstat`; 0.13-0.31 on a busy cloud host). "predicted"
 assumes an otherwise idle machine with no steal; "given" gives the model the measured
-others' cores (``Job.background_cores``) and steal (``Job.steal``), and the 20% goal is
-judged on it.
+others' cores (``Job.background_cores``) and steal (``Job.steal``). This VM's pace also
+moves with no steal to show for it (neighbours on the same physical cores and memory: the
+calibrated sgemm rate was 149, 111 and 60 GFLOP/s in three runs of one day), so each job runs
+between two 1 s probes of the model's step in one process, and "given pace" gives the model
+their mean against the same probe right after each calibration (``Job.pace``).
 The machine is calibrated first (``dbmpi.plan.calibrate``, into a throwaway file). Each
 point runs ``--repeats`` times, the rounds interleaved (this VM's pace drifts by 10-20% over
 minutes), and the layers are timed again before each round: the prediction uses each layer's
@@ -129,19 +132,49 @@ def wait_quiet(timeout: float = 45.0, most: float = 0.3) -> float:
 
 
 def predict(calib: dict, S: int, R: int, P: int, n: int = 1, hosts: int = 1,
-            link: Link | None = None, background: float = 0.0, steal: float = 0.0) -> object:
+            link: Link | None = None, background: float = 0.0, steal: float = 0.0,
+            pace: float = 1.0) -> object:
     machine = cal.machine_for(calib, cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH))
     times = calib["layers"][cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH)]
     rep = replica(partition_plan(SHAPE, LAYERS, CLASSES, P), times["seconds"], BATCH,
                   times["batch"], times["reader_s"])
     job = Job(S, R, P, n, n, hosts=hosts, cores_per_host=machine.cores, link=link,
-              shared_cores=hosts > 1, background_cores=background, steal=steal)
+              shared_cores=hosts > 1, background_cores=background, steal=steal, pace=pace)
     return downpour(rep, job, machine)
+
+
+SPEC = json.dumps([list(SHAPE), LAYERS, CLASSES, "softmax", BATCH])
+
+
+def step_rate() -> float:
+    """Steps/s of the model's own step in one process for 1 s (the calibration's worker): the
+    machine's pace now, steal and neighbours included."""
+    return cal._run_worker(["--step", SPEC, "1.0"])["steps_per_s"]
+
+
+def reference_rate() -> float:
+    """The step probe's steal-free rate (the pace 1.0 of the calibration just made)."""
+    before = procstat.sample()
+    rate = statistics.median(step_rate() for _ in range(3))
+    return rate / max(0.1, 1 - procstat.steal_share(before, procstat.sample()))
+
+
+def run_probed(row: dict, job) -> tuple[list[dict], float, float, float]:
+    """Run ``job()`` (returns the metric records) between two pace probes; the records, the
+    load and others' cores before it, the steal over it. The probes' mean goes to the row."""
+    bg = wait_quiet()
+    load = os.getloadavg()[0]
+    rate = step_rate()
+    before = procstat.sample()
+    recs = job()
+    steal = procstat.steal_share(before, procstat.sample())
+    row["step_rates"].append((rate + step_rate()) / 2)
+    return recs, load, bg, steal
 
 
 def _point(where: str, S: int, R: int, P: int, n: int) -> dict:
     return {"where": where, "S": S, "R": R, "P": P, "n": n, "runs": [], "details": [],
-            "loads": [], "others": [], "steals": []}
+            "loads": [], "others": [], "steals": [], "step_rates": []}
 
 
 def _measure(row: dict, recs: list[dict], load: float, bg: float, steal: float) -> None:
@@ -164,12 +197,11 @@ def one_node(cfg: str, data: Path, steps: int, repeats: int, remeasure) -> list[
         if round_:
             remeasure()
         for row in rows:
-            bg = wait_quiet()
-            load = os.getloadavg()[0]
-            before = procstat.sample()
-            _, recs = run_job(cfg, overrides(data, row["S"], row["R"], row["P"], 1, steps),
-                              threads=1, timeout=300)
-            _measure(row, recs, load, bg, procstat.steal_share(before, procstat.sample()))
+            def job(row=row):
+                return run_job(cfg, overrides(data, row["S"], row["R"], row["P"], 1, steps),
+                               threads=1, timeout=300)[1]
+            recs, load, bg, steal = run_probed(row, job)
+            _measure(row, recs, load, bg, steal)
     return rows
 
 
@@ -207,17 +239,16 @@ def bed_points(calib: dict, cfg: str, data: Path, steps: int, links: list[str],
                         for o in [*overrides(data, S, R, P, n, steps),
                                   f"run.dir={json.dumps(str(out))}"]:
                             cmd += ["--set", o]
-                        bg = wait_quiet()
-                        load = os.getloadavg()[0]
-                        before = procstat.sample()
-                        pr = bed.run(bed.mpiexec_cmd(ranks, cmd, rank_hosts=hosts),
-                                     timeout=300, env=env, capture_output=True, text=True)
-                        if pr.returncode:
-                            raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
-                        recs = [json.loads(x)
-                                for x in (out / "metrics.jsonl").read_text().splitlines()]
-                    _measure(row, recs, load, bg,
-                             procstat.steal_share(before, procstat.sample()))
+
+                        def job(cmd=cmd, out=out, ranks=ranks, hosts=hosts):
+                            pr = bed.run(bed.mpiexec_cmd(ranks, cmd, rank_hosts=hosts),
+                                         timeout=300, env=env, capture_output=True, text=True)
+                            if pr.returncode:
+                                raise SystemExit(f"plan.py: bed job failed: {pr.stderr[-1500:]}")
+                            return [json.loads(x)
+                                    for x in (out / "metrics.jsonl").read_text().splitlines()]
+                        recs, load, bg, steal = run_probed(row, job)
+                    _measure(row, recs, load, bg, steal)
             rows += points
     return rows
 
@@ -244,6 +275,18 @@ def predicted(calib: dict, row: dict) -> None:
     row["ratio"] = row["predicted"] / row["measured"]
     row["ratios_by_run"] = by_run
     row["ratio_with_others"] = statistics.median(by_run)
+    # given the pace the step probe saw around each run (steal included in it)
+    ref, rates = calib.get("step_rate_reference"), row.get("step_rates")
+    if ref and rates:
+        row["paces"] = [r / ref for r in rates]
+        row["ratios_given_pace"] = [
+            predict(*args, **kw, background=o, pace=pace).samples_per_s / got
+            for got, o, pace in zip(row["runs"], row["others"], row["paces"])]
+        row["ratio_given_pace"] = statistics.median(row["ratios_given_pace"])
+
+
+def _ok(ratio: float) -> str:
+    return "yes" if abs(ratio - 1) <= 0.2 else "NO"
 
 
 def top_choice(rows: list[dict]) -> dict:
@@ -287,12 +330,16 @@ def main() -> None:
         print(f"calibrated: {json.dumps(calib['machine'])}", flush=True)
         sig = cal.signature(SHAPE, LAYERS, CLASSES, "softmax", BATCH)
         layer_runs = [calib["layers"][sig]]
+        # the pace the layer times stand for: the step probe right after each calibration,
+        # steal-free as the calibration stores its times
+        refs = [reference_rate()]
 
         def remeasure():
             wait_quiet()
             again = cal.calibrate(path, SHAPE, LAYERS, CLASSES, "softmax", BATCH,
                                   data_path=str(data), shuffle_buffer=4096)
             layer_runs.append(again["layers"][sig])
+            refs.append(reference_rate())
 
         rows = [] if "one-node" in args.skip else one_node(str(cfg), data, args.steps,
                                                            args.repeats, remeasure)
@@ -303,7 +350,9 @@ def main() -> None:
                         for i in range(len(layer_runs[0]["seconds"]))],
             "reader_s": statistics.median(r["reader_s"] for r in layer_runs),
             "co_run": statistics.median(r["co_run"] for r in layer_runs),
-            "calibrations": len(layer_runs)}
+            "calibrations": len(layer_runs), "each": layer_runs}
+        calib["step_rate_reference"] = statistics.median(refs)
+        calib["step_rate_references"] = refs
         if "bed" not in args.skip:
             rows += bed_points(calib, str(cfg), data, args.steps, args.links, path,
                                args.repeats)
@@ -320,16 +369,24 @@ def report(rows: list[dict], calib: dict, title: str) -> None:
     """Predict every measured row and print the table and the planner's top choices."""
     for r in rows:
         predicted(calib, r)
+    def given_pace(r: dict, what: str):
+        if "ratio_given_pace" not in r:
+            return "-"
+        if what == "pace":
+            return round(statistics.median(r["paces"]), 2)
+        return round(r["ratio_given_pace"], 3) if what == "ratio" else _ok(r["ratio_given_pace"])
+
     table = [[r["where"], r["S"], r["R"], r["P"], r["n"], round(r["predicted"]),
-              round(r["predicted_with_others"]), round(r["measured"]), round(r["spread"], 2),
-              round(r["ratio"], 3), round(r["ratio_with_others"], 3),
-              "yes" if abs(r["ratio_with_others"] - 1) <= 0.2 else "NO", r["bottleneck"],
+              round(r["measured"]), round(r["spread"], 2), round(r["ratio"], 3),
+              round(r["ratio_with_others"], 3), _ok(r["ratio_with_others"]),
+              given_pace(r, "ratio"), given_pace(r, "ok"), r["bottleneck"],
               round(r["load_before"], 2), round(r["background_cores"], 2),
-              round(r["steal"], 2)] for r in rows]
+              round(r["steal"], 2), given_pace(r, "pace")] for r in rows]
     print_table(["where", "S", "R", "P", "n", "predicted samples/s (idle machine)",
-                 "given others' cores and steal", "measured (median)", "spread", "ratio (idle)",
-                 "ratio (given, median by run)", "within 20% (given)", "predicted bottleneck",
-                 "load", "others' cores", "steal (median)"], table,
+                 "measured (median)", "spread", "ratio (idle)",
+                 "ratio given steal (median by run)", "within 20%",
+                 "ratio given pace (median by run)", "within 20%", "predicted bottleneck",
+                 "load", "others' cores", "steal (median)", "pace (median)"], table,
                 title=f"784-1024-1024-10 MLP, batch {BATCH}, {title}")
     for where in sorted({r["where"] for r in rows}):
         c = top_choice([r for r in rows if r["where"] == where])

@@ -65,6 +65,17 @@ def test_steal_slows_every_ranks_cpu_work_and_the_cores_capacity():
     assert crowd.samples_per_s == pytest.approx(0.75 * 4 * 100 * 2 / per_round)
 
 
+def test_pace_scales_cpu_work_as_steal_does_and_combines_with_it():
+    # a machine at 0.8 of its calibrated pace with 25% steal: CPU work at 0.6 of calibrated
+    job = Job(shards=1, replicas=1, cores_per_host=3)
+    slow = downpour(rep1(), Job(**{**job.__dict__, "pace": 0.8, "steal": 0.25}), M)
+    assert slow.breakdown["compute"] == pytest.approx(0.010 / 0.6)
+    assert slow.breakdown["fetch"] == pytest.approx(4e6 / 10e9 / 0.6 + 2e-6)
+    crowd = downpour(rep1(), Job(shards=1, replicas=4, cores_per_host=2, pace=1.25), M)
+    per_round = 4 * (0.010 + 4e6 / 10e9) + 4 * 4e6 / 5e9
+    assert crowd.samples_per_s == pytest.approx(1.25 * 4 * 100 * 2 / per_round)
+
+
 def test_steal_share_is_stolen_over_non_idle_time():
     from dbmpi.plan.procstat import steal_share
 

@@ -140,6 +140,10 @@ class Job:
     # share of a running rank's time a hypervisor gives other virtual machines (steal time,
     # dbmpi.plan.procstat; 0 on bare metal): every rank's CPU work runs 1 / (1 - steal) slower
     steal: float = 0.0
+    # the machine's pace against its calibration, steal aside (a VM whose neighbours share
+    # its physical cores or memory runs slower with no steal to show for it; measured by
+    # timing the model's step alone around a job, benchmarks/plan.py): CPU work x 1 / pace
+    pace: float = 1.0
 
     @property
     def ranks(self) -> int:
@@ -228,7 +232,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
                 tcp = P * (fetch_bytes + push_bytes) / S * net.cpu_s_per_byte
                 others[machine_of(sh)] += tcp / 2 + P * SHARD_HOT_S / job.n_push
                 others[machine_of(h)] += tcp / 2
-    speed = 1.0 - job.steal  # CPU work runs this much of its steal-free pace
+    speed = (1.0 - job.steal) * job.pace  # CPU work runs this much of its calibrated pace
     for r, h in enumerate(replica_host):
         k = machine_of(h)
         remote = [s for s in range(S) if shard_host[s] != h]
@@ -309,7 +313,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             per_link["partitions (shared memory)"] = (
                 per_link.get("partitions (shared memory)", 0.0) + P * rep.exchange_bytes)
 
-    # a shard is one rank and a host's cores run at the pace steal leaves them
+    # a shard is one rank and a host's cores run at the pace steal (and the pace) leave them
     capacity = {res: 1.0 if res.startswith("NIC") else speed
                 for res in demand if res.startswith(("shard", "NIC"))}
     for k in machines:  # the coordinator runs on the first ps host (host 0)
