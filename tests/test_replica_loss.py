@@ -76,8 +76,8 @@ def test_sigkill_one_of_three_replicas_at_a_seeded_step(tmp_path, demo_data):
     push = random.Random(22).randrange(100, steps - 100)  # n_push = 1: push p is step p - 1
     # Adagrad's accumulator starts at 0.1 (TensorFlow's default), not demo.toml's 0: from 0
     # the first steps are lr-sized for every weight and where an asynchronous run ends up
-    # varies (measured, same seed, 800 steps: 0.894-0.948, pairs apart by up to 0.038);
-    # from 0.1 with lr 0.05, 6 pairs ended 0.948-0.960 and at most 0.007 apart.
+    # varies (measured at 800 steps: 0.894-0.948 over 8 seeds, a pair of one seed apart by
+    # up to 0.038); from 0.1 with lr 0.05, 6 pairs ended 0.948-0.960, at most 0.007 apart.
     demo = {"model": DEMO_MODEL, "lr": 0.05, "batch": 64, "steps": steps, "warm": 100,
             "accumulator": 0.1}
     whole = _config(tmp_path, demo_data, 3, name="whole", **demo)
