@@ -24,6 +24,10 @@ lcn_forward/backward      local contrast normalisation (box, same-padding, all c
 Build with ``make build`` (or ``pip install -e .``, or
 ``python setup.py build_ext --inplace``) in the project root.
 """
+from cython_kernels import _blasload
+
+_blasload.load()  # before the kernels: their cimport of cython_blas would import scipy.linalg
+
 try:
     from cython_kernels._dense import (
         dense_backward,

@@ -3,6 +3,7 @@
 Gradient checks of the reference backward passes live in test_kernels_gradcheck.py.
 """
 import importlib
+import subprocess
 import sys
 
 import numpy as np
@@ -732,6 +733,29 @@ def test_missing_build_says_how_to_build(monkeypatch, hidden):
                                           r"\.`\) in the project root") as info:
         importlib.import_module("cython_kernels")
     assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_kernels_load_their_blas_without_the_rest_of_scipy_linalg():
+    """In a fresh process: loading the kernels and a rank's modules leaves scipy.linalg and
+    scipy.special unimported, the kernels' GEMM matches numpy, and scipy.linalg imported
+    afterwards works and holds the very cython_blas module the kernels use."""
+    code = """
+import sys
+import numpy as np
+import dbmpi.runner, cython_kernels as ck
+print(sorted(m for m in ("scipy.linalg", "scipy.special") if m in sys.modules))
+rng = np.random.default_rng(0)
+x, W, b = (rng.standard_normal(s) for s in ((5, 3), (3, 4), (4,)))
+y = np.empty((5, 4))
+ck.dense_forward(x, W, b, y, "linear")
+print(np.abs(y - (x @ W + b)).max() < 1e-12)
+import scipy.linalg
+print(scipy.linalg.cython_blas is sys.modules["scipy.linalg.cython_blas"],
+      float(scipy.linalg.det([[2.0, 0.0], [0.0, 3.0]])))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:3] == ["[]", "True", "True 6.0"], out
 
 
 # local layer on a range of output locations (model parallelism cuts a layer at any location)

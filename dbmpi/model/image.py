@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import expit
 
 import cython_kernels as ck
 
@@ -33,6 +32,10 @@ def _activate(y: np.ndarray, activation: str) -> None:
     elif activation == "tanh":
         np.tanh(y, out=y)
     elif activation == "sigmoid":
+        # imported here: scipy.special costs every rank 0.25 s at start (its array-API
+        # layer), and only image models with a sigmoid need it
+        from scipy.special import expit
+
         expit(y, out=y)
     elif activation != "linear":
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
