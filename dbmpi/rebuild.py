@@ -21,15 +21,16 @@ log = get_logger("rebuild")
 OUTPUTS = ("params.h5", "metrics.jsonl", "summary.json", "learning_curve.png")
 
 
-def missing_outputs(run_dir: Path) -> list[str]:
-    return [name for name in OUTPUTS if not (run_dir / name).is_file()]
+def missing_outputs(run_dir: Path, cfg) -> list[str]:
+    drawn = OUTPUTS if cfg.run.learning_curve else OUTPUTS[:-1]
+    return [name for name in drawn if not (run_dir / name).is_file()]
 
 
 def rebuild_missing(run_dir: Path, ck: ckpt_mod.Checkpoint, cfg) -> list[str]:
     """Write each missing output of finished run ``run_dir`` from its final checkpoint ``ck``
     and its per-rank metrics; return the names written. A write that fails raises
     :class:`~dbmpi.checkpoint.DiskWriteError`."""
-    missing = missing_outputs(run_dir)
+    missing = missing_outputs(run_dir, cfg)
     done = []
     if "params.h5" in missing:
         params, _ = ck.load_block(0, ck.num_params)

@@ -293,7 +293,7 @@ def _finished_run(cfg, run_dir: Path, ck) -> int:
 
     head = f"{run_dir} holds a finished run (checkpoint {ck.sequence}, " \
            f"{_checkpoint_steps(ck, cfg)})"
-    if not missing_outputs(run_dir):
+    if not missing_outputs(run_dir, cfg):
         print(f"dbmpi: {head}: nothing to do; use another run.dir for a new run",
               file=sys.stderr, flush=True)
         return 0
@@ -371,8 +371,9 @@ def _finish(cfg, run_dir: Path, result: dict, table: np.ndarray) -> None:
     with ckpt_mod.writing(run_dir / "summary.json", run_dir / "summary.json.tmp"):
         write_json(run_dir / "summary.json", summary)
     try:
-        with ckpt_mod.writing(run_dir / "learning_curve.png"):
-            plot_learning_curve(run_dir)
+        if cfg.run.learning_curve:
+            with ckpt_mod.writing(run_dir / "learning_curve.png"):
+                plot_learning_curve(run_dir)
     except ckpt_mod.DiskWriteError:
         raise
     except Exception as exc:  # a missing plot must not lose a finished run

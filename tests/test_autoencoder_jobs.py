@@ -33,7 +33,7 @@ def _config(tmp_path, data, replicas=1, **downpour):
         "optimizer": {"name": "adagrad", "learning_rate": LR, "eps": EPS},
         "downpour": {"steps": STEPS, "eval_every_s": 60.0, "read_own_pushes": True,
                      **downpour},
-        "run": {"dir": tmp_path / "run", "seed": SEED}})
+        "run": {"dir": tmp_path / "run", "seed": SEED, "learning_curve": True}})
 
 
 def _serial_adagrad(data) -> np.ndarray:

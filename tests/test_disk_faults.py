@@ -105,7 +105,7 @@ def _job(tmp_path, small_data, steps: int = 60):
         "data": {"path": small_data, "batch_size": 32},
         "downpour": {"steps": steps, "eval_every_s": 60.0, "log_every": 5},
         "checkpoint": {"every_steps": 20, "keep": 10},
-        "run": {"dir": run, "seed": 2}})
+        "run": {"dir": run, "seed": 2, "learning_curve": True}})
     return run, cfg
 
 

@@ -66,7 +66,8 @@ def numpy_adagrad_reference(data_path, params0: np.ndarray, n: int = 1) -> np.nd
     return p
 
 
-def job_config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpour):
+def job_config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, curve=False,
+               **downpour):
     return write_config(tmp_path / "job.toml", {
         "topology": {"shards": shards, "replicas": replicas},
         "model": {"layers": [{"type": "dense", "units": hidden, "activation": "relu"}]},
@@ -74,7 +75,7 @@ def job_config(tmp_path, data, shards, replicas, hidden=HIDDEN, lr=LR, **downpou
         "optimizer": {"name": "adagrad", "learning_rate": lr, "eps": EPS},
         "downpour": {"n_fetch": 1, "n_push": 1, "steps": STEPS, "eval_every_s": 60.0,
                      "read_own_pushes": True, **downpour},
-        "run": {"dir": tmp_path / "run", "seed": SEED}})
+        "run": {"dir": tmp_path / "run", "seed": SEED, "learning_curve": curve}})
 
 
 @pytest.mark.parametrize("shards,shared", [(1, "1"), (2, "1"), (3, "1"), (2, "0")],
@@ -95,6 +96,7 @@ def test_one_replica_equals_serial_numpy_adagrad(tmp_path, small_data, shards, s
     np.testing.assert_allclose(params, expected, rtol=1e-4, atol=2e-5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == STEPS
+    assert not (tmp_path / "run" / "learning_curve.png").exists()  # run.learning_curve = false
 
 
 @pytest.mark.parametrize("n", [4])
@@ -119,7 +121,7 @@ def test_two_replicas_train_and_write_run_directory(tmp_path, small_data):
     # test accuracy (how the replicas interleave early on matters at that length)
     steps = 1000
     cfg = job_config(tmp_path, small_data, 2, 2, steps=steps, warm_start_steps=50, log_every=25,
-                  read_own_pushes=False, eval_every_s=0.5)
+                  read_own_pushes=False, eval_every_s=0.5, curve=True)
     proc = run_job(5, ["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
