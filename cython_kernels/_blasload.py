@@ -29,7 +29,9 @@ class _AttachOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name != PACKAGE:
             return None
-        sys.meta_path.remove(self)  # once: and the search below must not find us again
+        # PathFinder directly: the meta path (and this finder on it) is not searched again;
+        # this finder leaves it once the package is loaded, not while the import system is
+        # iterating over it
         spec = importlib.machinery.PathFinder.find_spec(name, path, target)
         if spec is None or spec.loader is None:
             return spec
@@ -39,6 +41,8 @@ class _AttachOnImport(importlib.abc.MetaPathFinder):
             run(module)
             if not hasattr(module, ATTR) and NAME in sys.modules:
                 setattr(module, ATTR, sys.modules[NAME])
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
 
         spec.loader.exec_module = exec_module
         return spec

@@ -22,8 +22,8 @@ OUTPUTS = ("params.h5", "metrics.jsonl", "summary.json", "learning_curve.png")
 
 
 def missing_outputs(run_dir: Path, cfg) -> list[str]:
-    drawn = OUTPUTS if cfg.run.learning_curve else OUTPUTS[:-1]
-    return [name for name in drawn if not (run_dir / name).is_file()]
+    return [name for name in OUTPUTS if not (run_dir / name).is_file()
+            and (cfg.run.learning_curve or name != "learning_curve.png")]
 
 
 def rebuild_missing(run_dir: Path, ck: ckpt_mod.Checkpoint, cfg) -> list[str]:
