@@ -312,6 +312,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         old = json.loads(Path(args.table).read_text())
+        if old["calibration"].get("version", 0) < cal.VERSION:
+            sys.exit(f"{args.table}: a calibration of version {old['calibration'].get('version')}"
+                     f" (the model reads version {cal.VERSION}): run the benchmark again")
         report(old["rows"], old["calibration"], f"{old['steps']} steps per replica, "
                f"from {args.table}; load average {old['load_before'][0]:.2f} -> "
                f"{old['load_after'][0]:.2f}")
@@ -350,6 +353,7 @@ def main() -> None:
                         for i in range(len(layer_runs[0]["seconds"]))],
             "reader_s": statistics.median(r["reader_s"] for r in layer_runs),
             "co_run": statistics.median(r["co_run"] for r in layer_runs),
+            "exchange_msg_s": statistics.median(r["exchange_msg_s"] for r in layer_runs),
             "calibrations": len(layer_runs), "each": layer_runs}
         calib["step_rate_reference"] = statistics.median(refs)
         calib["step_rate_references"] = refs

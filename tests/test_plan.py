@@ -187,6 +187,42 @@ def test_partitioned_replica_counts_the_plans_transfers():
     assert r.params == (4 * 8 + 8) + (8 * 2 + 2)
 
 
+def rep4(compute=0.005, cpu=0.020, msgs=6, syncs=3) -> Replica:
+    return Replica(partitions=4, batch=100, params=400_000, part_params=100_000,
+                   compute_s=compute, cpu_s=cpu, exchange_bytes=0, exchange_msgs=msgs,
+                   syncs=syncs)
+
+
+def test_partitions_pay_their_exchange_cpu_per_message():
+    # 4 partitions with a core each (8 cores): the exchange is the link's time plus the
+    # measured CPU per message, on the step and on the cores
+    m = Machine(**{**M.__dict__, "cores": 8, "exchange_msg_s": 1e-4})
+    job = Job(shards=1, replicas=1, partitions=4, cores_per_host=8)
+    p = downpour(rep4(), job, m)
+    assert p.breakdown["exchange"] == pytest.approx(6 * 1e-6 + 6 * 1e-4)
+    base = downpour(rep4(), job, Machine(**{**M.__dict__, "cores": 8}))
+
+    def core_seconds(pred):  # per step of the replica: busy fraction x capacity / steps/s
+        return pred.utilisation["cores of host 0"] * 8 / (pred.samples_per_s_replica / 100)
+    assert core_seconds(p) - core_seconds(base) == pytest.approx(4 * 6 * 1e-4)
+
+
+def test_a_gang_beyond_the_cores_shares_them_and_idles_them_at_each_sync():
+    # 4 partitions + a shard + the coordinator on 2 cores: 2 busy ranks per core. The
+    # partitions' CPU (layers, fetch copies, the exchange's per message) and the shard's apply
+    # over the 2 cores, plus the measured gap per synchronisation at 2 busy ranks per core
+    m = Machine(**{**M.__dict__, "exchange_msg_s": 1e-4,
+                   "oversub_sync": ((1.0, 1e-4), (2.0, 5e-4))})
+    p = downpour(rep4(), Job(shards=1, replicas=1, partitions=4, cores_per_host=2), m)
+    fetch_copy = 4 * (4 * 100_000) / 10e9  # each partition copies its 100k floats
+    apply = 4 * (4 * 100_000) / 5e9  # the shard applies every partition's push
+    busy = 0.020 + fetch_copy + 4 * 6 * 1e-4 + apply
+    assert p.bottleneck == "cores of host 0"
+    assert p.step_s == pytest.approx(busy / 2 + 3 * 5e-4)
+    assert p.breakdown["exchange"] == pytest.approx(
+        6 * 1e-6 + 3 * 5e-4 + 6 * 1e-4 + apply)  # the shard's apply preempts a partition
+
+
 def test_speech_exchange_matches_the_partition_plan():
     for P in (2, 4):
         plan = partition_plan(SPEECH["input"], SPEECH["layers"], SPEECH["classes"], P)

@@ -34,10 +34,13 @@ import time
 from pathlib import Path
 
 from ..errors import DbmpiError
+from . import partprobe
 from .cost import Link, Machine
 from .procstat import sample, steal_share
 
-VERSION = 3  # 2: oversub_sync by busy ranks per core; shard_poll_cores; 3: ctrl_ops, steal-free
+# 2: oversub_sync by busy ranks per core; shard_poll_cores; 3: ctrl_ops, steal-free;
+# 4: oversub_sync beyond time-sharing, exchange_msg_s per model
+VERSION = 4
 # the coordinator's share of a core during training (records, no live evaluation), measured
 # in docs/performance.md ("Waiting ranks on an oversubscribed node": 0.03-0.04)
 COORDINATOR_CORES = 0.04
@@ -92,10 +95,12 @@ def machine_of(data: dict) -> Machine:
 
 def machine_for(data: dict, sig: str) -> Machine:
     """The machine as a model's replicas see it: its ``co_run`` measured with that model's own
-    step where the calibration has it (sgemm's otherwise)."""
+    step where the calibration has it (sgemm's otherwise), and its partitions' CPU per message
+    (:mod:`dbmpi.plan.partprobe`)."""
     m = machine_of(data)
-    co = data.get("layers", {}).get(sig, {}).get("co_run")
-    return m if co is None else dataclasses.replace(m, co_run=float(co))
+    entry = data.get("layers", {}).get(sig, {})
+    mine = {k: float(entry[k]) for k in ("co_run", "exchange_msg_s") if k in entry}
+    return dataclasses.replace(m, **mine)
 
 
 def layer_times(data: dict, sig: str, path: Path) -> dict:
@@ -210,7 +215,8 @@ def measure_gang(cores: int, timeout: float = 120
             raise CalibrationError(f"the gang probe failed ({p.returncode}): "
                                    f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        out.append([g / cores, max(0.0, r["step_s"] - r["compute_s"])])
+        # beyond the members' time-sharing of the cores (the cost model's cores bound)
+        out.append([g / cores, max(0.0, r["step_s"] - max(1, g / cores) * r["compute_s"])])
         ops.append([g / cores, r["ctrl_op_s"]])
         polls.append(r["poll_cores"])
     return out, ops, statistics.median(polls)
@@ -339,6 +345,9 @@ def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: i
     entry = {"batch": batch, "seconds": [t * (1 - steal) for t in times["seconds"]],
              "reader_s": 0.0, "steal": steal,
              "co_run": co_run(data["machine"]["cores"], ["--step", spec, "1.5"], "steps_per_s")}
+    before = sample()
+    msg_s = partprobe.measure(spec, data["machine"]["cores"], _worker_env())
+    entry["exchange_msg_s"] = msg_s * (1 - steal_share(before, sample()))
     if data_path:  # without a data set the reader is left out (docs/planner.md)
         reader, steal = _steal_free(["--reader", data_path, str(batch), str(shuffle_buffer)])
         entry["reader_s"] = reader["seconds"] * (1 - steal)

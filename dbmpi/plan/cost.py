@@ -21,9 +21,12 @@ c_k / D_k):
 * each host's **NIC** (fetches leave the ps host, pushes enter it; one resource for both
   directions, as measured on the test bed).
 
-Partitions of a replica run in lockstep: when ranks outnumber cores, each synchronisation
-costs a measured wait (:meth:`Machine.sync_wait`) and the shards' and coordinator's work on
-the machine lands on the replica's critical path.
+Partitions of a replica run in lockstep and pay, per message of their exchange, the link and
+a measured CPU cost (``Machine.exchange_msg_s``). When ranks outnumber cores, the shards' and
+coordinator's work on the machine lands on the replica's critical path, partitions beyond
+the cores time-share them (the cores' bound), and each synchronisation adds a measured gap
+while the last partition to wake catches up (:meth:`Machine.sync_wait`), during which the
+cores idle.
 
 Predicted steps/s per replica = min(1 / step_alone, min_k c_k / D_k); the argmin names the
 bottleneck.
@@ -69,14 +72,18 @@ class Machine:
     step_overhead_s: float  # per step and worker, outside the layers (reader, protocol)
     coordinator_cores: float  # share of a core the coordinator takes
     shm: Link  # between ranks of one host
-    # (busy ranks per core, extra seconds per synchronisation of a replica's partitions):
-    # measured lockstep gangs with polling ranks beside them (a descheduled partition holds
-    # up the rest)
+    # (busy ranks per core, extra seconds per synchronisation of a replica's partitions
+    # beyond their time-sharing of the cores): measured lockstep gangs with polling ranks
+    # beside them (a partition that wakes late holds up the rest while cores idle)
     oversub_sync: tuple[tuple[float, float], ...] = ()
     shard_poll_cores: float = 0.0  # share of a core an idle shard's polling takes
     # (busy ranks per core, seconds of one control operation (an atomic read or
     # Fetch_and_op of a shard's counters) with polling ranks beside): measured as sync waits
     ctrl_ops: tuple[tuple[float, float], ...] = ()
+    # CPU seconds a partition spends per message of its exchange beyond the link's time (our
+    # bookkeeping per message, copies into place, MPI's request handling): measured with the
+    # model's own partitions (dbmpi.plan.partprobe)
+    exchange_msg_s: float = 0.0
 
     def sync_wait(self, busy_per_core: float, crowded: bool = True) -> float:
         """Extra seconds per partition synchronisation with ``busy_per_core`` computing ranks
@@ -216,6 +223,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
     fetch_bytes = FLOAT * rep.part_params / job.n_fetch  # per partition and step
     push_bytes = FLOAT * rep.part_params / job.n_push
     step_alone, breakdown, demand, per_link = 0.0, {}, {}, {}
+    lockstep: dict[int, float] = {}  # machine -> seconds per round its cores idle at syncs
 
     def add(resource: str, seconds: float) -> None:
         demand[resource] = demand.get(resource, 0.0) + seconds
@@ -241,8 +249,13 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         exchange = 0.0
         crowded = ranks[k] + job.background_cores > cores_of[k]
         if P > 1:
-            exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs)
-                        + rep.syncs * m.sync_wait(workers[k] / cores_of[k], crowded))
+            # the partitions' time-sharing of the cores, when they outnumber them, is the
+            # cores' bound below; each synchronisation adds the measured gap while the
+            # last partition to wake catches up (cores idle), on the step and on the bound
+            gap = rep.syncs * m.sync_wait(workers[k] / cores_of[k], crowded)
+            lockstep[k] = max(lockstep.get(k, 0.0), gap)
+            exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs) + gap
+                        + rep.exchange_msgs * m.exchange_msg_s / speed)
             if crowded:
                 # no core to spare: whatever the shards, the coordinator and other tenants
                 # run per round preempts one partition, and the others wait for it
@@ -288,7 +301,8 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         # TCP stack's work on both ends of its remote traffic
         tcp = P * (fetch_bytes + push_bytes) * (1 - local_share) * net.cpu_s_per_byte
         add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"] * speed
-            + P * fetch_bytes * local_share / m.copy_bw + tcp)
+            + P * fetch_bytes * local_share / m.copy_bw + tcp
+            + (P * rep.exchange_msgs * m.exchange_msg_s if P > 1 else 0.0))
         for s in range(S):
             sh = shard_host[s]
             pull = P * push_bytes / S
@@ -319,7 +333,9 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
     for k in machines:  # the coordinator runs on the first ps host (host 0)
         capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k]) * speed
     # each replica takes one step per round: rate per replica <= capacity / demand per round
-    bounds = {res: capacity[res] / d for res, d in demand.items() if d > 0}
+    # (a gang's syncs leave its machine's cores idle: wall on top of their busy time)
+    bounds = {res: 1.0 / (d / capacity[res] + _idle_wall(res, lockstep))
+              for res, d in demand.items() if d > 0}
     rate = 1.0 / step_alone
     bottleneck = "replica step: " + max(breakdown, key=breakdown.get)
     for res, b in bounds.items():
@@ -336,6 +352,14 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
                           f"{m.cores if job.shared_cores else job.hosts * job.cores_per_host}"
                           " cores: ranks share cores")
     return pred
+
+
+def _idle_wall(resource: str, lockstep: dict[int, float]) -> float:
+    """Seconds per round the cores named by ``resource`` idle while partitions synchronise."""
+    for k, gap in lockstep.items():
+        if resource == f"cores of host {k}":
+            return gap
+    return 0.0
 
 
 def sandblaster(rep: Replica, job: Job, m: Machine, examples: int, portions: int,

@@ -36,7 +36,18 @@ def replica(plan: PartitionPlan, layer_s: list[float], batch: int,
         compute += t * scale * max(shares)  # the partitions meet at every layer boundary
         cpu += t * scale * sum(shares)
     sends = plan.bytes_per_step(batch)
-    msgs = [0] * P
+    msgs, syncs = messages(plan)
+    return Replica(partitions=P, batch=batch, params=plan.num_params,
+                   part_params=max(plan.param_sizes), compute_s=compute, cpu_s=cpu,
+                   exchange_bytes=max(sends), exchange_msgs=max(msgs), syncs=syncs,
+                   overhead_s=overhead_s)
+
+
+def messages(plan: PartitionPlan) -> tuple[list[int], int]:
+    """Messages (sends + receives) of each partition per step, and the points per step where
+    the partitions wait for each other (every layer boundary with transfers, forward and,
+    but for the logits, backward)."""
+    msgs = [0] * plan.P
     syncs = 0
     for layer, ts in enumerate(plan.transfers):
         backward = layer < len(plan.parts)
@@ -44,10 +55,7 @@ def replica(plan: PartitionPlan, layer_s: list[float], batch: int,
         for tr in ts:
             msgs[tr.src] += 1 + backward
             msgs[tr.dst] += 1 + backward
-    return Replica(partitions=P, batch=batch, params=plan.num_params,
-                   part_params=max(plan.param_sizes), compute_s=compute, cpu_s=cpu,
-                   exchange_bytes=max(sends), exchange_msgs=max(msgs), syncs=syncs,
-                   overhead_s=overhead_s)
+    return msgs, syncs
 
 
 def flops_per_example(plan: PartitionPlan) -> float:
