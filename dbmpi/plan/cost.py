@@ -334,7 +334,8 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k]) * speed
     # each replica takes one step per round: rate per replica <= capacity / demand per round
     # (a gang's syncs leave its machine's cores idle: wall on top of their busy time)
-    bounds = {res: 1.0 / (d / capacity[res] + _idle_wall(res, lockstep))
+    idle_wall = {f"cores of host {k}": gap for k, gap in lockstep.items()}
+    bounds = {res: 1.0 / (d / capacity[res] + idle_wall.get(res, 0.0))
               for res, d in demand.items() if d > 0}
     rate = 1.0 / step_alone
     bottleneck = "replica step: " + max(breakdown, key=breakdown.get)
@@ -352,14 +353,6 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
                           f"{m.cores if job.shared_cores else job.hosts * job.cores_per_host}"
                           " cores: ranks share cores")
     return pred
-
-
-def _idle_wall(resource: str, lockstep: dict[int, float]) -> float:
-    """Seconds per round the cores named by ``resource`` idle while partitions synchronise."""
-    for k, gap in lockstep.items():
-        if resource == f"cores of host {k}":
-            return gap
-    return 0.0
 
 
 def sandblaster(rep: Replica, job: Job, m: Machine, examples: int, portions: int,
