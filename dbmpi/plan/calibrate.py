@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 from ..errors import DbmpiError
-from . import partprobe
 from .cost import Link, Machine
 from .procstat import sample, steal_share
 
@@ -197,11 +196,11 @@ def measure_reader(path: str, batch: int, shuffle_buffer: int) -> float:
 
 def measure_gang(cores: int, timeout: float = 120
                  ) -> tuple[list[list[float]], list[list[float]], float]:
-    """[busy ranks per core, extra seconds per synchronisation] of lockstep gangs of ``cores``
-    and ``2 * cores`` ranks, each with 2 more ranks polling as idle shards do: what model
-    partitions lose when ranks outnumber cores; [busy ranks per core, seconds of one control
-    operation on a polling rank] (what a worker pays per shard for the protocol's counters);
-    and the share of a core such a poller takes."""
+    """[busy ranks per core, the gap per synchronisation beyond time-sharing the cores] of
+    lockstep gangs of ``cores`` and ``2 * cores`` ranks, each with 2 more ranks polling as
+    idle shards do: what model partitions lose when ranks outnumber cores; [busy ranks per
+    core, seconds of one control operation on a polling rank] (what a worker pays per shard
+    for the protocol's counters); and the share of a core such a poller takes."""
     from ..launch import find_mpiexec, launch_env
 
     out, ops, polls = [], [], []
@@ -209,12 +208,7 @@ def measure_gang(cores: int, timeout: float = 120
         n = g + 2
         cmd = [find_mpiexec(), "-n", str(n), sys.executable, "-m", "dbmpi.plan.linkprobe",
                "--gang", str(g)]
-        p = subprocess.run(cmd, env=launch_env(n, g, env=_worker_env()), capture_output=True,
-                           text=True, timeout=timeout, check=False)
-        if p.returncode:
-            raise CalibrationError(f"the gang probe failed ({p.returncode}): "
-                                   f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
-        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r = _probe(cmd, launch_env(n, g, env=_worker_env()), "gang", timeout)
         # beyond the members' time-sharing of the cores (the cost model's cores bound)
         out.append([g / cores, max(0.0, r["step_s"] - max(1, g / cores) * r["compute_s"])])
         ops.append([g / cores, r["ctrl_op_s"]])
@@ -306,10 +300,33 @@ def measure_link(wrap=None, env: dict | None = None, timeout: float = 120) -> di
         env = launch_env(2, 2, env=dict(os.environ))
     else:
         cmd = wrap(cmd)
+    return _probe(cmd, env, "link", timeout)
+
+
+def measure_exchange(spec: str, cores: int, timeout: float = 120) -> float:
+    """CPU seconds per message of the partitions' exchange of the model ``spec`` cut in 2 on
+    2 ranks (:mod:`dbmpi.plan.partprobe`); 0 with one core or a model that cannot be cut in 2
+    (the cost model then charges only the link)."""
+    from ..launch import find_mpiexec, launch_env
+    from ..model.partition import PartitionPlan
+
+    shape, layers, classes, _, _ = json.loads(spec)
+    try:
+        PartitionPlan(tuple(shape), layers, classes, 2)
+    except ValueError:  # ConfigError too: a layer too narrow to cut
+        return 0.0
+    if cores < 2:
+        return 0.0
+    cmd = [find_mpiexec(), "-n", "2", sys.executable, "-m", "dbmpi.plan.partprobe", spec]
+    return _probe(cmd, launch_env(2, 2, env=_worker_env()), "partition", timeout)["msg_s"]
+
+
+def _probe(cmd: list[str], env: dict, what: str, timeout: float) -> dict:
+    """Run an MPI probe; its last line of output (JSON), or one line naming it and why not."""
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                        check=False)
     if p.returncode:
-        raise CalibrationError(f"the link probe failed ({p.returncode}): "
+        raise CalibrationError(f"the {what} probe failed ({p.returncode}): "
                                f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -346,7 +363,7 @@ def calibrate(path: Path, input_shape, layers, classes: int, loss: str, batch: i
              "reader_s": 0.0, "steal": steal,
              "co_run": co_run(data["machine"]["cores"], ["--step", spec, "1.5"], "steps_per_s")}
     before = sample()
-    msg_s = partprobe.measure(spec, data["machine"]["cores"], _worker_env())
+    msg_s = measure_exchange(spec, data["machine"]["cores"])
     entry["exchange_msg_s"] = msg_s * (1 - steal_share(before, sample()))
     if data_path:  # without a data set the reader is left out (docs/planner.md)
         reader, steal = _steal_free(["--reader", data_path, str(batch), str(shuffle_buffer)])

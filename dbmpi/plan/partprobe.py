@@ -5,22 +5,22 @@
 ``SPEC`` is the JSON ``[input_shape, layers, classes, loss, batch]`` of the calibration. The
 P ranks train the model cut in P (:class:`dbmpi.model.parallel.PartitionedModel`, the code
 the training ranks run) on one synthetic batch for ``SECONDS`` (default 1.5), each timing its
-own layers' forward and backward in CPU time. What a partition's CPU holds besides its layers
-and its waits for its peers is the exchange's own work: bookkeeping per message in Python,
+own layers' forward and backward and its waits for its peers in CPU time. What a partition's
+CPU holds besides those is the exchange's own work: bookkeeping per message in Python,
 copies into place, MPI's request handling. Rank 0 prints one JSON line: ``msg_s``, that CPU
 per message (the mean over the partitions, each over its messages per step, from the plan),
 and for information ``step_s``, ``layers_s``, ``wait_s``, ``other_s`` per step, each
 partition's ``messages`` per step by the plan and the messages it ``sent`` per step.
 
-Run it with a core per rank (the calibration runs P = 2 on 2 cores or more): oversubscribed,
-a partition's CPU holds time-sharing effects this figure should not.
+Run it with a core per rank (:func:`dbmpi.plan.calibrate.measure_exchange` runs P = 2 on 2
+cores or more): oversubscribed, a partition's CPU holds time-sharing effects this figure
+should not.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -52,15 +52,17 @@ def probe(comm, spec: list, seconds: float) -> dict | None:
     rng = np.random.default_rng(0)
     x = flat_batch(rng.standard_normal((batch, *shape)).astype(np.float32))
     y = rng.integers(0, classes, batch)
-    layer_cpu = [0.0]
+    layer_cpu, wait_cpu = [0.0], [0.0]
     for layer in model.layers:  # instance attributes: only this probe's model is timed
         layer.forward = _timed(layer.forward, layer_cpu)
         layer.backward = _timed(layer.backward, layer_cpu)
+    ex = model.exchange  # its waits for the peers (polling, then sleeping)
+    ex._complete = _timed(ex._complete, wait_cpu)
     for _ in range(5):
         model.forward_backward(x, y)
     comm.Barrier()
     model.reset_stats()
-    layer_cpu[0] = 0.0
+    layer_cpu[0] = wait_cpu[0] = 0.0
     steps, t0, c0 = 0, time.perf_counter(), time.process_time()
     go = np.ones(1, np.int8)
     while go[0]:
@@ -74,8 +76,9 @@ def probe(comm, spec: list, seconds: float) -> dict | None:
     stats = model.stats()
     layers_s, wait_s = layer_cpu[0] / steps, stats["wait_s"] / steps
     msgs = messages(plan)[0][rank]
-    # uncrowded, a wait is spent polling (CPU): what is left is the exchange's own work
-    other = max(0.0, cpu - layers_s - wait_s)
+    # CPU outside the layers and the waits' polling: the exchange's own work (in CPU time
+    # throughout, so that other tenants' load does not count)
+    other = max(0.0, cpu - layers_s - wait_cpu[0] / steps)
     got = comm.gather((wall, layers_s, wait_s, other, other / max(msgs, 1), msgs,
                        stats["messages_sent"] / steps), root=0)
     model.free()
@@ -88,29 +91,6 @@ def probe(comm, spec: list, seconds: float) -> dict | None:
             "other_s": statistics.fmean(g[3] for g in got),
             "msg_s": statistics.fmean(g[4] for g in got),
             "messages": [g[5] for g in got], "sent": [g[6] for g in got]}
-
-
-def measure(spec: str, cores: int, env: dict, timeout: float = 120) -> float:
-    """``msg_s`` of the model ``spec`` cut in 2 on 2 ranks of this machine; 0 with one core or
-    a model that cannot be cut in 2 (the cost model then charges only the link)."""
-    from ..launch import find_mpiexec, launch_env
-    from ..model.partition import PartitionPlan
-    from .calibrate import CalibrationError
-
-    shape, layers, classes, _, _ = json.loads(spec)
-    try:
-        PartitionPlan(tuple(shape), layers, classes, 2)
-    except ValueError:  # ConfigError too: a layer too narrow to cut
-        return 0.0
-    if cores < 2:
-        return 0.0
-    cmd = [find_mpiexec(), "-n", "2", sys.executable, "-m", "dbmpi.plan.partprobe", spec]
-    p = subprocess.run(cmd, env=launch_env(2, 2, env=env), capture_output=True, text=True,
-                       timeout=timeout, check=False)
-    if p.returncode:
-        raise CalibrationError(f"the partition probe failed ({p.returncode}): "
-                               f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])["msg_s"]
 
 
 def main(argv: list[str]) -> None:
