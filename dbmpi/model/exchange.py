@@ -13,8 +13,9 @@ disagree on the plan) is an error too. Tags carry the parity of the pass: a peer
 be one pass ahead (its next batch's first halo can arrive while this partition checks), never
 two, because every forward pass all-gathers the logits between every pair of partitions.
 
-Bytes sent between partitions are counted per message (``bytes_sent``, ``messages_sent``;
-cumulative, read and reset by the caller).
+Bytes sent between partitions are counted per message (``bytes_sent``, ``messages_sent``),
+and the time spent waiting for peers (``wait_s``; ``wait_cpu_s`` the CPU of it); cumulative,
+read and reset by the caller.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Exchange:
         self.messages_sent = 0
         self.bytes_received = 0
         self.wait_s = 0.0
+        self.wait_cpu_s = 0.0  # the CPU those waits took (polling; the rest slept)
         self.passes = {False: 0, True: 0}  # forward and backward passes completed
         self._deferred: list = []  # sends of this pass not known to be complete
 
@@ -129,7 +131,7 @@ class Exchange:
         reqs = [p[0] for p in pending]
         if MPI.Request.Testall(reqs):
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         deadline = t0 + self.timeout_s
         delay = 0.0
         while not MPI.Request.Testall(reqs):
@@ -142,6 +144,7 @@ class Exchange:
             time.sleep(delay)
             delay = min(self.max_sleep_s, delay * 2 if delay else 1e-5)
         self.wait_s += time.perf_counter() - t0
+        self.wait_cpu_s += time.thread_time() - c0
 
     def _fail(self, pending: list, reqs: list) -> None:
         stuck = []

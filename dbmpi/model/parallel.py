@@ -107,12 +107,13 @@ class PartitionedModel(FlatVectors):
     def stats(self) -> dict:
         ex = self.exchange
         return {"bytes_sent": ex.bytes_sent, "messages_sent": ex.messages_sent,
-                "bytes_received": ex.bytes_received, "wait_s": ex.wait_s}
+                "bytes_received": ex.bytes_received, "wait_s": ex.wait_s,
+                "wait_cpu_s": ex.wait_cpu_s}
 
     def reset_stats(self) -> None:
         ex = self.exchange
         ex.bytes_sent = ex.messages_sent = ex.bytes_received = 0
-        ex.wait_s = 0.0
+        ex.wait_s = ex.wait_cpu_s = 0.0
 
     # -- buffers -----------------------------------------------------------------------------
     def _buf(self, key, shape) -> np.ndarray:

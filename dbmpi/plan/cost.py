@@ -302,7 +302,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         tcp = P * (fetch_bytes + push_bytes) * (1 - local_share) * net.cpu_s_per_byte
         add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"] * speed
             + P * fetch_bytes * local_share / m.copy_bw + tcp
-            + (P * rep.exchange_msgs * m.exchange_msg_s if P > 1 else 0.0))
+            + P * rep.exchange_msgs * m.exchange_msg_s)
         for s in range(S):
             sh = shard_host[s]
             pull = P * push_bytes / S
