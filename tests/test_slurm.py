@@ -182,6 +182,25 @@ def slurm(request, tmp_path_factory):
     assert not left, f"daemons still running after `cluster.sh down {state}`: {left}"
 
 
+def test_expand_nodelist_agrees_with_scontrol(request, tmp_path):
+    # dbmpi's own parser (used where scontrol is absent) against SLURM's; installed here,
+    # not skipped, when SLURM is missing and we may install it
+    from test_placement import NODELISTS
+
+    from dbmpi.placement import expand_nodelist
+
+    _ensure_installed(request)
+    # scontrol wants a configuration even to expand names: a minimal one will do
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n")
+    for spec in NODELISTS:
+        r = subprocess.run(["scontrol", "show", "hostnames", spec], capture_output=True,
+                           text=True, check=False, timeout=30,
+                           env={**os.environ, "SLURM_CONF": str(conf)})
+        assert r.returncode == 0, r.stderr
+        assert expand_nodelist(spec) == r.stdout.split(), spec
+
+
 def test_cluster_is_up(slurm):
     r = slurm.run("sinfo", "-h", "-o", "%P %T %c")
     assert r.returncode == 0 and "idle" in r.stdout, r.stdout + r.stderr
