@@ -65,6 +65,26 @@ def test_steal_slows_every_ranks_cpu_work_and_the_cores_capacity():
     assert crowd.samples_per_s == pytest.approx(0.75 * 4 * 100 * 2 / per_round)
 
 
+def test_steal_holds_up_a_lockstep_gang_while_any_of_its_vcpus_is_taken():
+    # a replica cut in 2, a core per rank (1 + 1 + 2 ranks on 4 cores), 20% steal: the gang
+    # runs while both its vCPUs run, 0.8^2 = 0.64 of the time; cut in 4 it spans 4 vCPUs
+    m4 = Machine(**{**M.__dict__, "cores": 4})
+    half = Replica(partitions=2, batch=100, params=10**6, part_params=5 * 10**5,
+                   compute_s=0.005, cpu_s=0.010, exchange_bytes=0, exchange_msgs=0)
+    p = downpour(half, Job(shards=1, replicas=1, partitions=2, cores_per_host=4, steal=0.2), m4)
+    assert p.breakdown["compute"] == pytest.approx(0.005 / 0.64)
+    assert p.breakdown["fetch"] == pytest.approx(2e6 / 10e9 / 0.64 + 2e-6)
+    # the cores idle with the gang: 4 cores at 0.64 carry its layers, copies and the apply
+    assert p.utilisation["cores of host 0"] == pytest.approx(
+        (0.010 + 2 * 2e6 / 10e9 + 4e6 / 5e9) / p.step_s / (4 * 0.64))
+    # the shard is one rank: it loses only its own 20%
+    assert p.utilisation["shard 0"] == pytest.approx(4e6 / 5e9 / p.step_s / 0.8)
+    # one partition: no gang, the plain 0.8 (as in the test above)
+    one = downpour(rep1(compute=0.005), Job(shards=1, replicas=1, cores_per_host=4, steal=0.2),
+                   m4)
+    assert one.breakdown["compute"] == pytest.approx(0.005 / 0.8)
+
+
 def test_pace_scales_cpu_work_as_steal_does_and_combines_with_it():
     # a machine at 0.8 of its calibrated pace with 25% steal: CPU work at 0.6 of calibrated
     job = Job(shards=1, replicas=1, cores_per_host=3)

@@ -241,11 +241,18 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
                 others[machine_of(sh)] += tcp / 2 + P * SHARD_HOT_S / job.n_push
                 others[machine_of(h)] += tcp / 2
     speed = (1.0 - job.steal) * job.pace  # CPU work runs this much of its calibrated pace
+    # a replica's partitions advance in lockstep (a synchronisation every layer, ~1 ms,
+    # shorter than the hypervisor's slice): while it holds any of the g vCPUs a gang spans,
+    # the others wait, so the gang runs while all g run: (1 - steal)^g of the time if the
+    # vCPUs are taken independently. Its cores idle meanwhile: their capacity too
+    gang_speed = {k: (1.0 - job.steal) ** (min(P, cores_of[k]) if P > 1 and workers[k] else 1)
+                  * job.pace for k in machines}
     for r, h in enumerate(replica_host):
         k = machine_of(h)
+        sp = gang_speed[k]  # this replica's CPU work runs at this much of its pace
         remote = [s for s in range(S) if shard_host[s] != h]
         local_share = (S - len(remote)) / S
-        compute = rep.compute_s / eff[k] / speed
+        compute = rep.compute_s / eff[k] / sp
         exchange = 0.0
         crowded = ranks[k] + job.background_cores > cores_of[k]
         if P > 1:
@@ -255,17 +262,17 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             gap = rep.syncs * m.sync_wait(workers[k] / cores_of[k], crowded)
             lockstep[k] = max(lockstep.get(k, 0.0), gap)
             exchange = (m.shm.time(rep.exchange_bytes, rep.exchange_msgs) + gap
-                        + rep.exchange_msgs * m.exchange_msg_s / speed)
+                        + rep.exchange_msgs * m.exchange_msg_s / sp)
             if crowded:
                 # no core to spare: whatever the shards, the coordinator and other tenants
                 # run per round preempts one partition, and the others wait for it
-                exchange += (idle[k] * rep.compute_s + others[k]) / speed
+                exchange += (idle[k] * rep.compute_s + others[k]) / sp
         elif crowded:
             # more ranks than cores: the scheduler spreads the other ranks' (and tenants')
             # work over every core, so it takes turns with the workers' compute even while
             # a core is idle between their wake-ups (measured: 4 shards beside one replica on
             # 2 cores cost it 5-9% against 1 shard, in runs of 3 and 2 repeats)
-            compute += (others[k] + idle[k] * rep.compute_s) / cores_of[k] / speed
+            compute += (others[k] + idle[k] * rep.compute_s) / cores_of[k] / sp
         # the protocol's control operations on each shard's counters: one atomic read per
         # fetch; a read of my slot's state and a Fetch_and_op on SEQ per push (posting only:
         # the shard pulls the push). A round trip of the link to a shard on another host; on
@@ -274,7 +281,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
         op = m.ctrl_op(workers[k] / cores_of[k], crowded)
         ops = sum(2 * net.latency_s if shard_host[s] != h else op for s in range(S))
         # fetch: Gets to every shard, then one flush; local slices are copies by this core
-        fetch = fetch_bytes * local_share / m.copy_bw / speed + ops / job.n_fetch
+        fetch = fetch_bytes * local_share / m.copy_bw / sp + ops / job.n_fetch
         push = 2 * ops / job.n_push
         if remote:
             # Over TCP a shard's pull of a push progresses only while the worker calls MPI
@@ -284,7 +291,7 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             # their step they spend on them (a fixed point of those shares)
             wire_f = fetch_bytes * (1 - local_share) / net.bandwidth
             wire_p = push_bytes * (1 - local_share) / net.bandwidth
-            rest = compute + fetch + push + (m.step_overhead_s + rep.overhead_s) / speed
+            rest = compute + fetch + push + (m.step_overhead_s + rep.overhead_s) / sp
             share_f = share_p = 1.0
             for _ in range(50):
                 step = rest + wire_f * share_f + wire_p * share_p
@@ -293,14 +300,14 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
             fetch += len(remote) * net.latency_s / job.n_fetch + wire_f * share_f
             push += wire_p * share_p
         parts = {"compute": compute, "exchange": exchange, "fetch": fetch, "push": push,
-                 "overhead": (m.step_overhead_s + rep.overhead_s) / speed}
+                 "overhead": (m.step_overhead_s + rep.overhead_s) / sp}
         t = sum(parts.values())
         if t >= step_alone:
             step_alone, breakdown = t, parts
         # cores of the replica's machine: every partition's layers, reads, copies and the
         # TCP stack's work on both ends of its remote traffic
         tcp = P * (fetch_bytes + push_bytes) * (1 - local_share) * net.cpu_s_per_byte
-        add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"] * speed
+        add(f"cores of host {k}", rep.cpu_s / eff[k] + P * parts["overhead"] * sp
             + P * fetch_bytes * local_share / m.copy_bw + tcp
             + P * rep.exchange_msgs * m.exchange_msg_s)
         for s in range(S):
@@ -328,10 +335,11 @@ def downpour(rep: Replica, job: Job, m: Machine) -> Prediction:
                 per_link.get("partitions (shared memory)", 0.0) + P * rep.exchange_bytes)
 
     # a shard is one rank and a host's cores run at the pace steal (and the pace) leave them
+    # (a gang's host at its gang's)
     capacity = {res: 1.0 if res.startswith("NIC") else speed
                 for res in demand if res.startswith(("shard", "NIC"))}
     for k in machines:  # the coordinator runs on the first ps host (host 0)
-        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k]) * speed
+        capacity[f"cores of host {k}"] = max(0.05, cores_of[k] - idle[k]) * gang_speed[k]
     # each replica takes one step per round: rate per replica <= capacity / demand per round
     # (a gang's syncs leave its machine's cores idle: wall on top of their busy time)
     idle_wall = {f"cores of host {k}": gap for k, gap in lockstep.items()}
