@@ -368,6 +368,24 @@ def test_a_models_own_co_run_replaces_the_machines(tmp_path):
     assert p.breakdown["compute"] >= 0.010 / 0.8
 
 
+def test_gang_probe_keeps_the_least_disturbed_of_its_repeats(monkeypatch):
+    # 2 cores: gangs of 2 and 4 ranks, 3 runs each; the second run of the first gang was
+    # disturbed (a gap of 2.0 ms, not 0.3), the third of the second gang too
+    runs = iter([{"step_s": s, "compute_s": c, "ctrl_op_s": op, "poll_cores": pc}
+                 for s, c, op, pc in [
+                     (0.0023, 0.002, 3e-5, 0.04), (0.0040, 0.002, 1.5e-4, 0.05),
+                     (0.0024, 0.002, 4e-5, 0.06),
+                     (0.0045, 0.002, 3e-4, 0.04), (0.0044, 0.002, 2e-4, 0.05),
+                     (0.0075, 0.002, 9e-4, 0.05)]])
+    monkeypatch.setattr("dbmpi.launch.find_mpiexec", lambda: "mpiexec")
+    monkeypatch.setattr(cal, "_probe", lambda cmd, env, what, timeout: next(runs))
+    sync, ops, poll = cal.measure_gang(2)
+    # beyond time-sharing: step - max(1, busy per core) x work; 2 busy per core: 2 x 2 ms
+    assert sync == [[1.0, pytest.approx(0.0003)], [2.0, pytest.approx(0.0004)]]
+    assert ops == [[1.0, 3e-5], [2.0, 2e-4]]
+    assert poll == pytest.approx(0.05)  # the median of all six
+
+
 def test_missing_cache_names_the_file_and_the_fix(planned, tmp_path, capsys, monkeypatch):
     cfg, _ = planned
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
