@@ -67,7 +67,7 @@ def test_steal_slows_every_ranks_cpu_work_and_the_cores_capacity():
 
 def test_steal_holds_up_a_lockstep_gang_while_any_of_its_vcpus_is_taken():
     # a replica cut in 2, a core per rank (1 + 1 + 2 ranks on 4 cores), 20% steal: the gang
-    # runs while both its vCPUs run, 0.8^2 = 0.64 of the time; cut in 4 it spans 4 vCPUs
+    # runs while both its vCPUs run, 0.8^2 = 0.64 of the time
     m4 = Machine(**{**M.__dict__, "cores": 4})
     half = Replica(partitions=2, batch=100, params=10**6, part_params=5 * 10**5,
                    compute_s=0.005, cpu_s=0.010, exchange_bytes=0, exchange_msgs=0)
@@ -83,6 +83,14 @@ def test_steal_holds_up_a_lockstep_gang_while_any_of_its_vcpus_is_taken():
     one = downpour(rep1(compute=0.005), Job(shards=1, replicas=1, cores_per_host=4, steal=0.2),
                    m4)
     assert one.breakdown["compute"] == pytest.approx(0.005 / 0.8)
+    # cut in 4 on the 4 cores it spans all 4: 0.8^4; on 2 cores only the 2 there are: 0.8^2
+    quarter = Replica(partitions=4, batch=100, params=10**6, part_params=25 * 10**4,
+                      compute_s=0.005, cpu_s=0.020, exchange_bytes=0, exchange_msgs=0)
+    for cores, g in ((4, 4), (2, 2)):
+        mc = Machine(**{**M.__dict__, "cores": cores})
+        q = downpour(quarter, Job(shards=1, replicas=1, partitions=4, cores_per_host=cores,
+                                  steal=0.2), mc)
+        assert q.breakdown["compute"] == pytest.approx(0.005 / 0.8**g)
 
 
 def test_pace_scales_cpu_work_as_steal_does_and_combines_with_it():

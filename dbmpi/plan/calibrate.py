@@ -204,7 +204,7 @@ def measure_gang(cores: int, timeout: float = 120, repeats: int = 3
 
     Each gang runs ``repeats`` times and the least of each figure is kept: another process
     waking during a 2 s probe only lengthens it (one calibration read 1.9 and 3.1 ms where
-    the machine's usual is 0.3-0.5 ms, while the jobs around it ran as usual)."""
+    the machine's usual is 0.27-0.75 ms, while the jobs around it ran as usual)."""
     from ..launch import find_mpiexec, launch_env
 
     out, ops, polls = [], [], []
