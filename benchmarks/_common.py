@@ -132,6 +132,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _blas_identity(blas: dict) -> dict:
+    """What identifies a BLAS build: its name, version and configuration. The wheel's build
+    directories are left out: they name the packager's machine, which results kept in docs/
+    must not (tests/test_hygiene.py)."""
+    return {k: v for k, v in blas.items() if "directory" not in k}
+
+
 def machine_info() -> dict:
     """Cores, CPU, Python and the BLAS libraries numpy and scipy use (threadpoolctl if any)."""
     import numpy as np
@@ -146,20 +153,18 @@ def machine_info() -> dict:
         "numpy": np.__version__,
         "scipy": scipy.__version__,
     }
-    try:
-        cfg = np.show_config(mode="dicts")
-        info["numpy_blas"] = cfg["Build Dependencies"]["blas"]
-    except Exception as e:  # noqa: BLE001 - informational only
-        info["numpy_blas"] = f"unavailable: {e}"
-    try:
-        cfg = scipy.show_config(mode="dicts")
-        info["scipy_blas (used by cython_kernels)"] = cfg["Build Dependencies"]["blas"]
-    except Exception as e:  # noqa: BLE001
-        info["scipy_blas (used by cython_kernels)"] = f"unavailable: {e}"
+    for key, module in (("numpy_blas", np), ("scipy_blas (used by cython_kernels)", scipy)):
+        try:
+            blas = module.show_config(mode="dicts")["Build Dependencies"]["blas"]
+            info[key] = _blas_identity(blas)
+        except Exception as e:  # noqa: BLE001 - informational only
+            info[key] = f"unavailable: {e}"
     try:
         import threadpoolctl
 
-        info["threadpools"] = threadpoolctl.threadpool_info()
+        # Without the library's file path: it names this machine's install folder.
+        info["threadpools"] = [{k: v for k, v in pool.items() if k != "filepath"}
+                               for pool in threadpoolctl.threadpool_info()]
     except ImportError:
         pass
     return info
