@@ -30,6 +30,7 @@ MPICH_LINE = re.compile(r"^(Abort\(\d+\) on node |={10,}\s*$|=   |YOUR APPLICATI
                         r"|This typically refers to a problem with your application"
                         r"|Please see the FAQ page|\[mpiexec@|\[proxy:)")
 RUN_DIR_LINE = re.compile(r"run directory:? (\S+)\s*$")
+SIGPIPE_STATUS = 128 + signal.SIGPIPE  # mpiexec killed by SIGPIPE: see _after_sigpipe
 
 
 class _Stream(threading.Thread):
@@ -241,6 +242,8 @@ def supervise(cmd: list[str], env: dict, run_dir: str | None, verbose: bool = Fa
     rc = 128 - rc if rc < 0 else rc
     _keep_log(state, rc)
     first.join(timeout=1.0)
+    if rc == SIGPIPE_STATUS and not state.errors:
+        return _after_sigpipe(state.run_dir, since, forwarded, verbose)
     died = death(state.mpich, first.pid) if rc and not state.errors else None
     if died:
         print(death_line(*died, state.run_dir), file=sys.stderr, flush=True)
@@ -250,6 +253,42 @@ def supervise(cmd: list[str], env: dict, run_dir: str | None, verbose: bool = Fa
         print(f"dbmpi: error: mpiexec ended with status {rc}{where} (--verbose shows them)",
               file=sys.stderr, flush=True)
     return rc
+
+
+def _after_sigpipe(run_dir: str | None, since: float, forwarded: list, verbose: bool) -> int:
+    """The job's status when mpiexec was killed by SIGPIPE, which hydra 5.0.2 does to itself as a
+    multi-host job ends (seen with strace, about 1 run in 10 of a 3-host job on a loaded machine).
+    Under -disable-auto-cleanup a proxy keeps a rank's PMI socket after PMI finalize, so every
+    rank's normal exit reads as a death: the proxy reports it and mpiexec sends SIGUSR1 to every
+    proxy; a proxy whose ranks have all ended has closed its socket, and that write kills
+    mpiexec. Our pipes are read to their end, so no other write of mpiexec's can raise it.
+
+    The ranks' statuses went with mpiexec, so the run directory answers: a summary.json the
+    coordinator wrote during this launch means every rank reached the end (0, or 143 / 130 for
+    a run stopped by a signal after its checkpoint); without one the job did not finish."""
+    summary = None
+    if run_dir:
+        path = Path(run_dir) / "summary.json"
+        try:
+            if path.stat().st_mtime >= since:
+                summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary = None
+    if isinstance(summary, dict):
+        if summary.get("interrupted"):
+            rc = 128 + (signal.SIGINT if forwarded and signal.SIGTERM not in forwarded
+                        else signal.SIGTERM)
+        else:
+            rc = 0
+        if verbose:
+            print(f"dbmpi: mpiexec was killed by SIGPIPE after the job had ended (hydra "
+                  f"signalling a host whose ranks had left); the job's status is {rc}",
+                  file=sys.stderr, flush=True)
+        return rc
+    print("dbmpi: error: mpiexec was killed by SIGPIPE (hydra signalling a host whose ranks had "
+          "left) before the job recorded its end; re-run the same command to resume from the "
+          "last checkpoint", file=sys.stderr, flush=True)
+    return SIGPIPE_STATUS
 
 
 def _keep_log(state: _State, rc: int) -> None:

@@ -159,3 +159,43 @@ def test_hydra_lines_are_held_back_and_a_killed_rank_is_named(tmp_path):
     assert supervise.death_line(4321, "nodeA", 9, str(tmp_path)) == (
         "dbmpi: error: rank 5 (replica 1.1, host nodeA, pid 4321) died (SIGKILL): the job was "
         "ended; re-run the same command to resume from the last checkpoint")
+
+
+# A stand-in for hydra's mpiexec at the end of a multi-host job (seen with strace on hydra
+# 5.0.2): the job's lines, then killed by SIGPIPE writing a death notice to a gone proxy.
+_SIGPIPED_MPIEXEC = """
+import json, os, signal, sys
+run, summary = sys.argv[1], sys.argv[2]
+if summary != "none":
+    with open(os.path.join(run, "summary.json"), "w") as fh:
+        json.dump({"interrupted": summary == "interrupted", "steps": 60}, fh)
+print("run directory:", run, flush=True)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+os.kill(os.getpid(), signal.SIGPIPE)
+"""
+
+
+@pytest.mark.parametrize("summary, stale, status", [
+    ("finished", False, 0),        # every rank reached the end: the job's own status
+    ("interrupted", False, 143),   # stopped by a signal after its checkpoint
+    ("none", False, 141),          # ended before the coordinator's summary
+    ("finished", True, 141),       # a summary left by an earlier launch says nothing of this one
+])
+def test_mpiexec_killed_by_sigpipe_is_judged_by_the_runs_summary(tmp_path, capfd, summary,
+                                                                 stale, status):
+    from dbmpi import supervise
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if stale:
+        (run / "summary.json").write_text(json.dumps({"interrupted": False}))
+        os.utime(run / "summary.json", (0, 0))
+    cmd = [sys.executable, "-c", _SIGPIPED_MPIEXEC, str(run), "none" if stale else summary]
+    assert supervise.supervise(cmd, dict(os.environ), None) == status
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("dbmpi")]
+    if status == 141:
+        assert err == ["dbmpi: error: mpiexec was killed by SIGPIPE (hydra signalling a host "
+                       "whose ranks had left) before the job recorded its end; re-run the same "
+                       "command to resume from the last checkpoint"]
+    else:
+        assert err == []
