@@ -30,7 +30,7 @@ MPICH_LINE = re.compile(r"^(Abort\(\d+\) on node |={10,}\s*$|=   |YOUR APPLICATI
                         r"|This typically refers to a problem with your application"
                         r"|Please see the FAQ page|\[mpiexec@|\[proxy:)")
 RUN_DIR_LINE = re.compile(r"run directory:? (\S+)\s*$")
-SIGPIPE_STATUS = 128 + signal.SIGPIPE  # mpiexec killed by SIGPIPE: see _after_sigpipe
+SIGPIPE_STATUS = 128 + signal.SIGPIPE  # mpiexec killed by SIGPIPE: see status_after_sigpipe
 
 
 class _Stream(threading.Thread):
@@ -243,7 +243,7 @@ def supervise(cmd: list[str], env: dict, run_dir: str | None, verbose: bool = Fa
     _keep_log(state, rc)
     first.join(timeout=1.0)
     if rc == SIGPIPE_STATUS and not state.errors:
-        return _after_sigpipe(state.run_dir, since, forwarded, verbose)
+        return status_after_sigpipe(state.run_dir, since, forwarded, verbose)
     died = death(state.mpich, first.pid) if rc and not state.errors else None
     if died:
         print(death_line(*died, state.run_dir), file=sys.stderr, flush=True)
@@ -255,7 +255,8 @@ def supervise(cmd: list[str], env: dict, run_dir: str | None, verbose: bool = Fa
     return rc
 
 
-def _after_sigpipe(run_dir: str | None, since: float, forwarded: list, verbose: bool) -> int:
+def status_after_sigpipe(run_dir: str | None, since: float, forwarded: list,
+                         verbose: bool = False) -> int:
     """The job's status when mpiexec was killed by SIGPIPE, which hydra 5.0.2 does to itself as a
     multi-host job ends (seen with strace, about 1 run in 10 of a 3-host job on a loaded machine).
     Under -disable-auto-cleanup a proxy keeps a rank's PMI socket after PMI finalize, so every
