@@ -29,11 +29,11 @@ from libc.stdint cimport int64_t
 # buffer and the bias/activation pass transposes back (OpenBLAS 0.3.30/0.3.31 run these shapes
 # faster that way round unless n_out >> batch). "scipy" is scipy.linalg.cython_blas called
 # without the GIL; "numpy" is np.matmul (numpy's own BLAS, which also releases the GIL).
-# "auto": "tt" when n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B (below that the
-# GEMM gains nothing and the transposing pass costs more than the plain one), else "nn"; with
-# a single-threaded BLAS through numpy's BLAS, whose forward GEMM is the faster one here; with a
-# threaded BLAS through scipy's, so that every GEMM of a step runs on one thread pool (two
-# OpenBLAS pools alternating on the same cores cost 20-30% of a training step).
+# "auto": with a single-threaded BLAS through numpy's BLAS, whose forward GEMM is the faster
+# one here, "tt" when n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B (below that the
+# GEMM gains nothing and the transposing pass costs more than the plain one), else "nn"; with a
+# threaded BLAS "scipy-nn", so that every GEMM of a step runs on one thread pool (two OpenBLAS
+# pools alternating on the same cores cost 20-30% of a training step).
 GEMM = {"forward": "auto", "backward": "scipy"}
 AUTO_TT_RATIO = 24
 AUTO_TT_MIN_K = 1024
@@ -138,9 +138,13 @@ def _tbias_act(yT, y, b, activation):
 def _forward_mode(B, n_in, n_out):
     mode = GEMM["forward"]
     if mode == "auto":
-        lib = "scipy" if blas_threads() > 1 else "numpy"
-        tt = n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B
-        mode = lib + ("-tt" if tt else "-nn")
+        if blas_threads() > 1:
+            # the GEMM halves on 2 threads but "tt"'s transposing pass stays on one: "nn" was
+            # 1-11% faster on every shape of the acoustic model at 2 threads (--sweep)
+            mode = "scipy-nn"
+        else:
+            tt = n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B
+            mode = "numpy" + ("-tt" if tt else "-nn")
     if mode not in _FORWARD_MODES:
         raise ValueError(f"GEMM['forward'] must be one of {_FORWARD_MODES}, got {mode!r}")
     return mode

@@ -826,3 +826,18 @@ def test_local_at_rejects_locations_past_the_slab():
     local_forward_at(x, W, b, 1, 7, y)  # locations 7, 8: the last row
     with pytest.raises(ValueError, match=r"locations \[8, 10\) of an output grid 3 wide"):
         local_forward_at(x, W, b, 1, 8, y)
+
+
+@pytest.mark.parametrize("threads, shape, want", [
+    (1, (128, 2560, 2560), "numpy-tt"),   # n_in >= 1024, n_out <= 24 B
+    (1, (128, 2560, 8192), "numpy-nn"),   # n_out > 24 B
+    (1, (128, 440, 2560), "numpy-nn"),    # n_in < 1024
+    (2, (128, 2560, 2560), "scipy-nn"),   # threaded: one pool, and no single-threaded transpose
+    (2, (256, 440, 2560), "scipy-nn"),
+])
+def test_auto_forward_route(monkeypatch, threads, shape, want):
+    from cython_kernels import _dense
+
+    monkeypatch.setitem(_dense.GEMM, "forward", "auto")
+    monkeypatch.setattr(_dense, "blas_threads", lambda: threads)
+    assert _dense._forward_mode(*shape) == want
