@@ -82,3 +82,37 @@ def test_deadline_must_be_positive(tmp_path, small_data, value):
     with pytest.raises(ConfigError, match=r"checkpoint\.deadline_s must be > 0"):
         load(cfg, [f"checkpoint.deadline_s={value}"])
     assert load(cfg, []).checkpoint.deadline_s == 20.0
+
+
+def test_a_sigterm_ends_a_checkpoint_already_waiting_on_a_frozen_shard(monkeypatch):
+    """Seen in CI: the freeze caught a periodic checkpoint with the workers paused, so no
+    posted push showed the shard stuck; the wait warned every deadline_s for ever and the
+    SIGTERM that came meanwhile was never looked at (the job hung until killed)."""
+    from types import SimpleNamespace
+
+    from dbmpi.faults import TERMINATION
+    from dbmpi.protocol import Board
+    from dbmpi.ps.server import RankUnreachable
+    from dbmpi.train.downpour import coordinator as cmod
+
+    monkeypatch.setattr(cmod, "stuck_shards", lambda ps: [])  # no push posted to it
+    monkeypatch.setattr(TERMINATION, "requested", False)
+    board = {Board.TERM: 0}
+    me = SimpleNamespace(ps=None, _get=board.__getitem__, _ranks=lambda w, s: [2],
+                         _who=lambda ranks: f"rank {ranks[0]} (shard 1)",
+                         cfg=SimpleNamespace(checkpoint=SimpleNamespace(deadline_s=3.0)))
+    me._unreachable = lambda *a: cmod.Coordinator._unreachable(me, *a)
+
+    def overdue():
+        cmod.Coordinator._overdue(me, "for checkpoint 3", [], [1], False)
+
+    overdue()  # no signal: a slow write looks the same, so it warns and waits on
+    want = (r"rank 2 \(shard 1\) did not answer within checkpoint.deadline_s = 3 s for "
+            r"checkpoint 3")
+    board[Board.TERM] = 1  # a worker's SIGTERM, relayed on the board
+    with pytest.raises(RankUnreachable, match=want):
+        overdue()
+    board[Board.TERM] = 0
+    monkeypatch.setattr(TERMINATION, "requested", True)  # the coordinator's own
+    with pytest.raises(RankUnreachable, match=want):
+        overdue()

@@ -137,11 +137,12 @@ class Coordinator:
     def _overdue(self, when: str, workers: list[int], shards: list[int] | None,
                  strict: bool) -> None:
         """A wait passed the deadline. End the job if a shard is seen stuck on a posted push
-        (frozen for sure: a live one applies it in milliseconds) or ``strict`` (after
-        SIGTERM: the scheduler's KillWait comes next); else warn and keep waiting, since a
-        slow step or a large write on a slow file system looks the same from here."""
+        (frozen for sure: a live one applies it in milliseconds) or ``strict`` or once a
+        SIGTERM has come (the scheduler's KillWait comes next: a checkpoint already waiting
+        on a frozen rank when it came must end too, not wait on); else warn and keep waiting,
+        since a slow step or a large write on a slow file system looks the same from here."""
         stuck = stuck_shards(self.ps)
-        if stuck or strict:
+        if stuck or strict or TERMINATION.requested or self._get(Board.TERM):
             self._unreachable(when, workers, stuck or shards or [])
         log.warning("still waiting %s for %s after checkpoint.deadline_s = %g s (a slow "
                     "step or write, or a frozen rank)", when,
