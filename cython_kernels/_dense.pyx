@@ -140,7 +140,8 @@ def _forward_mode(B, n_in, n_out):
     if mode == "auto":
         if blas_threads() > 1:
             # the GEMM halves on 2 threads but "tt"'s transposing pass stays on one: "nn" was
-            # 1-11% faster on every shape of the acoustic model at 2 threads (--sweep)
+            # 1-11% faster on every shape of the acoustic model at 2 threads (interleaved
+            # A/B, docs/performance.md)
             mode = "scipy-nn"
         else:
             tt = n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B

@@ -258,7 +258,7 @@ def supervise(cmd: list[str], env: dict, run_dir: str | None, verbose: bool = Fa
 def status_after_sigpipe(run_dir: str | None, since: float, forwarded: list,
                          verbose: bool = False) -> int:
     """The job's status when mpiexec was killed by SIGPIPE, which hydra 5.0.2 does to itself as a
-    multi-host job ends (seen with strace, about 1 run in 10 of a 3-host job on a loaded machine).
+    multi-host job ends (seen with strace; 4 of 20 runs of a 3-host job beside three CPU hogs).
     Under -disable-auto-cleanup a proxy keeps a rank's PMI socket after PMI finalize, so every
     rank's normal exit reads as a death: the proxy reports it and mpiexec sends SIGUSR1 to every
     proxy; a proxy whose ranks have all ended has closed its socket, and that write kills
