@@ -21,8 +21,13 @@ DIRECTIVES = {
     "cdivision": not DEBUG,
     "nonecheck": DEBUG,
 }
-# -fno-math-errno lets sqrt vectorise (we never read errno); no -ffast-math.
-CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+# -fno-math-errno lets sqrt vectorise (we never read errno). -fno-trapping-math lets gcc
+# compute both sides of a select (sigmoid's `z >= 0 ? r : e * r`, exp's clamps) as AVX2 and
+# SSE2 blends: without it only the AVX-512 clone, whose masked lanes cannot trap, vectorises
+# those loops, and the AVX2 one ran scalar, 4.3x slower (sigmoid over 128x2560: 1259 against
+# 295 us; 183 against 142 us with AVX-512). Results are unchanged: it only lets gcc evaluate
+# operations whose floating-point exception flags nobody reads. No -ffast-math.
+CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 
 extensions = [
     Extension(
