@@ -19,6 +19,7 @@ Needs a C compiler (``$CC``, else ``cc``): the one that builds the kernels.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -30,8 +31,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-# setup.py's CFLAGS (not imported: importing setup.py runs the build)
-FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+
+def setup_cflags() -> list[str]:
+    """setup.py's release CFLAGS, read from its source (importing setup.py runs the build)."""
+    tree = ast.parse((C.ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CFLAGS"
+                                                for t in node.targets):
+            value = node.value
+            return ast.literal_eval(value.orelse if isinstance(value, ast.IfExp) else value)
+    raise SystemExit("vecmath.py: error: setup.py has no CFLAGS assignment to read")
+
+
+FLAGS = setup_cflags()
 REFERENCE = [f for f in FLAGS if f != "-fno-trapping-math"]
 # (name, -march, the /proc/cpuinfo flags a CPU needs to run it)
 ISAS = [("AVX-512", "x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
@@ -39,7 +51,7 @@ ISAS = [("AVX-512", "x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq",
         ("SSE2", "x86-64", set())]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -49,7 +61,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build(cc: str, march: str, flags: list[str], out: Path) -> Path:
+def build(cc: str, march: str, flags: list[str], out: Path) -> Path:
     here = Path(__file__).resolve().parent
     cmd = [cc, *flags, f"-march={march}", "-DDBMPI_NO_CLONES",
            f"-I{C.ROOT / 'cython_kernels'}", str(here / "_vecmath_driver.c"), "-o", str(out)]
@@ -59,30 +71,39 @@ def _build(cc: str, march: str, flags: list[str], out: Path) -> Path:
     return out
 
 
+def run(exe: Path) -> dict:
+    """One run of a build: {pass: {"us": median microseconds, "hash": of the bytes written}}."""
+    p = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout)
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     args = ap.parse_args()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if not cc:
         raise SystemExit("vecmath.py: error: no C compiler: install gcc or set CC")
     if os.uname().machine != "x86_64":
         raise SystemExit(f"vecmath.py: error: the instruction sets compared are x86-64's; "
                          f"this machine is {os.uname().machine}")
-    have = _cpu_flags()
+    have = cpu_flags()
     isas = [(name, march) for name, march, need in ISAS if need <= have]
     builds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, march in isas:
             for label, flags in (("ours", FLAGS), ("reference", REFERENCE)):
-                builds[(name, label)] = _build(cc, march, flags, Path(tmp) / f"{march}-{label}")
+                builds[(name, label)] = build(cc, march, flags, Path(tmp) / f"{march}-{label}")
         runs = {key: [] for key in builds}
         loads = []
         for i in range(args.rounds):
             loads.append(os.getloadavg()[0])
             for key, exe in builds.items():
-                p = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
-                runs[key].append(json.loads(p.stdout))
+                runs[key].append(run(exe))
             print(f"round {i + 1} done (load {loads[-1]:.2f})", flush=True)
     rows, results = [], []
     for name, _ in isas:
