@@ -158,14 +158,14 @@ def sweep(threads: int, quick: bool) -> list[dict]:
 
     repeats, number = (2, 1) if quick else (5, 2)
     rng = np.random.default_rng(3)
-    routes = [(f, "scipy") for f in ("scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")]
-    routes += [("numpy-nn", "numpy"), ("auto", "scipy")]
+    routes = [(f, "blas") for f in ("blas-nn", "blas-tt", "numpy-nn", "numpy-tt")]
+    routes += [("numpy-nn", "numpy"), ("auto", "blas")]
     out = []
     for shape in SHAPES:
         case = _Dense(*shape, rng)
         s = C.interleaved({f"{r[0]}/{r[1]}": case.ours("sigmoid", r) for r in routes},
                           repeats, number, pause=0.3 if threads > 1 else 0)
-        _dense.GEMM.update({"forward": "auto", "backward": "scipy"})
+        _dense.GEMM.update({"forward": "auto", "backward": "blas"})
         out.append({"shape": case.shape,
                     "gflops": {k: case.flops / C.median(v) / 1e9 for k, v in s.items()}})
     return out

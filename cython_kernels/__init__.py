@@ -24,9 +24,11 @@ lcn_forward/backward      local contrast normalisation (box, same-padding, all c
 Build with ``make build`` (or ``pip install -e .``, or
 ``python setup.py build_ext --inplace``) in the project root.
 """
-from cython_kernels import _blasload
+from cython_kernels import _blasinfo, _blasload
 
 _blasload.load()  # before the kernels: their cimport of cython_blas would import scipy.linalg
+if _blasinfo.choice_error():  # said here: the "not built" message below would hide it
+    raise ImportError(_blasinfo.choice_error())
 
 try:
     from cython_kernels._dense import (

@@ -1,42 +1,104 @@
-"""How many threads the BLAS behind scipy.linalg.cython_blas (the one the kernels call) uses.
+"""Which BLAS the kernels call, and how many threads it uses.
 
-The dense kernels pick their GEMM route by it (see ``_dense.GEMM``). OpenBLAS is asked
-directly (its thread count can change at run time, e.g. through threadpoolctl); any other
-BLAS, or a platform without /proc, falls back to the usual environment variables.
+numpy's and scipy's wheels each bundle an OpenBLAS, often of different releases, each with its
+own thread pool. The kernels call numpy's when its library exports the 64-bit-integer Fortran
+entry points they need (numpy's own wheels: ``scipy_sgemm_64_`` ...): that is the pool a
+user's array code runs on, and here the faster release (docs/performance.md). Otherwise (numpy
+built against MKL, Accelerate, a distribution's BLAS) they call ``scipy.linalg.cython_blas``.
+``DBMPI_BLAS=scipy`` forces scipy's, ``DBMPI_BLAS=numpy`` requires numpy's (ImportError if it
+cannot be reached); unset or ``auto``, the rule above.
+
+The thread count is asked of that library (it can change at run time, e.g. through
+threadpoolctl); any other BLAS, or a platform without /proc, falls back to the usual
+environment variables.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 
-_SYMBOLS = ("scipy_openblas_get_num_threads", "openblas_get_num_threads")
-_getter = None
-_searched = False
+ENV = "DBMPI_BLAS"
+# (sgemm, dgemm, saxpy, daxpy) and the thread-count getter, by symbol-name convention: numpy
+# 2's scipy-openblas64 wheels, then numpy 1.2x's openblas64_ builds
+_ILP64_NAMES = [
+    (("scipy_sgemm_64_", "scipy_dgemm_64_", "scipy_saxpy_64_", "scipy_daxpy_64_"),
+     ("scipy_openblas_get_num_threads64_",)),
+    (("sgemm_64_", "dgemm_64_", "saxpy_64_", "daxpy_64_"), ("openblas_get_num_threads64_",)),
+]
+_SCIPY_GETTERS = ("scipy_openblas_get_num_threads", "openblas_get_num_threads")
+
+_chosen: dict | None = None
 
 
-def _find_getter():
-    global _getter, _searched
-    _searched = True
-    import scipy.linalg.cython_blas  # noqa: F401 - make sure scipy's BLAS is loaded
-
+def _loaded_libraries(marker: str) -> list[str]:
+    """Paths of loaded OpenBLAS libraries whose path contains ``marker`` (from /proc)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line and "scipy.libs" in line}
+            return sorted({line.split()[-1] for line in f
+                           if "openblas" in line and marker in line})
     except OSError:
-        return None
-    for path in sorted(paths):
+        return []
+
+
+def _numpy_blas() -> dict | None:
+    import numpy  # noqa: F401 - loads numpy's BLAS
+
+    for path in _loaded_libraries("numpy.libs"):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in _SYMBOLS:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.restype = ctypes.c_int
-                fn.argtypes = []
-                _getter = fn
-                return fn
+        for routines, getters in _ILP64_NAMES:
+            fns = [getattr(lib, name, None) for name in routines]
+            if all(fn is not None for fn in fns):
+                getter = next((getattr(lib, g) for g in getters if hasattr(lib, g)), None)
+                return {"library": "numpy", "path": path, "getter": getter,
+                        "pointers": tuple(ctypes.cast(fn, ctypes.c_void_p).value
+                                          for fn in fns)}
     return None
+
+
+def _scipy_blas() -> dict:
+    import scipy.linalg.cython_blas  # noqa: F401 - make sure scipy's BLAS is loaded
+
+    for path in _loaded_libraries("scipy.libs"):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _SCIPY_GETTERS:
+            if hasattr(lib, name):
+                return {"library": "scipy", "path": path, "getter": getattr(lib, name),
+                        "pointers": (0, 0, 0, 0)}
+    return {"library": "scipy", "path": None, "getter": None, "pointers": (0, 0, 0, 0)}
+
+
+def choice_error() -> str | None:
+    """The fix for a ``DBMPI_BLAS`` value that is not one of the choices, else None."""
+    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if want in ("auto", "numpy", "scipy"):
+        return None
+    return f"{ENV}={os.environ[ENV]!r} is not one of auto, numpy, scipy: unset it or pick one"
+
+
+def kernel_blas() -> dict:
+    """The BLAS the kernels call: ``library`` ("numpy" or "scipy"), ``path``, ``pointers``
+    (sgemm, dgemm, saxpy, daxpy addresses for _blas.h; zeros mean scipy's cython_blas)."""
+    global _chosen
+    if _chosen is None:
+        if choice_error():
+            raise ImportError(choice_error())
+        want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+        found = _numpy_blas() if want != "scipy" else None
+        if found is None and want == "numpy":
+            raise ImportError(f"{ENV}=numpy, but numpy's BLAS has no 64-bit OpenBLAS entry "
+                              "points to call: unset it to use scipy's")
+        chosen = found or _scipy_blas()
+        if chosen["getter"] is not None:
+            chosen["getter"].restype = ctypes.c_int
+            chosen["getter"].argtypes = []
+        _chosen = chosen
+    return _chosen
 
 
 def _from_env() -> int:
@@ -49,8 +111,8 @@ def _from_env() -> int:
 
 
 def blas_threads() -> int:
-    """Threads scipy's BLAS will use for a large call (>= 1)."""
-    fn = _getter if _searched else _find_getter()
+    """Threads the kernels' BLAS will use for a large call (>= 1)."""
+    fn = kernel_blas()["getter"]
     if fn is not None:
         return max(1, int(fn()))
     return _from_env()

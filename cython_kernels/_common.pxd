@@ -1,7 +1,27 @@
 # Shared declarations of the dbmpi kernels: the one fused float type, the vectorised C
-# elementwise cores (_vecmath.h) and a row-major GEMM on top of scipy's BLAS.
-from scipy.linalg.cython_blas cimport sgemm, dgemm
-from libc.stdint cimport int64_t
+# elementwise cores (_vecmath.h) and a row-major GEMM and an axpy on top of the kernels' BLAS
+# (numpy's OpenBLAS where a module has set _blas.h's pointers, else scipy's).
+from scipy.linalg.cython_blas cimport sgemm, dgemm, saxpy, daxpy
+from libc.stdint cimport int64_t, uintptr_t
+
+cdef extern from "_blas.h" nogil:
+    ctypedef void (*dbm_sgemm64_fn)(const char*, const char*, const int64_t*, const int64_t*,
+                                    const int64_t*, const float*, const float*, const int64_t*,
+                                    const float*, const int64_t*, const float*, float*,
+                                    const int64_t*)
+    ctypedef void (*dbm_dgemm64_fn)(const char*, const char*, const int64_t*, const int64_t*,
+                                    const int64_t*, const double*, const double*,
+                                    const int64_t*, const double*, const int64_t*,
+                                    const double*, double*, const int64_t*)
+    ctypedef void (*dbm_saxpy64_fn)(const int64_t*, const float*, const float*, const int64_t*,
+                                    float*, const int64_t*)
+    ctypedef void (*dbm_daxpy64_fn)(const int64_t*, const double*, const double*,
+                                    const int64_t*, double*, const int64_t*)
+    dbm_sgemm64_fn dbm_sgemm64
+    dbm_dgemm64_fn dbm_dgemm64
+    dbm_saxpy64_fn dbm_saxpy64
+    dbm_daxpy64_fn dbm_daxpy64
+    void dbm_blas_set(uintptr_t sgemm, uintptr_t dgemm, uintptr_t saxpy, uintptr_t daxpy)
 
 ctypedef fused real:
     float
@@ -54,6 +74,12 @@ cdef extern from "_vecmath.h" nogil:
     void dbm_sqrt_eps_f64(double* a, dbm_idx n, double eps)
 
 
+cdef inline void use_blas(tuple pointers):
+    """Point this module's _blas.h at (sgemm, dgemm, saxpy, daxpy), or zeros for scipy's."""
+    dbm_blas_set(<uintptr_t>pointers[0], <uintptr_t>pointers[1], <uintptr_t>pointers[2],
+                 <uintptr_t>pointers[3])
+
+
 cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k, real alpha,
                          real* a, int lda, real* b, int ldb, real beta,
                          real* c, int ldc) noexcept nogil:
@@ -69,10 +95,38 @@ cdef inline void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k, real a
     # an empty axis makes a leading dimension 0, which BLAS rejects; 1 is then valid
     lda = 1 if lda < 1 else lda
     ldb = 1 if ldb < 1 else ldb
+    cdef int64_t m8 = m, n8 = n, k8 = k, lda8 = lda, ldb8 = ldb, ldc8 = ldc
     if real is float:
-        sgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+        if dbm_sgemm64 != NULL:
+            dbm_sgemm64(&ta, &tb, &n8, &m8, &k8, &alpha, b, &ldb8, a, &lda8, &beta, c, &ldc8)
+        else:
+            sgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
     else:
-        dgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+        if dbm_dgemm64 != NULL:
+            dbm_dgemm64(&ta, &tb, &n8, &m8, &k8, &alpha, b, &ldb8, a, &lda8, &beta, c, &ldc8)
+        else:
+            dgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+
+
+cdef inline void axpy(int64_t n, real alpha, real* x, real* y) noexcept nogil:
+    """y += alpha x (contiguous), through the kernels' BLAS (threaded over its pool)."""
+    cdef int64_t one8 = 1, off = 0
+    cdef int chunk, one = 1
+    if real is float:
+        if dbm_saxpy64 != NULL:
+            dbm_saxpy64(&n, &alpha, x, &one8, y, &one8)
+            return
+    else:
+        if dbm_daxpy64 != NULL:
+            dbm_daxpy64(&n, &alpha, x, &one8, y, &one8)
+            return
+    while off < n:  # scipy's BLAS takes 32-bit lengths
+        chunk = <int>(n - off if n - off < 1073741824 else 1073741824)
+        if real is float:
+            saxpy(&chunk, &alpha, x + off, &one, y + off, &one)
+        else:
+            daxpy(&chunk, &alpha, x + off, &one, y + off, &one)
+        off += chunk
 
 
 # fused front ends of the vectorised loops, so kernels need no `if real is float` per call

@@ -1,15 +1,15 @@
 """Dense layer, softmax cross-entropy and multi-class hinge kernels.
 
-Row-major GEMMs go to scipy's BLAS (sgemm/dgemm, no GIL) or, where measured faster, numpy's
-(see GEMM below); bias, activation and their gradients are fused into one vectorised pass over
-the output (see _vecmath.h).
+Row-major GEMMs go to the kernels' BLAS without the GIL (numpy's OpenBLAS, else scipy's:
+_blasinfo.py) or through np.matmul (see GEMM below); bias, activation and their gradients are
+fused into one vectorised pass over the output (see _vecmath.h).
 """
 import threading
 
 import numpy as np
 
 from cython_kernels import reference as _reference
-from cython_kernels._blasinfo import blas_threads
+from cython_kernels._blasinfo import blas_threads, kernel_blas
 from cython_kernels._checks import floats, indices
 
 from cython_kernels._common cimport (
@@ -17,27 +17,28 @@ from cython_kernels._common cimport (
     dbm_bias_act_f32, dbm_bias_act_f64, dbm_act_grad_f32, dbm_act_grad_f64,
     dbm_tbias_act_f32, dbm_tbias_act_f64,
     dbm_exp_shift_sum_f32, dbm_exp_shift_sum_f64, dbm_row_max_f32, dbm_row_max_f64,
-    dbm_scale_f32, dbm_scale_f64,
+    dbm_scale_f32, dbm_scale_f64, use_blas,
 )
 from libc.math cimport log
 from libc.stdint cimport int64_t
 
+use_blas(kernel_blas()["pointers"])  # the GEMMs' library (_blasinfo.py, _blas.h)
+
 # Where the dense GEMMs run, chosen by measurement (benchmarks/kernels.py --sweep):
-#   forward:  "auto" | "scipy-nn" | "scipy-tt" | "numpy-nn" | "numpy-tt"
-#   backward: "scipy" | "numpy"
+#   forward:  "auto" | "blas-nn" | "blas-tt" | "numpy-nn" | "numpy-tt"
+#   backward: "blas" | "numpy"
 # "nn" computes y = x @ W in place; "tt" computes y.T = W.T @ x.T into a per-thread scratch
 # buffer and the bias/activation pass transposes back (OpenBLAS 0.3.30/0.3.31 run these shapes
-# faster that way round unless n_out >> batch). "scipy" is scipy.linalg.cython_blas called
-# without the GIL; "numpy" is np.matmul (numpy's own BLAS, which also releases the GIL).
-# "auto": with a single-threaded BLAS through numpy's BLAS, whose forward GEMM is the faster
-# one here, "tt" when n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B (below that the
-# GEMM gains nothing and the transposing pass costs more than the plain one), else "nn"; with a
-# threaded BLAS "scipy-nn", so that every GEMM of a step runs on one thread pool (two OpenBLAS
-# pools alternating on the same cores cost 20-30% of a training step).
-GEMM = {"forward": "auto", "backward": "scipy"}
+# faster that way round unless n_out >> batch). "blas" is the kernels' BLAS (numpy's OpenBLAS,
+# else scipy's: _blasinfo.py) called here without the GIL; "numpy" is np.matmul.
+# "auto": with a single-threaded BLAS "tt" when n_in >= AUTO_TT_MIN_K and n_out <=
+# AUTO_TT_RATIO * B (below that the GEMM gains nothing and the transposing pass costs more than
+# the plain one), else "nn"; with a threaded BLAS always "nn": the GEMM halves on 2 threads but
+# "tt"'s transposing pass stays on one.
+GEMM = {"forward": "auto", "backward": "blas"}
 AUTO_TT_RATIO = 24
 AUTO_TT_MIN_K = 1024
-_FORWARD_MODES = ("auto", "scipy-nn", "scipy-tt", "numpy-nn", "numpy-tt")
+_FORWARD_MODES = ("auto", "blas-nn", "blas-tt", "numpy-nn", "numpy-tt")
 _tls = threading.local()
 
 
@@ -65,8 +66,8 @@ cdef int _activation(object name) except -1:
 # ------------------------------------------------------------------------------ dense layer
 
 cdef enum:
-    GEMM_SCIPY_NN = 0   # gemm here, into y
-    GEMM_SCIPY_TT = 1   # gemm here, into scratch as y.T
+    GEMM_HERE_NN = 0   # gemm here, into y
+    GEMM_HERE_TT = 1   # gemm here, into scratch as y.T
     GEMM_DONE_NN = 2    # y already holds x @ W
     GEMM_DONE_TT = 3    # scratch already holds (x @ W).T
 
@@ -76,14 +77,14 @@ cdef void _dense_forward(real[:, ::1] x, real[:, ::1] W, real[::1] b, real[:, ::
     """y = act(x @ W + b), the GEMM done here or before (mode)."""
     cdef int B = x.shape[0], n_in = x.shape[1], n_out = W.shape[1]
     with nogil:
-        if mode == GEMM_SCIPY_TT:
+        if mode == GEMM_HERE_TT:
             # y.T (n_out, B) = W.T @ x.T
             gemm_rm(True, True, n_out, B, n_in, <real>1, &W[0, 0], n_out, &x[0, 0], n_in,
                     <real>0, &scratch[0], B)
-        elif mode == GEMM_SCIPY_NN:
+        elif mode == GEMM_HERE_NN:
             gemm_rm(False, False, B, n_out, n_in, <real>1, &x[0, 0], n_in, &W[0, 0], n_out,
                     <real>0, &y[0, 0], n_out)
-        if mode == GEMM_SCIPY_TT or mode == GEMM_DONE_TT:
+        if mode == GEMM_HERE_TT or mode == GEMM_DONE_TT:
             if real is float:
                 dbm_tbias_act_f32(&scratch[0], &y[0, 0], &b[0], B, n_out, act)
             else:
@@ -139,13 +140,12 @@ def _forward_mode(B, n_in, n_out):
     mode = GEMM["forward"]
     if mode == "auto":
         if blas_threads() > 1:
-            # the GEMM halves on 2 threads but "tt"'s transposing pass stays on one: "nn" was
-            # 1-11% faster on every shape of the acoustic model at 2 threads (interleaved
-            # A/B, docs/performance.md)
-            mode = "scipy-nn"
+            # "nn" was 1-11% faster on every shape of the acoustic model at 2 threads
+            # (interleaved A/B, docs/performance.md)
+            mode = "blas-nn"
         else:
             tt = n_in >= AUTO_TT_MIN_K and n_out <= AUTO_TT_RATIO * B
-            mode = "numpy" + ("-tt" if tt else "-nn")
+            mode = "blas" + ("-tt" if tt else "-nn")
     if mode not in _FORWARD_MODES:
         raise ValueError(f"GEMM['forward'] must be one of {_FORWARD_MODES}, got {mode!r}")
     return mode
@@ -175,14 +175,14 @@ def dense_forward(x, W, b, y, activation):
             np.matmul(x, W, out=scratch[:B * n_out].reshape(n_out, B).T)
             mode = GEMM_DONE_TT
         else:
-            mode = GEMM_SCIPY_TT
+            mode = GEMM_HERE_TT
     else:
         scratch = _scratch(1, dt)
         if fmode == "numpy-nn":
             np.matmul(x, W, out=y)
             mode = GEMM_DONE_NN
         else:
-            mode = GEMM_SCIPY_NN
+            mode = GEMM_HERE_NN
     if dt == np.float32:
         _dense_forward[float](x, W, b, y, act, scratch, mode)
     else:
@@ -219,9 +219,9 @@ def dense_backward(x, W, y, dy, activation, dW, db, dx, accumulate=False):
             db_sum += db
         return
     bmode = GEMM["backward"]
-    if bmode not in ("scipy", "numpy"):
-        raise ValueError(f"GEMM['backward'] must be 'scipy' or 'numpy', got {bmode!r}")
-    cdef bint here = bmode == "scipy"
+    if bmode not in ("blas", "numpy"):
+        raise ValueError(f"GEMM['backward'] must be 'blas' or 'numpy', got {bmode!r}")
+    cdef bint here = bmode == "blas"
     dx_view = dx if want_dx else np.empty((1, 1), dtype=dt)
     if dt == np.float32:
         _dense_backward[float](x, W, y, dy, act, dW, db, dx_view, want_dx, here,

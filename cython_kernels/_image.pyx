@@ -13,14 +13,17 @@ without copies. The other arguments (weights, v, den) must be C-contiguous.
 """
 import numpy as np
 
+from cython_kernels._blasinfo import kernel_blas
 from cython_kernels._checks import _INT32_MAX, _shape, floats, positive
 
 from cython_kernels._common cimport (
-    real, dbm_idx, gemm_rm, v_add, v_sq_acc, v_mul_acc, v_sqrt_eps,
+    real, dbm_idx, gemm_rm, v_add, v_sq_acc, v_mul_acc, v_sqrt_eps, use_blas,
 )
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
+
+use_blas(kernel_blas()["pointers"])  # the GEMMs' library (_blasinfo.py, _blas.h)
 
 cdef double _L2POOL_EPS = 1e-8
 L2POOL_EPS = _L2POOL_EPS

@@ -1,15 +1,16 @@
 """In-place optimiser updates: SGD and Adagrad, dense and on a set of rows (one pass each)."""
 import numpy as np
 
-from cython_kernels._blasinfo import blas_threads
+from cython_kernels._blasinfo import blas_threads, kernel_blas
 from cython_kernels._checks import floats, indices
 
 from cython_kernels._common cimport (
     real, dbm_idx, dbm_adagrad_f32, dbm_adagrad_f64, dbm_adagrad_checked_f32,
-    dbm_adagrad_checked_f64, dbm_axpy_f32, dbm_axpy_f64,
+    dbm_adagrad_checked_f64, dbm_axpy_f32, dbm_axpy_f64, axpy, use_blas,
 )
 from libc.stdint cimport int64_t
-from scipy.linalg.cython_blas cimport saxpy, daxpy
+
+use_blas(kernel_blas()["pointers"])  # the axpy's library (_blasinfo.py, _blas.h)
 
 
 cdef void _adagrad_dense(real[::1] p, real[::1] g, real[::1] a, real lr,
@@ -100,9 +101,7 @@ def adagrad_rows(param, rows, grad_rows, accum, lr, eps):
 
 
 cdef void _sgd_dense(real[::1] p, real[::1] g, real lr, bint blas) noexcept:
-    cdef dbm_idx n = p.shape[0], off = 0
-    cdef int chunk, one = 1
-    cdef real alpha = -lr
+    cdef dbm_idx n = p.shape[0]
     with nogil:
         if not blas:
             if real is float:
@@ -111,13 +110,7 @@ cdef void _sgd_dense(real[::1] p, real[::1] g, real lr, bint blas) noexcept:
                 dbm_axpy_f64(&p[0], &g[0], n, lr)
             return
         # OpenBLAS threads axpy over its pool: the update then uses every BLAS thread
-        while off < n:
-            chunk = <int>(n - off if n - off < 1073741824 else 1073741824)
-            if real is float:
-                saxpy(&chunk, &alpha, &g[off], &one, &p[off], &one)
-            else:
-                daxpy(&chunk, &alpha, &g[off], &one, &p[off], &one)
-            off += chunk
+        axpy(n, -lr, &g[0], &p[0])
 
 
 def sgd_dense(param, grad, lr):

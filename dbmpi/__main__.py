@@ -195,6 +195,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     envcheck.require("dbmpi", "dbmpi", DEPENDENCIES)
+    envcheck.check_blas_choice("dbmpi")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

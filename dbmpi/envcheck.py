@@ -96,3 +96,13 @@ def require(prog: str, module: str, packages: tuple[str, ...]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             exit_if_dependency(prog, module, exc, name)
+
+
+def check_blas_choice(prog: str) -> None:
+    """Exit 2 with one line if ``DBMPI_BLAS`` (which BLAS the kernels call) has a bad value:
+    said once here, not as an ImportError on every rank."""
+    value = os.environ.get("DBMPI_BLAS", "auto").strip().lower() or "auto"
+    if value in ("auto", "numpy", "scipy"):  # cython_kernels/_blasinfo.py, read at its import
+        return
+    fail(f"{prog}: error: DBMPI_BLAS={os.environ['DBMPI_BLAS']!r} is not one of auto, numpy, "
+         "scipy (which BLAS the kernels call): unset it or pick one")

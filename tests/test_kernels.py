@@ -3,8 +3,10 @@
 Gradient checks of the reference backward passes live in test_kernels_gradcheck.py.
 """
 import importlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,7 +89,7 @@ def test_dense_backward(dtype, act, shape, with_dx):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backward_route", ["scipy", "numpy"])
+@pytest.mark.parametrize("backward_route", ["blas", "numpy"])
 @pytest.mark.parametrize("shape", DENSE_SHAPES)
 def test_dense_backward_accumulate_adds_to_dW_db(monkeypatch, dtype, backward_route, shape):
     """accumulate=True adds this batch's dW, db to what is there (the numpy twin's result plus
@@ -125,8 +127,8 @@ def test_dense_forward_extreme_inputs():
         np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-30)
 
 
-ROUTES = [("auto", "scipy", 1), ("auto", "scipy", 2), ("scipy-nn", "scipy", 1),
-          ("scipy-tt", "numpy", 1), ("numpy-nn", "numpy", 1), ("numpy-tt", "scipy", 1)]
+ROUTES = [("auto", "blas", 1), ("auto", "blas", 2), ("blas-nn", "blas", 1),
+          ("blas-tt", "numpy", 1), ("numpy-nn", "numpy", 1), ("numpy-tt", "blas", 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -723,6 +725,61 @@ def test_blas_threads(monkeypatch):
     assert _blasinfo._from_env() == 2
 
 
+_BLAS_CHECK = """
+import sys
+import numpy as np
+import cython_kernels as ck
+from cython_kernels import _blasinfo
+rng = np.random.default_rng(1)
+ok = []
+for dt, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+    x, W, b = (rng.standard_normal(s).astype(dt) for s in ((37, 300), (300, 70), (70,)))
+    y = np.empty((37, 70), dt)
+    ck.dense_forward(x, W, b, y, "linear")
+    want = x.astype(np.float64) @ W.astype(np.float64) + b
+    ok.append(np.abs(y - want).max() <= tol * np.abs(want).max())
+    p = rng.standard_normal(70000).astype(dt)
+    g = rng.standard_normal(70000).astype(dt)
+    want = p.astype(np.float64) - 0.25 * g
+    ck.sgd_dense(p, g, 0.25)  # >= 65536 elements: the BLAS axpy when threaded
+    ok.append(np.abs(p - want).max() <= tol * 8)
+print(_blasinfo.kernel_blas()["library"], all(ok))
+"""
+
+
+@pytest.mark.parametrize("choice", ["auto", "scipy", "numpy"])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_kernels_blas_is_chosen_and_computes_right(choice, threads):
+    """DBMPI_BLAS picks the library behind the kernels' GEMM and axpy (numpy's OpenBLAS by its
+    64-bit entry points when found: numpy's wheels have them, so auto takes it here) and both
+    give the float64 numpy result, on one thread and on a pool."""
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"  # a wheel's bundled libs
+    wheel = libs.is_dir() and any("openblas64" in f.name for f in libs.iterdir())
+    env = {**os.environ, "DBMPI_BLAS": choice, "OPENBLAS_NUM_THREADS": threads}
+    p = subprocess.run([sys.executable, "-c", _BLAS_CHECK], capture_output=True, text=True,
+                       env=env)
+    if choice == "numpy" and not wheel:
+        assert "DBMPI_BLAS=numpy, but numpy's BLAS" in p.stderr
+        return
+    assert p.returncode == 0, p.stderr
+    want = "scipy" if choice == "scipy" or not wheel else "numpy"
+    assert p.stdout.split() == [want, "True"]
+
+
+def test_a_bad_blas_choice_is_one_line(tmp_path):
+    env = {**os.environ, "DBMPI_BLAS": "mkl"}
+    p = subprocess.run([sys.executable, "-c", "import cython_kernels"], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1] == (
+        "ImportError: DBMPI_BLAS='mkl' is not one of auto, numpy, scipy: unset it or pick one")
+    p = subprocess.run([sys.executable, "-m", "dbmpi", "launch", str(tmp_path / "x.toml")],
+                       capture_output=True, text=True, env=env)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == ("dbmpi: error: DBMPI_BLAS='mkl' is not one of auto, numpy, scipy "
+                        "(which BLAS the kernels call): unset it or pick one\n")
+
+
 # ---------------------------------------------------------------------------- build message
 
 @pytest.mark.parametrize("hidden", ["cython_kernels._dense", "cython_kernels._image"])
@@ -829,11 +886,11 @@ def test_local_at_rejects_locations_past_the_slab():
 
 
 @pytest.mark.parametrize("threads, shape, want", [
-    (1, (128, 2560, 2560), "numpy-tt"),   # n_in >= 1024, n_out <= 24 B
-    (1, (128, 2560, 8192), "numpy-nn"),   # n_out > 24 B
-    (1, (128, 440, 2560), "numpy-nn"),    # n_in < 1024
-    (2, (128, 2560, 2560), "scipy-nn"),   # threaded: one pool, and no single-threaded transpose
-    (2, (256, 440, 2560), "scipy-nn"),
+    (1, (128, 2560, 2560), "blas-tt"),   # n_in >= 1024, n_out <= 24 B
+    (1, (128, 2560, 8192), "blas-nn"),   # n_out > 24 B
+    (1, (128, 440, 2560), "blas-nn"),    # n_in < 1024
+    (2, (128, 2560, 2560), "blas-nn"),   # threaded: no single-threaded transposing pass
+    (2, (256, 440, 2560), "blas-nn"),
 ])
 def test_auto_forward_route(monkeypatch, threads, shape, want):
     from cython_kernels import _dense
