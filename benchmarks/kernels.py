@@ -2,10 +2,11 @@
 
 For the paper's acoustic-model shapes (batch 128 and 256; 440->2560, 2560->2560, 2560->8192)
 it times ``dense_forward + dense_backward`` (three GEMMs plus the fused bias/activation passes)
-and the same three GEMMs done bare, through numpy's and through scipy's BLAS (the one the
-kernels call), side by side in one process. The ratio is our GFLOP/s over the faster raw
-sgemm (goal >= 0.90); the CPU-time ratio the same from CPU seconds (the calling thread's at
-1 thread, the whole process's at 2: pool threads, spinning included). ``--rounds`` whole runs
+and the same three GEMMs done bare, through numpy's and through scipy's BLAS (the kernels
+call one of them: cython_kernels._blasinfo), side by side in one process. The ratio is our
+GFLOP/s over the faster raw sgemm (goal >= 0.90); the CPU-time ratio the same from CPU
+seconds (the calling thread's at 1 thread, the whole process's at 2: pool threads, spinning
+included). ``--rounds`` whole runs
 (fresh processes, the thread counts interleaved) give the medians in the table, with the
 lowest and highest ratio and the load average before each run.
 
@@ -84,6 +85,9 @@ def worker(threads: int, quick: bool) -> dict:
 
     import cython_kernels as ck
     from cython_kernels import reference as ref
+    from cython_kernels._blasinfo import kernel_blas
+
+    library = kernel_blas()["library"]  # the BLAS (and thread pool) our GEMMs use
 
     repeats, number = (2, 1) if quick else (5, 1)
     rng = np.random.default_rng(0)
@@ -92,20 +96,23 @@ def worker(threads: int, quick: bool) -> dict:
         case = _Dense(*shape, rng)
         for act in ACTS:
             cpu = {}
-            # numpy and scipy each bring their own OpenBLAS thread pool: with several threads,
-            # alternating them makes each wait on the other's spinning workers, so numpy's raw
-            # GEMMs are timed in a phase of their own (ours use scipy's pool when threaded)
+            raws = {"numpy": case.raw_numpy, "scipy": case.raw_scipy}
             if threads == 1:
-                s = C.interleaved({"dbmpi": case.ours(act), "numpy": case.raw_numpy,
-                                   "scipy": case.raw_scipy}, repeats, number, cpu_out=cpu)
+                s = C.interleaved({"dbmpi": case.ours(act), **raws}, repeats, number,
+                                  cpu_out=cpu)
             else:
-                s = C.interleaved({"dbmpi": case.ours(act), "scipy": case.raw_scipy},
+                # numpy and scipy each bring their own OpenBLAS thread pool: with several
+                # threads, alternating them makes each wait on the other's spinning workers,
+                # so ours is timed beside the raw GEMMs of its own library (_blasinfo) and
+                # the other library's in a phase of their own
+                other = "scipy" if library == "numpy" else "numpy"
+                s = C.interleaved({"dbmpi": case.ours(act), library: raws[library]},
                                   repeats, number, cpu_out=cpu, threads=threads)
-                time.sleep(0.5)  # let the scipy pool's workers go to sleep
-                cpu_np = {}
-                s.update(C.interleaved({"numpy": case.raw_numpy}, repeats, number,
-                                       cpu_out=cpu_np, threads=threads))
-                cpu.update(cpu_np)
+                time.sleep(0.5)  # let this pool's workers go to sleep
+                cpu_other = {}
+                s.update(C.interleaved({other: raws[other]}, repeats, number,
+                                       cpu_out=cpu_other, threads=threads))
+                cpu.update(cpu_other)
                 time.sleep(0.5)
             t = {k: C.median(v) for k, v in s.items()}
             tc = {k: C.median(v) for k, v in cpu.items()}
@@ -147,7 +154,7 @@ def worker(threads: int, quick: bool) -> dict:
     s = C.interleaved({"dbmpi": lambda: ck.adagrad_dense(p, g, a, 0.01, 1e-8),
                        "numpy": np_adagrad}, repeats, 1)
     elem.append(_elem_row("adagrad_dense 42M", 5 * p.nbytes, s))
-    return {"threads": threads, "dense": dense, "elementwise": elem}
+    return {"threads": threads, "kernel_blas": library, "dense": dense, "elementwise": elem}
 
 
 def sweep(threads: int, quick: bool) -> list[dict]:
@@ -236,7 +243,8 @@ def main() -> None:
                         "dbmpi GFLOP/s", "sgemm GFLOP/s", "ratio", "range", "cpu-time ratio"],
                        rows, "dense forward+backward (3 GEMMs + fused passes) vs the same 3 raw "
                        f"sgemm; medians of {len(runs[args.threads[0]])} rounds, load "
-                       f"{min(load):.2f}-{max(load):.2f}")
+                       f"{min(load):.2f}-{max(load):.2f}; the kernels call "
+                       f"{runs[args.threads[0]][0].get('kernel_blas', '?')}'s BLAS")
     t2 = C.print_table(["threads", "kernel", "dbmpi ms", "numpy ms", "dbmpi GB/s", "x numpy"],
                        erows, "memory-bound kernels")
     tables = [t1, t2]
