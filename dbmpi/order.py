@@ -12,8 +12,10 @@ it ends (through a temporary name: a file there is whole):
 ``worker-WWWW.h5``
     dataset ``fetches`` (int64, n x S): each fetch of worker W, in order: how many pushes
     each shard had applied when W copied its block (recorded fetches copy a block no push is
-    changing, see :mod:`dbmpi.ps`); attributes ``steps`` (steps it trained), ``pushes`` and
-    ``blas_threads`` (its ``OPENBLAS_NUM_THREADS``, "" when unset: a replay needs the same).
+    changing, see :mod:`dbmpi.ps`); attributes ``steps`` (steps it trained), ``pushes``,
+    ``blas_threads`` (its ``OPENBLAS_NUM_THREADS``, "" when unset) and ``blas_library`` (the
+    BLAS its kernels called, "numpy" or "scipy": ``DBMPI_BLAS``; absent from files written
+    before 12-04): a replay needs the same.
 
 Every file has the attributes ``schema``, ``schema_version`` and ``index`` (S or W).
 :mod:`dbmpi.replay` reads them back.
@@ -62,11 +64,17 @@ def write_worker(run_dir: str | Path, worker: int, fetches: list[list[int]], sha
                  steps: int, pushes: int) -> None:
     _write(worker_file(run_dir, worker), worker, "fetches",
            np.asarray(fetches, dtype=np.int64).reshape(-1, shards), steps=steps, pushes=pushes,
-           blas_threads=blas_threads())
+           blas_threads=blas_threads(), blas_library=blas_library())
 
 
 def blas_threads() -> str:
     return os.environ.get("OPENBLAS_NUM_THREADS", "")
+
+
+def blas_library() -> str:
+    from cython_kernels._blasinfo import kernel_blas
+
+    return kernel_blas()["library"]
 
 
 @dataclass
@@ -75,6 +83,7 @@ class WorkerOrder:
     steps: int
     pushes: int
     blas_threads: str
+    blas_library: str  # "" in a file written before the attribute was
 
 
 @dataclass
@@ -107,5 +116,6 @@ def read(run_dir: str | Path, shards: int, workers: int) -> Order:
     for w in range(workers):
         fetches, attrs = _read(worker_file(run_dir, w), w, "fetches", shards)
         out.append(WorkerOrder(fetches, int(attrs.get("steps", -1)),
-                               int(attrs.get("pushes", -1)), str(attrs.get("blas_threads", ""))))
+                               int(attrs.get("pushes", -1)), str(attrs.get("blas_threads", "")),
+                               str(attrs.get("blas_library", ""))))
     return Order(applies, out)

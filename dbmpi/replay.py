@@ -139,6 +139,12 @@ class Replay:
             raise DbmpiError(f"the run's ranks computed with OPENBLAS_NUM_THREADS="
                              f"{theirs or '(unset)'}, this replay with {here or '(unset)'}: "
                              f"the same threads give the same floats; run the replay with {fix}")
+        ran, here = {w.blas_library for w in rec.workers} - {""}, order_mod.blas_library()
+        if ran and ran != {here}:
+            theirs = sorted(ran)[0]
+            raise DbmpiError(f"the run's kernels called {theirs}'s BLAS, this replay's "
+                             f"{here}'s: the same library gives the same floats; run the "
+                             f"replay with DBMPI_BLAS={theirs}")
         model = Model.from_config(cfg.model, self.dataset.feature_shape,
                                   self.dataset.num_classes)
         init = initial_params(cfg, model, self.dataset).copy()

@@ -23,10 +23,10 @@ from dbmpi.config import ConfigError, load
 RECORD = ["--set", "run.record_order=true"]
 
 
-def _replay(run, *args) -> subprocess.CompletedProcess:
+def _replay(run, *args, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dbmpi", "replay", str(run), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **env})
 
 
 def _pushes(run) -> list[dict]:
@@ -104,6 +104,24 @@ def test_until_stops_where_a_shorter_run_ends(tmp_path, small_data):
     got = _bits(tmp_path / "long" / "run" / "replay_params_until_25.h5")
     np.testing.assert_array_equal(got, _bits(tmp_path / "short" / "run" / "params.h5"))
     assert not np.array_equal(got, _bits(tmp_path / "long" / "run" / "params.h5"))
+
+
+@pytest.mark.job
+def test_a_replay_on_other_blas_threads_or_library_is_refused_with_the_fix(recorded):
+    """Bit for bit needs the floats of the run: the same BLAS thread count and library."""
+    with h5py.File(order.worker_file(recorded, 0), "r") as f:
+        ran = str(f.attrs["blas_library"])
+    if ran != "numpy":
+        pytest.skip("numpy's BLAS cannot be reached here: there is no other library to try")
+    other = "scipy"
+    proc = _replay(recorded, DBMPI_BLAS=other)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"dbmpi: error: the run's kernels called {ran}'s BLAS, this "
+                           f"replay's {other}'s: the same library gives the same floats; run "
+                           f"the replay with DBMPI_BLAS={ran}\n")
+    proc = _replay(recorded, OPENBLAS_NUM_THREADS="2")
+    assert proc.returncode == 2, proc.stderr
+    assert "run the replay with OPENBLAS_NUM_THREADS=1" in proc.stderr
 
 
 @pytest.mark.job
