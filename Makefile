@@ -44,10 +44,8 @@ $(STAMP): pyproject.toml setup.py
 
 build: $(STAMP) .kernels-built
 
-# --force: setuptools judges an extension up to date by its sources' times alone, so a change
-# of setup.py's compiler flags would otherwise leave the old builds in place
 .kernels-built: $(KERNELS) setup.py
-	$(PY) setup.py -q build_ext --inplace --force
+	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
 DEMO := data/demo

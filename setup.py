@@ -24,9 +24,10 @@ DIRECTIVES = {
 # -fno-math-errno lets sqrt vectorise (we never read errno). -fno-trapping-math lets gcc
 # compute both sides of a select (sigmoid's `z >= 0 ? r : e * r`, exp's clamps) as AVX2 and
 # SSE2 blends: without it only the AVX-512 clone, whose masked lanes cannot trap, vectorises
-# those loops, and the AVX2 one ran scalar, 4.3x slower (sigmoid over 128x2560: 1259 against
-# 295 us; 183 against 142 us with AVX-512). Results are unchanged: it only lets gcc evaluate
-# operations whose floating-point exception flags nobody reads. No -ffast-math.
+# those loops, and the AVX2 one ran scalar (sigmoid over 128x2560: 2346 against 237 us,
+# benchmarks/vecmath.py). Results are unchanged (same bits, tests/test_vecmath_flags.py): it
+# only lets gcc evaluate operations whose floating-point exception flags nobody reads. No
+# -ffast-math.
 CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 
 extensions = [
@@ -36,6 +37,10 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=CFLAGS,
+        # build_ext recompiles a module only when a file listed here (or its source) is newer
+        # than the built one: the flags above and the C headers every module includes
+        depends=["setup.py", *map(str, sorted(Path("cython_kernels").glob("*.h"))),
+                 "cython_kernels/_common.pxd"],
     )
     for pyx in sorted(Path("cython_kernels").glob("*.pyx"))
 ]

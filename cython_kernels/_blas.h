@@ -3,9 +3,8 @@
  *
  * Why not scipy.linalg.cython_blas alone: numpy and scipy wheels each bundle an OpenBLAS, often
  * of different releases, and each has its own thread pool. numpy's is the one a user's own
- * array code runs on, and it was the faster of the two here (0.3.31 against scipy's 0.3.30,
- * docs/performance.md); every GEMM and axpy of the kernels goes to one of them so that a
- * training step never hands work between two pools. The pointers are per module (these are
+ * array code (and dbmpi's own np.dot) runs on; every GEMM and axpy of the kernels goes to one
+ * of them so that a training step never hands work between two pools. The pointers are per module (these are
  * `static`): each module that calls BLAS sets its own at import (dbm_blas_set). While they
  * are null, _common.pxd calls scipy's. */
 #ifndef DBMPI_BLAS_H

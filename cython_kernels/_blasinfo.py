@@ -3,7 +3,8 @@
 numpy's and scipy's wheels each bundle an OpenBLAS, often of different releases, each with its
 own thread pool. The kernels call numpy's when its library exports the 64-bit-integer Fortran
 entry points they need (numpy's own wheels: ``scipy_sgemm_64_`` ...): that is the pool a
-user's array code runs on, and here the faster release (docs/performance.md). Otherwise (numpy
+user's array code (and dbmpi's own ``np.dot``) runs on, so a step never hands work between two
+pools; in speed the two measured level here (docs/performance.md). Otherwise (numpy
 built against MKL, Accelerate, a distribution's BLAS) they call ``scipy.linalg.cython_blas``.
 ``DBMPI_BLAS=scipy`` forces scipy's, ``DBMPI_BLAS=numpy`` requires numpy's (ImportError if it
 cannot be reached); unset or ``auto``, the rule above.
@@ -18,6 +19,7 @@ import ctypes
 import os
 
 ENV = "DBMPI_BLAS"
+CHOICES = ("auto", "numpy", "scipy")
 # (sgemm, dgemm, saxpy, daxpy) and the thread-count getter, by symbol-name convention: numpy
 # 2's scipy-openblas64 wheels, then numpy 1.2x's openblas64_ builds
 _ILP64_NAMES = [
@@ -52,7 +54,7 @@ def _numpy_blas() -> dict | None:
             fns = [getattr(lib, name, None) for name in routines]
             if all(fn is not None for fn in fns):
                 getter = next((getattr(lib, g) for g in getters if hasattr(lib, g)), None)
-                return {"library": "numpy", "path": path, "getter": getter,
+                return {"library": "numpy", "getter": getter,
                         "pointers": tuple(ctypes.cast(fn, ctypes.c_void_p).value
                                           for fn in fns)}
     return None
@@ -68,27 +70,32 @@ def _scipy_blas() -> dict:
             continue
         for name in _SCIPY_GETTERS:
             if hasattr(lib, name):
-                return {"library": "scipy", "path": path, "getter": getattr(lib, name),
+                return {"library": "scipy", "getter": getattr(lib, name),
                         "pointers": (0, 0, 0, 0)}
-    return {"library": "scipy", "path": None, "getter": None, "pointers": (0, 0, 0, 0)}
+    return {"library": "scipy", "getter": None, "pointers": (0, 0, 0, 0)}
+
+
+def _wanted() -> str:
+    return os.environ.get(ENV, "auto").strip().lower() or "auto"
 
 
 def choice_error() -> str | None:
     """The fix for a ``DBMPI_BLAS`` value that is not one of the choices, else None."""
-    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if want in ("auto", "numpy", "scipy"):
+    if _wanted() in CHOICES:
         return None
     return f"{ENV}={os.environ[ENV]!r} is not one of auto, numpy, scipy: unset it or pick one"
 
 
 def kernel_blas() -> dict:
-    """The BLAS the kernels call: ``library`` ("numpy" or "scipy"), ``path``, ``pointers``
-    (sgemm, dgemm, saxpy, daxpy addresses for _blas.h; zeros mean scipy's cython_blas)."""
+    """The BLAS the kernels call: ``library`` ("numpy" or "scipy"), ``getter`` (its thread
+    count, or None) and ``pointers`` (sgemm, dgemm, saxpy, daxpy addresses for _blas.h; zeros
+    mean scipy's cython_blas)."""
     global _chosen
     if _chosen is None:
-        if choice_error():
-            raise ImportError(choice_error())
-        want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+        error = choice_error()
+        if error:
+            raise ImportError(error)
+        want = _wanted()
         found = _numpy_blas() if want != "scipy" else None
         if found is None and want == "numpy":
             raise ImportError(f"{ENV}=numpy, but numpy's BLAS has no 64-bit OpenBLAS entry "

@@ -101,8 +101,10 @@ def require(prog: str, module: str, packages: tuple[str, ...]) -> None:
 def check_blas_choice(prog: str) -> None:
     """Exit 2 with one line if ``DBMPI_BLAS`` (which BLAS the kernels call) has a bad value:
     said once here, not as an ImportError on every rank."""
+    # the rule of cython_kernels._blasinfo.choice_error, which cannot be imported here without
+    # loading every kernel (the package's __init__)
     value = os.environ.get("DBMPI_BLAS", "auto").strip().lower() or "auto"
-    if value in ("auto", "numpy", "scipy"):  # cython_kernels/_blasinfo.py, read at its import
+    if value in ("auto", "numpy", "scipy"):
         return
     fail(f"{prog}: error: DBMPI_BLAS={os.environ['DBMPI_BLAS']!r} is not one of auto, numpy, "
          "scipy (which BLAS the kernels call): unset it or pick one")
